@@ -1,0 +1,102 @@
+"""dlmjax checkpoint or in-memory LM -> Hugging Face directory that PyTorch loads.
+
+The original tensor names and config.json come back; LoRA parameters are merged into the
+weights. Tensors are produced and written one at a time (one group resident at most).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from dlmjax import checkpoint
+from dlmjax.config import ModelConfig, to_hf_config
+from dlmjax.errors import DlmjaxError
+from dlmjax.model import LoRAConfig
+
+from . import layouts, safetensors_io
+from .hf_import import atomic_directory
+
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+GroupSource = Callable[[str], dict[str, Any]]
+
+
+def _export(
+    cfg: ModelConfig,
+    lora: LoRAConfig | None,
+    get_group: GroupSource,
+    hf_dir: pathlib.Path | None,
+    dst: str | os.PathLike,
+    *,
+    dtype: str | None,
+    max_shard_bytes: int,
+    overwrite: bool,
+) -> pathlib.Path:
+    dtype = dtype or cfg.dtype
+    if dtype not in _NUMPY_DTYPES:
+        raise DlmjaxError(f"dtype {dtype!r} is not supported for export; use one of {sorted(_NUMPY_DTYPES)}")
+    target = np.dtype(_NUMPY_DTYPES[dtype])
+    specs = layouts.tensor_specs(cfg)
+    by_name = {s.hf_name: s for s in specs}
+    current: dict[str, Any] = {}
+
+    def get_tensor(name: str) -> np.ndarray:
+        spec = by_name[name]
+        if current.get("group") != spec.group:
+            current.clear()
+            current.update(group=spec.group, tree=get_group(spec.group))
+        node = current["tree"]
+        relative = spec.path[2:] if spec.path[0] == "layers" else spec.path
+        for key in relative[:-1]:
+            node = node[key]
+        array = np.asarray(node[relative[-1]])
+        role = spec.path[2] if spec.path[0] == "layers" else None
+        if lora is not None and role in lora.targets and relative[-1] == "weight":
+            a = np.asarray(node["lora_a"], np.float32)
+            b = np.asarray(node["lora_b"], np.float32)
+            array = array.astype(np.float32) + lora.scale * (b @ a)
+        return array.astype(target)
+
+    with atomic_directory(pathlib.Path(dst), overwrite) as tmp:
+        if hf_dir is not None and hf_dir.is_dir():
+            for f in hf_dir.iterdir():
+                if f.is_file() and f.name != "config.json":
+                    shutil.copy2(f, tmp / f.name)
+        original = json.loads((hf_dir / "config.json").read_text()) if hf_dir and (hf_dir / "config.json").is_file() else {}
+        exported = ModelConfig(**{**cfg.__dict__, "dtype": dtype})
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(exported, original), indent=2) + "\n")
+        safetensors_io.save_sharded(
+            [(s.hf_name, s.shape, target) for s in specs], get_tensor, tmp, max_shard_bytes=max_shard_bytes,
+            metadata={"format": "pt"},
+        )
+    return pathlib.Path(dst)
+
+
+def export_lm(lm, dst, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> pathlib.Path:
+    """Export an in-memory LM (e.g. after training)."""
+    state = nnx.to_pure_dict(lm.state)
+    hf_dir = lm.directory / "hf" if lm.directory is not None else None
+    return _export(
+        lm.config, lm.lora, lambda g: jax.device_get(checkpoint.group_subtree(state, g)), hf_dir, dst,
+        dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+    )
+
+
+def export(src, dst, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> pathlib.Path:
+    """Export a converted dlmjax directory, reading one group at a time."""
+    src = pathlib.Path(src)
+    if not checkpoint.is_converted(src):
+        raise DlmjaxError(f"{src} is not a converted dlmjax checkpoint (no {checkpoint.MANIFEST}); pass the output of dlmjax.convert")
+    cfg, lora, _ = checkpoint.read_manifest(src)
+    return _export(
+        cfg, lora, lambda g: checkpoint.read_group(src, g), src / "hf", dst,
+        dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+    )

@@ -1,0 +1,115 @@
+"""PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), as D2F and
+dParallel publish them: validated against the base model, then merged or kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+
+from dlmjax.config import ModelConfig
+from dlmjax.errors import DlmjaxError
+from dlmjax.hub import looks_like_hub_id
+from dlmjax.model import PROJECTIONS, LoRAConfig
+
+from . import layouts, safetensors_io
+
+
+@dataclasses.dataclass
+class Adapter:
+    path: pathlib.Path
+    config: LoRAConfig
+    factors: dict[tuple[int, str], tuple[safetensors_io.TensorInfo, safetensors_io.TensorInfo]]  # (layer, role) -> (A, B)
+
+    def merge_into(self, layer: int | None, role: str | None, weight: np.ndarray) -> np.ndarray:
+        """W + scale * B @ A, computed in float32 and cast back to W's dtype."""
+        if (layer, role) not in self.factors:
+            return weight
+        a, b = (safetensors_io.load_tensor(i).astype(np.float32) for i in self.factors[layer, role])
+        return (weight.astype(np.float32) + self.config.scale * (b @ a)).astype(weight.dtype)
+
+    def layer_factors(self, layer: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """A [r, in] and B [out, r] for every target role of one layer (zeros where the
+        adapter skips the layer, which leaves it unchanged)."""
+        out = {}
+        for role in self.config.targets:
+            if (layer, role) in self.factors:
+                out[role] = tuple(safetensors_io.load_tensor(i) for i in self.factors[layer, role])
+            else:
+                a_info, b_info = next(v for (_, r), v in self.factors.items() if r == role)
+                out[role] = (np.zeros(a_info.shape, a_info.dtype), np.zeros(b_info.shape, b_info.dtype))
+        return out
+
+
+def _unsupported(path, what) -> DlmjaxError:
+    return DlmjaxError(f"the LoRA adapter in {path} uses {what}, which dlmjax does not support; use a plain LoRA adapter")
+
+
+def read_adapter(path: pathlib.Path, cfg: ModelConfig, base_name: str) -> Adapter:
+    """Read and validate an adapter against the base model's config."""
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        raise DlmjaxError(f"{path} has no adapter_config.json; pass a PEFT LoRA adapter directory as --adapter")
+    try:
+        acfg = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise DlmjaxError(f"{config_path} is not valid JSON ({e}); re-download the adapter") from None
+    if str(acfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise _unsupported(path, f"peft_type {acfg.get('peft_type')}")
+    for key, what in (("use_dora", "DoRA"), ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas"),
+                      ("modules_to_save", "modules_to_save"), ("fan_in_fan_out", "fan_in_fan_out")):
+        if acfg.get(key):
+            raise _unsupported(path, what)
+    if acfg.get("bias", "none") != "none":
+        raise _unsupported(path, f"bias='{acfg['bias']}'")
+    named_base = acfg.get("base_model_name_or_path")
+    if named_base and looks_like_hub_id(named_base) and looks_like_hub_id(base_name) and named_base.lower() != base_name.lower():
+        raise DlmjaxError(
+            f"the LoRA adapter in {path} was trained on {named_base}, not {base_name}; pass {named_base} as the base model"
+        )
+    rank, alpha = int(acfg["r"]), float(acfg.get("lora_alpha", acfg["r"]))
+    if acfg.get("use_rslora"):
+        alpha = alpha / rank**0.5 * rank  # rsLoRA scales by alpha / sqrt(r); store the equivalent alpha
+
+    modules = {}  # Hugging Face module name -> (layer, role)
+    for layer in range(cfg.num_layers):
+        for ours, theirs in layouts.block_names(cfg).items():
+            if not ours.endswith("norm"):
+                modules[layouts.block_prefix(cfg, layer) + theirs] = (layer, ours)
+    infos = safetensors_io.index_checkpoint(_adapter_file(path))
+    pairs: dict[tuple[int, str], dict[str, safetensors_io.TensorInfo]] = {}
+    problems = []
+    for name, info in infos.items():
+        module, _, kind = name.removeprefix("base_model.model.").replace(".default", "").rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight") or module not in modules:
+            problems.append(f"{name} matches no projection of the base model")
+            continue
+        layer, role = modules[module]
+        d_out, d_in = layouts.projection_shape(cfg, role)
+        want = (rank, d_in) if kind == "A.weight" else (d_out, rank)
+        if tuple(info.shape) != want:
+            problems.append(f"{name} is {list(info.shape)}, the base model needs {list(want)}")
+        pairs.setdefault((layer, role), {})[kind[0]] = info
+    incomplete = [f"layer {l} {r}" for (l, r), p in pairs.items() if set(p) != {"A", "B"}]
+    if incomplete:
+        problems.append("A or B missing for " + ", ".join(incomplete[:4]))
+    if problems or not pairs:
+        detail = "; ".join(problems[:4]) + (f"; ... ({len(problems)} problems)" if len(problems) > 4 else "")
+        raise DlmjaxError(
+            f"the LoRA adapter in {path} does not fit this {cfg.family} base model ({detail or 'it holds no LoRA tensors'}); "
+            f"pass the base model it was trained on{f' ({named_base})' if named_base else ''}"
+        )
+    targets = tuple(sorted({role for _, role in pairs}, key=PROJECTIONS.index))
+    factors = {key: (p["A"], p["B"]) for key, p in pairs.items()}
+    return Adapter(path=path, config=LoRAConfig(rank=rank, alpha=alpha, targets=targets), factors=factors)
+
+
+def _adapter_file(path: pathlib.Path) -> pathlib.Path:
+    file = path / "adapter_model.safetensors"
+    if file.is_file():
+        return file
+    if (path / "adapter_model.bin").is_file():
+        raise DlmjaxError(f"{path} holds a pickled adapter_model.bin; convert it to adapter_model.safetensors first")
+    raise DlmjaxError(f"{path} has no adapter_model.safetensors; pass a complete PEFT adapter directory")

@@ -1,0 +1,101 @@
+"""Attention pieces shared by every family: RoPE, the mask builder and the XLA attention.
+
+All three are pure functions of arrays. Norm, RoPE and softmax run in float32 whatever
+the parameter dtype; matmuls run in the parameter dtype and accumulate in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+MaskMode = Literal["bidirectional", "block_causal", "prompt_block_causal"]
+MASK_MODES = ("bidirectional", "block_causal", "prompt_block_causal")
+
+# A finite "minus infinity": a row whose keys are all masked (a padded query in a
+# block-causal mode) softmaxes to a uniform row instead of NaN.
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, head_dim] in float32, rotate-half (NeoX) layout."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [B, T, heads, head_dim] by the tables [B, T, head_dim], in float32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def block_ids(index: jax.Array, mode: MaskMode, block_size: int | None, prompt_length: int | jax.Array | None):
+    """Block number of each canvas index for the block-causal modes.
+
+    block_causal: blocks of `block_size` counted from index 0 (Fast-dLLM v2).
+    prompt_block_causal: the prompt [0, prompt_length) is block 0 and generation blocks of
+    `block_size` are counted from the prompt's end (D2F).
+    """
+    if mode == "block_causal":
+        return index // block_size
+    return jnp.where(index < prompt_length, 0, 1 + (index - prompt_length) // block_size)
+
+
+def attention_mask(
+    mode: MaskMode,
+    key_valid: jax.Array,
+    query_index: jax.Array | None = None,
+    key_index: jax.Array | None = None,
+    *,
+    block_size: int | None = None,
+    prompt_length: int | jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask [B, Tq, Tk], True where a query may attend to a key.
+
+    key_valid [B, Tk] marks real (non-padding) keys. query_index [Tq] and key_index [Tk]
+    are canvas indices (not RoPE positions); they default to 0..Tk-1, i.e. queries are
+    the whole sequence. Padded queries still see the real keys of their block, so no row
+    is empty in the bidirectional mode.
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown attention mask mode {mode!r}; use one of {MASK_MODES}")
+    key_valid = key_valid.astype(bool)
+    tk = key_valid.shape[-1]
+    if key_index is None:
+        key_index = jnp.arange(tk)
+    if query_index is None:
+        query_index = key_index
+    mask = key_valid[:, None, :]
+    if mode == "bidirectional":
+        return jnp.broadcast_to(mask, (key_valid.shape[0], query_index.shape[-1], tk))
+    if block_size is None or block_size <= 0:
+        raise ValueError(f"mode {mode!r} needs a positive block_size")
+    if mode == "prompt_block_causal" and prompt_length is None:
+        raise ValueError("mode 'prompt_block_causal' needs prompt_length")
+    q_block = block_ids(query_index, mode, block_size, prompt_length)
+    k_block = block_ids(key_index, mode, block_size, prompt_length)
+    return mask & (q_block[..., :, None] >= k_block[..., None, :])
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with grouped-query heads (the XLA path).
+
+    q [B, Tq, H, D]; k, v [B, Hkv, Tk, D]; mask [B, Tq, Tk] bool. Returns [B, Tq, H, D]
+    in q's dtype. Scores and softmax are float32.
+    """
+    b, tq, h, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, tq, hkv, h // hkv, d)
+    scores = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / d**0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgqk,bhkd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, tq, h, d).astype(q.dtype)

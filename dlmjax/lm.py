@@ -1,0 +1,193 @@
+"""`dlmjax.load` and the `LM` handle: the stable surface for notebooks, CLIs and outside checks."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dlmjax import checkpoint, hub
+from dlmjax.attention import MASK_MODES, attention_mask
+from dlmjax.config import ModelConfig
+from dlmjax.errors import DlmjaxError
+from dlmjax.model import LoRAConfig, Transformer, position_ids
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype_name(dtype) -> str:
+    if dtype is None:
+        return None
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in _DTYPES:
+        raise DlmjaxError(f"dtype {dtype!r} is not supported; use 'bfloat16' or 'float32'")
+    return name
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "block_size"))
+def _forward_logits(graphdef, state, input_ids, mask, prompt_length, mode, block_size):
+    model = nnx.merge(graphdef, state)
+    positions = position_ids(model.config, mask)
+    attn = attention_mask(mode, mask, block_size=block_size, prompt_length=prompt_length)
+    logits, _ = model(input_ids, positions, attn)
+    return logits
+
+
+class LM:
+    """A loaded model: config, tokenizer, parameters, and the pure functions that use them."""
+
+    def __init__(self, model: Transformer, *, directory: pathlib.Path | None = None, source: str = ""):
+        self.config: ModelConfig = model.config
+        self.lora: LoRAConfig | None = model.lora
+        self.graphdef, self.state = nnx.split(model)
+        self.directory = directory  # the converted checkpoint, if any
+        self.source = source
+        self._tokenizer = None
+
+    @property
+    def model(self) -> Transformer:
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def dtype(self):
+        return self.model.embed[...].dtype
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LM({c.family}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
+            f"vocab={c.vocab_size}, dtype={jnp.dtype(self.dtype).name}, source={self.source!r})"
+        )
+
+    # -- tokenizer ----------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from dlmjax.tokenizer import load_tokenizer
+
+            if self.directory is None or not (self.directory / "hf").is_dir():
+                raise DlmjaxError("this model was built in memory and has no tokenizer; load it from a checkpoint directory")
+            self._tokenizer = load_tokenizer(self.directory / "hf")
+        return self._tokenizer
+
+    def apply_chat_template(self, messages: Sequence[dict], tokenize: bool = True):
+        """Token ids (or text, with tokenize=False) of a conversation plus the assistant header."""
+        from dlmjax.tokenizer import apply_chat_template
+
+        return apply_chat_template(self.tokenizer, self.config.family, messages, tokenize=tokenize)
+
+    # -- forward ------------------------------------------------------------------
+    def check_inputs(self, input_ids, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise DlmjaxError(f"input_ids must be a non-empty integer array [batch, length], got {ids.dtype} {list(ids.shape)}")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise DlmjaxError(
+                f"input length {ids.shape[1]} exceeds the model's {self.config.max_position_embeddings} positions; "
+                "shorten the input"
+            )
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise DlmjaxError(f"token ids must lie in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
+        mask = np.ones_like(ids, dtype=np.int32) if attention_mask is None else np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise DlmjaxError(f"attention_mask shape {list(mask.shape)} differs from input_ids shape {list(ids.shape)}")
+        if not mask.any(axis=1).all():
+            raise DlmjaxError("a row of attention_mask is all zeros; every row needs at least one real token")
+        return ids.astype(np.int32), mask.astype(np.int32)
+
+    def logits(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        mode: str = "bidirectional",
+        block_size: int | None = None,
+        prompt_length: int | None = None,
+    ) -> np.ndarray:
+        """Raw per-position outputs, float32 [B, L, V], before Dream's shift.
+
+        input_ids is an int array [B, L], left-padded where rows differ; attention_mask marks
+        real tokens with 1. `mode` picks the attention: "bidirectional" (default),
+        "block_causal" (blocks of `block_size` from position 0, Fast-dLLM v2) or
+        "prompt_block_causal" (the first `prompt_length` tokens as one block, then blocks of
+        `block_size`, D2F).
+        """
+        if mode not in MASK_MODES:
+            raise DlmjaxError(f"unknown attention mode {mode!r}; use one of {', '.join(MASK_MODES)}")
+        if mode != "bidirectional" and not block_size:
+            raise DlmjaxError(f"mode {mode!r} needs block_size")
+        if mode == "prompt_block_causal" and prompt_length is None:
+            raise DlmjaxError("mode 'prompt_block_causal' needs prompt_length")
+        ids, mask = self.check_inputs(input_ids, attention_mask)
+        out = _forward_logits(self.graphdef, self.state, ids, mask, prompt_length or 0, mode, block_size)
+        return np.asarray(out, dtype=np.float32)
+
+    # -- export -------------------------------------------------------------------
+    def save_pretrained(self, dst: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> pathlib.Path:
+        """Export to a Hugging Face directory (safetensors + config + tokenizer) that PyTorch loads."""
+        from dlmjax.convert.hf_export import export_lm
+
+        return export_lm(self, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def restore(directory: pathlib.Path, dtype: str | None = None, source: str = "") -> LM:
+    """Build an LM from a converted directory, one group at a time, straight onto the device."""
+    cfg, lora, manifest = checkpoint.read_manifest(directory)
+    dtype = _dtype_name(dtype) or cfg.dtype
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=_DTYPES[dtype], lora=lora))
+    graphdef, abs_state = nnx.split(abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    pure = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abs_state)
+    )
+    for group in manifest["groups"]:
+        restored = checkpoint.read_group(directory, group, checkpoint.group_subtree(pure, group))
+        checkpoint.set_group_subtree(pure, group, restored)
+    nnx.replace_by_pure_dict(abs_state, pure)
+    return LM(nnx.merge(graphdef, abs_state), directory=directory, source=source or manifest.get("source", ""))
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    dtype: Any = None,
+    *,
+    adapter: str | os.PathLike | None = None,
+    lora: str = "merge",
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> LM:
+    """Load a model from a local Hugging Face directory, a converted dlmjax directory, or a hub id.
+
+    Hugging Face checkpoints are converted once into the cache ($DLMJAX_CACHE, default
+    ~/.cache/dlmjax) and reused. `dtype` ("bfloat16" or "float32") defaults to the
+    checkpoint's. `adapter` is a PEFT LoRA adapter (directory or hub id), merged into the
+    weights or, with lora="keep", kept as LoRA parameters.
+    """
+    dtype = _dtype_name(dtype)
+    path = hub.resolve(name_or_path)
+    if checkpoint.is_converted(path):
+        if adapter is not None:
+            raise DlmjaxError(f"{path} is already converted; pass the adapter when converting the Hugging Face model")
+        return restore(path, dtype, source=str(name_or_path))
+    from dlmjax.convert.hf_import import convert
+
+    adapter_dir = hub.resolve(adapter) if adapter is not None else None
+    extra = {"lora": lora, "adapter": hub.fingerprint(adapter_dir) if adapter_dir else None}
+    converted = hub.cached_conversion_dir(path, extra)
+    if not checkpoint.is_converted(converted):
+        start = time.perf_counter()
+        convert(path, converted, adapter=adapter_dir, lora=lora, allow_pickle=allow_pickle, overwrite=True, progress=progress)
+        if progress:
+            print(f"dlmjax: converted {name_or_path} into {converted} in {time.perf_counter() - start:.1f}s")
+    return restore(converted, dtype, source=str(name_or_path))

@@ -1,0 +1,176 @@
+"""One Flax NNX transformer for LLaDA, Dream and Fast-dLLM v2.
+
+Weights keep PyTorch's [out, in] layout, so a Hugging Face tensor maps onto a parameter
+without a transpose and exports back bit for bit. Every parameter carries its logical
+axis names in the `logical_axes` metadata (embed, heads, kv_heads, mlp, vocab) for the
+sharding rules.
+
+The forward is pure in everything that changes during decoding: token ids, positions,
+the attention mask and the KV cache go in, logits and the cache come out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dlmjax.attention import apply_rope, attend, rope_tables
+from dlmjax.cache import KVCache
+from dlmjax.config import ModelConfig
+
+# Projection roles, in our naming. LoRA targets are named with these.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters kept as separate parameters: W x + (alpha / rank) B A x."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]  # a subset of PROJECTIONS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _zeros(shape, dtype, axes, kind=nnx.Param):
+    return kind(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x W^T (+ b) with W [out, in], and an optional LoRA branch."""
+
+    def __init__(self, d_in, d_out, axes, *, bias, dtype, lora: LoRAConfig | None, rngs: nnx.Rngs):
+        self.weight = _zeros((d_out, d_in), dtype, axes)
+        self.bias = _zeros((d_out,), dtype, axes[:1]) if bias else None
+        if lora is not None:
+            # A starts random and B at zero, so a fresh adapter leaves the model unchanged.
+            init = jax.random.normal(rngs.params(), (lora.rank, d_in), jnp.float32) / d_in**0.5
+            self.lora_a = nnx.LoRAParam(init.astype(dtype), logical_axes=(None, axes[1]))
+            self.lora_b = _zeros((d_out, lora.rank), dtype, (axes[0], None), nnx.LoRAParam)
+            self.lora_scale = lora.scale
+        else:
+            self.lora_a = self.lora_b = None
+
+    def __call__(self, x):
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...], preferred_element_type=jnp.float32)
+        if self.lora_a is not None:
+            low = jnp.einsum("...i,ri->...r", x, self.lora_a[...], preferred_element_type=jnp.float32)
+            y = y + self.lora_scale * jnp.einsum(
+                "...r,or->...o", low.astype(x.dtype), self.lora_b[...], preferred_element_type=jnp.float32
+            )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim, eps, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x):
+        # Normalise in float32, cast back, then scale (LLaDA and HF Llama do the same).
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight[...]
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, lora: LoRAConfig | None, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+
+        def proj(name, d_in, d_out, axes, bias=False):
+            use_lora = lora if lora is not None and name in lora.targets else None
+            return Linear(d_in, d_out, axes, bias=bias, dtype=dtype, lora=use_lora, rngs=rngs)
+
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.q_proj = proj("q_proj", d, q_out, ("heads", "embed"), cfg.qkv_bias)
+        self.k_proj = proj("k_proj", d, kv_out, ("kv_heads", "embed"), cfg.qkv_bias)
+        self.v_proj = proj("v_proj", d, kv_out, ("kv_heads", "embed"), cfg.qkv_bias)
+        self.o_proj = proj("o_proj", q_out, d, ("embed", "heads"))
+        self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.gate_proj = proj("gate_proj", d, cfg.intermediate_size, ("mlp", "embed"))
+        self.up_proj = proj("up_proj", d, cfg.intermediate_size, ("mlp", "embed"))
+        self.down_proj = proj("down_proj", cfg.intermediate_size, d, ("embed", "mlp"))
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_index):
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = apply_rope(self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+        if cache is not None:
+            cache = cache.write(layer, k, v, cache_index)
+            k, v = cache.k[layer].astype(x.dtype), cache.v[layer].astype(x.dtype)
+        a = attend(q, k, v, mask).reshape(b, t, -1)
+        x = x + self.o_proj(a)
+        h = self.mlp_norm(x)
+        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x, cache
+
+
+class Transformer(nnx.Module):
+    """The bidirectional transformer of every supported dLLM family.
+
+    Parameters start as zeros (norm weights as ones): real weights come from a checkpoint
+    via `nnx.eval_shape` and a restore, never from random initialisation.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, lora: LoRAConfig | None = None, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.lora = lora
+        self.embed = _zeros((cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))
+        self.layers = nnx.List([Block(cfg, dtype, lora, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _zeros((cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: int | jax.Array = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Raw per-position logits (float32 [B, T, V], before any shift) and the cache.
+
+        input_ids, positions [B, T]; mask [B, T, Tk] bool. Without a cache the keys are the
+        T inputs (Tk = T). With a cache, the inputs' keys and values are first written at
+        slots [cache_index, cache_index + T) and the queries attend to all S slots (Tk = S).
+        """
+        x = self.embed[...][input_ids]
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, cos, sin, mask, cache, i, cache_index)
+        x = self.final_norm(x)
+        head = self.embed if self.lm_head is None else self.lm_head
+        logits = jnp.einsum("btd,vd->btv", x, head[...], preferred_element_type=jnp.float32)
+        return logits, cache
+
+
+def position_ids(cfg: ModelConfig, attention_mask: jax.Array) -> jax.Array:
+    """RoPE positions [B, T] for a left-padded batch.
+
+    LLaDA keeps absolute positions 0..T-1 even under padding. Dream numbers the real
+    tokens from 0 (cumsum(mask) - 1) and, as its reference does, gives padding position 1.
+    """
+    b, t = attention_mask.shape
+    if not cfg.positions_from_mask:
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1).astype(jnp.int32)
+
+
+def shift_right(logits: jax.Array) -> jax.Array:
+    """Dream's convention: the prediction for position i is the output at i-1 (position 0 keeps its own)."""
+    return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny checkpoints in the real HF layouts, converted with the real converter.
+
+JAX runs on the CPU with full-precision matmuls; converted checkpoints go to a
+per-session cache directory, never to the user's.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DLMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "dlmjax-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# name -> (family, tiny_hf_config kwargs). GQA ratios 1, 2 and 7 are covered.
+CHECKPOINTS = {
+    "llada": ("llada", dict()),
+    "llada-bf16": ("llada", dict(dtype="bfloat16")),
+    "llada-tied": ("llada", dict(tie_word_embeddings=True)),
+    "dream": ("dream", dict(num_heads=4, num_kv_heads=2)),
+    "dream-gqa7": ("dream", dict(hidden_size=56, num_heads=7, num_kv_heads=1)),
+    "dream-bf16": ("dream", dict(num_heads=4, num_kv_heads=2, dtype="bfloat16")),
+    "fast_dllm_v2": ("fast_dllm_v2", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """hf_checkpoint(name) -> directory of a tiny random HF checkpoint (built once per session)."""
+    from dlmjax.testing import write_tiny_checkpoint
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            family, kwargs = CHECKPOINTS[name]
+            built[name] = write_tiny_checkpoint(
+                tmp_path_factory.mktemp(f"hf-{name}"), family, seed=len(built) + 1, shards=2, **kwargs
+            )
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(hf_checkpoint, tmp_path_factory):
+    """converted(name) -> directory of the checkpoint after `dlmjax.convert`."""
+    from dlmjax.convert import convert
+
+    done = {}
+
+    def get(name):
+        if name not in done:
+            done[name] = convert(hf_checkpoint(name), tmp_path_factory.mktemp(f"jax-{name}") / "ckpt", progress=False)
+        return done[name]
+
+    return get
