@@ -187,7 +187,7 @@ def load(
     converted = hub.cached_conversion_dir(path, extra)
     if not checkpoint.is_converted(converted):
         start = time.perf_counter()
-        convert(path, converted, adapter=adapter_dir, lora=lora, allow_pickle=allow_pickle, overwrite=True, progress=progress)
+        convert(name_or_path, converted, adapter=adapter_dir, lora=lora, allow_pickle=allow_pickle, overwrite=True, progress=progress)
         if progress:
             print(f"dlmjax: converted {name_or_path} into {converted} in {time.perf_counter() - start:.1f}s")
     return restore(converted, dtype, source=str(name_or_path))

@@ -11,17 +11,18 @@ from dlmjax.errors import DlmjaxError
 # Used only when a checkpoint's tokenizer has no chat template of its own.
 # LLaDA (dllm-algorithms.md 1.4): Llama-3-like turns, bos before the first message, and the
 # assistant header ALWAYS appended, whatever add_generation_prompt says.
+# Newlines sit inside {{ '...' }} expressions: jinja drops a template's trailing newline.
 LLADA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
-    "{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + (message['content'] | trim) + '<|eot_id|>' }}"
+    "{% endfor %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
 )
 # Dream and Fast-dLLM v2 use Qwen2.5's ChatML turns (the exact upstream text, with its
 # default system prompt, is unverified; real checkpoints ship their own template).
 QWEN_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
