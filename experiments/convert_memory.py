@@ -205,17 +205,19 @@ def main(argv=None) -> None:
     mb = lambda x: f"{x / 1e6:,.0f}"  # noqa: E731
     print(f"Machine: {machine()}\n")
     print("| size | dtype | layers x hidden | groups | checkpoint MB | largest group MB | convert s | convert peak MB "
-          "| convert peak / ckpt | load s | load peak MB | load peak / ckpt |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| convert peak / ckpt | load s | load peak MB | load peak / ckpt | load held / ckpt |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size, dtype, shape, nbytes, group, _, conv, load in rows:
         c_peak, l_peak = conv["peak"] - conv["baseline"], load["peak"] - load["baseline"]
         print(f"| {size:g} GB | {dtype} | {shape['num_layers']} x {shape['hidden_size']} | {shape['num_layers'] + 1} "
               f"| {mb(nbytes)} | {mb(group)} | {conv['seconds']:.1f} | {mb(c_peak)} | {c_peak / nbytes:.2f} "
-              f"| {load['seconds']:.1f} | {mb(l_peak)} | {l_peak / nbytes:.2f} |")
+              f"| {load['seconds']:.1f} | {mb(l_peak)} | {l_peak / nbytes:.2f} "
+              f"| {(load['after'] - load['baseline']) / nbytes:.2f} |")
     print()
     print(f"Peak MB is the high-water RSS over the post-import baseline of a fresh process "
           f"({', '.join(sorted(methods))}); checkpoint MB is the safetensors bytes ({SHARDS} shards). "
-          "Loading keeps the whole model in host memory (JAX CPU arrays), so ~1.0 is its floor.")
+          "Loading keeps the whole model in host memory (JAX CPU arrays), so ~1.0 is its floor; "
+          "'load held' is the RSS still in use once load returns.")
     notes = "; ".join(f"{family} {c['seconds']:.2f} s + {l['seconds']:.2f} s = {c['seconds'] + l['seconds']:.2f} s"
                       for family, c, l in tiny)
     print(f"\nTime to convert and load the tiny checkpoints (2 layers, hidden 64, vocab 128; convert + load, "

@@ -1,0 +1,274 @@
+"""`lm.generate`: method presets named after the papers, input checks, and the output.
+
+Everything a user can get wrong is checked here, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlmjax.decode import exits, rules
+from dlmjax.decode.engine import Knobs, Method, Tokens, decode
+from dlmjax.errors import DlmjaxError
+
+# preset -> defaults. Every knob can also be set on its own.
+PRESETS: dict[str, dict[str, Any]] = {
+    # LLaDA generate.py: fixed per-step quotas, low-confidence remasking, one block by default.
+    "llada": dict(rule="quota", remasking="low_confidence", block_length=None),
+    # Fast-dLLM v1: commit every token with confidence >= 0.9 (and the best one), blocks of 32.
+    "fast-dllm": dict(rule="threshold", threshold=0.9, block_length=32),
+    # dParallel: commit every token with entropy <= 0.5 nats (and the lowest), blocks of 32.
+    "dparallel": dict(rule="entropy", threshold=0.5, block_length=32),
+    # SchED on LLaDA's schedule: exponential schedule from 7.5 to 2.5.
+    "sched": dict(rule="quota", schedule="exp", tau_high=7.5, tau_low=2.5, exit_k=4.0, block_length=None),
+    # Prophet: staged 7.5 / 5.0 / 2.5 by progress thirds, on LLaDA's schedule with blocks of 32.
+    "prophet": dict(rule="quota", schedule="prophet", block_length=32),
+    # Dream's diffusion_generate: DreamGenerationConfig defaults (alg 'origin', eps 1e-3, one block).
+    "dream": dict(rule="dream", alg="origin", eps=1e-3, block_length=None),
+}
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+NOT_YET: dict[str, str] = {}
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # [B, gen_length] generated ids
+    texts: list[str] | None
+    nfe: np.ndarray  # [B] forward passes each row used
+    steps: int  # forward passes of the batch
+    trajectory: np.ndarray | None  # [B, gen_length] step (1-based) at which each position was committed
+    seconds: float  # wall time of the decode, compilation excluded
+    compile_seconds: float  # 0.0 when the program was already compiled
+    method: Method | None = None
+
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _prepare_prompts(lm, prompts, attention_mask, chat: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [B, P] left-padded with the pad id, and their mask."""
+    cfg = lm.config
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str)):
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if chat:
+            rows = [lm.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+        else:
+            rows = [lm.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        attention_mask = None
+    else:
+        if chat:
+            raise DlmjaxError("chat=True needs text prompts; apply lm.apply_chat_template yourself for token ids")
+        array = np.asarray(prompts, dtype=object if _ragged(prompts) else None)
+        if array.dtype == object:
+            rows = [list(r) for r in prompts]
+            attention_mask = None
+        else:
+            array = array.reshape(1, -1) if array.ndim == 1 else array
+            if array.size == 0:
+                raise DlmjaxError("a prompt is empty; give every row at least one token")
+            if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+                raise DlmjaxError(f"prompt ids must be integers [batch, length], got {array.dtype} {list(array.shape)}")
+            rows = None
+    if rows is not None:
+        if any(len(r) == 0 for r in rows) or not rows:
+            raise DlmjaxError("a prompt is empty; give every row at least one token")
+        width = max(len(r) for r in rows)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+        array = np.full((len(rows), width), pad, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            array[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+        attention_mask = mask
+    ids, mask = lm.check_inputs(array, attention_mask)
+    if not mask.any(axis=1).all():
+        raise DlmjaxError("a prompt is empty; give every row at least one token")
+    if np.any((ids == cfg.mask_token_id) & (mask > 0)):
+        raise DlmjaxError(f"a prompt contains the mask token {cfg.mask_token_id}; remove it (masks are what gets generated)")
+    return ids, mask
+
+
+def _ragged(prompts) -> bool:
+    return isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (list, tuple)) and len({len(r) for r in prompts}) > 1
+
+
+def _bucket(ids, mask, bucket: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad the prompt to a multiple of `bucket` (so other lengths reuse the compiled program)."""
+    width = ids.shape[1]
+    target = min(-(-width // bucket) * bucket, max(limit, width))
+    if target == width:
+        return ids, mask
+    extra = target - width
+    return np.pad(ids, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
+
+
+def build_method(method: str, *, gen_length: int, block_length: int | None, steps: int | None, **overrides) -> tuple[Method, dict]:
+    if method in NOT_YET:
+        raise DlmjaxError(f"method '{method}' ({NOT_YET[method]}) is not implemented yet; use one of {', '.join(PRESETS)}")
+    if method not in PRESETS:
+        raise DlmjaxError(f"unknown method '{method}'; use one of {', '.join(PRESETS)}")
+    settings = dict(PRESETS[method])
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if block_length is None:
+        block_length = settings.pop("block_length", None) or gen_length
+        block_length = min(block_length, gen_length)
+    else:
+        settings.pop("block_length", None)
+    steps = steps if steps is not None else gen_length
+    if gen_length <= 0 or block_length <= 0 or steps <= 0:
+        raise DlmjaxError(f"gen_length, block_length and steps must be positive, got {gen_length}, {block_length}, {steps}")
+    if gen_length % block_length:
+        raise DlmjaxError(f"gen_length {gen_length} is not divisible by block_length {block_length}; pick a block_length that divides it")
+    blocks = gen_length // block_length
+    if steps % blocks:
+        raise DlmjaxError(f"steps {steps} is not divisible by the {blocks} blocks; use a multiple of {blocks}")
+    rule = settings.get("rule", "quota")
+    if rule not in rules.RULES:
+        raise DlmjaxError(f"unknown commit rule '{rule}'; use one of {', '.join(rules.RULES)}")
+    threshold = settings.get("threshold")
+    if rule == "threshold" and not (threshold is not None and 0 < threshold <= 1):
+        raise DlmjaxError(f"confidence threshold {threshold} is outside (0, 1]; pass a threshold such as 0.9")
+    if rule == "entropy" and not (threshold is not None and threshold >= 0):
+        raise DlmjaxError(f"entropy bound {threshold} is negative or missing; pass threshold >= 0 (nats), e.g. 0.5")
+    if rule == "factor" and not (settings.get("factor") is not None and settings["factor"] > 0):
+        raise DlmjaxError(f"factor {settings.get('factor')} must be positive; pass e.g. factor=1.0")
+    schedule = settings.get("schedule")
+    if schedule is not None and schedule not in exits.EXITS:
+        raise DlmjaxError(f"unknown schedule '{schedule}'; use one of {', '.join(exits.EXITS)}")
+    if rule == "dream":
+        if settings.get("alg", "maskgit_plus") not in DREAM_ALGS:
+            raise DlmjaxError(f"unknown Dream alg '{settings.get('alg')}'; use one of {', '.join(DREAM_ALGS)}")
+        if settings.get("cfg_scale") or settings.get("gumbel_x64"):
+            raise DlmjaxError("cfg_scale and gumbel_x64 belong to LLaDA's sampler; drop them for rule 'dream'")
+    top_p, top_k = settings.get("top_p"), settings.get("top_k")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise DlmjaxError(f"top_p {top_p} is outside (0, 1]; pass e.g. top_p=0.95")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise DlmjaxError(f"top_k {top_k} must be a positive integer")
+    if (top_p is not None or top_k is not None or settings.get("alg_temp")) and rule != "dream":
+        raise DlmjaxError("top_p, top_k and alg_temp apply to Dream's samplers; use method='dream' (or rule='dream')")
+    if settings.get("alg_temp") is not None and settings["alg_temp"] < 0:
+        raise DlmjaxError(f"alg_temp {settings['alg_temp']} is negative; use 0 (top-n) or a positive temperature")
+    if settings.get("eps") is not None and not 0 < settings["eps"] < 1:
+        raise DlmjaxError(f"eps {settings['eps']} is outside (0, 1); Dream's default is 1e-3")
+    if settings.get("cfg_scale") is not None and settings["cfg_scale"] < 0:
+        raise DlmjaxError(f"cfg_scale {settings['cfg_scale']} is negative; use 0 (off) or a positive scale")
+    remasking = settings.get("remasking", "low_confidence")
+    if remasking not in ("low_confidence", "random"):
+        raise DlmjaxError(f"unknown remasking '{remasking}'; use 'low_confidence' or 'random'")
+    if remasking == "random" and rule != "quota":
+        raise DlmjaxError("random remasking applies to the quota rule only; drop remasking='random' or use method='llada'")
+    m = Method(
+        rule=rule, remasking=remasking, exit=schedule, gen_length=gen_length, block_length=block_length, steps=steps,
+        stop_at_eos=bool(settings.get("stop_at_eos", False)), logits_eos_inf=bool(settings.get("logits_eos_inf", False)),
+        confidence_eos_eot_inf=bool(settings.get("confidence_eos_eot_inf", False)),
+        alg=settings.get("alg", "maskgit_plus"), top_k=None if top_k is None else int(top_k),
+        cfg=bool(settings.get("cfg_scale")), gumbel_x64=bool(settings.get("gumbel_x64", False)),
+    )
+    return m, settings
+
+
+def generate(
+    lm,
+    prompts_or_ids,
+    attention_mask=None,
+    *,
+    method: str = "llada",
+    gen_length: int = 128,
+    block_length: int | None = None,
+    steps: int | None = None,
+    temperature: float = 0.0,
+    threshold: float | None = None,
+    factor: float | None = None,
+    rule: str | None = None,
+    remasking: str | None = None,
+    schedule: str | None = None,
+    tau_high: float | None = None,
+    tau_low: float | None = None,
+    exit_k: float | None = None,
+    stop_at_eos: bool | None = None,
+    logits_eos_inf: bool | None = None,
+    confidence_eos_eot_inf: bool | None = None,
+    alg: str | None = None,
+    alg_temp: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    eps: float | None = None,
+    cfg_scale: float | None = None,
+    gumbel_x64: bool | None = None,
+    chat: bool = False,
+    seed: int = 0,
+    prompt_bucket: int = 32,
+) -> GenerateOutput:
+    """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet");
+    any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
+
+    temperature: Gumbel-max sampling (0 = greedy). LLaDA's reference draws the noise in float64;
+    by default dlmjax draws it in float32, where u is quantised to 2^-24 (the noise is capped near
+    17 instead of unbounded) and scores round to float32, so rare near-ties can resolve differently.
+    gumbel_x64=True reproduces the float64 form (jax_enable_x64 is switched on for that trace only).
+    """
+    m, settings = build_method(
+        method, gen_length=gen_length, block_length=block_length, steps=steps, rule=rule, threshold=threshold,
+        factor=factor, remasking=remasking, schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k,
+        stop_at_eos=stop_at_eos, logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
+        alg=alg, alg_temp=alg_temp, top_p=top_p, top_k=top_k, eps=eps, cfg_scale=cfg_scale, gumbel_x64=gumbel_x64,
+    )
+    if temperature < 0:
+        raise DlmjaxError(f"temperature {temperature} is negative; use 0 for greedy decoding or a positive value")
+    cfg = lm.config
+    if (m.stop_at_eos or m.logits_eos_inf or m.confidence_eos_eot_inf) and cfg.eos_token_id is None:
+        raise DlmjaxError("this model's config has no eos_token_id; set it in config.json or drop the EOS options")
+    ids, mask = _prepare_prompts(lm, prompts_or_ids, attention_mask, chat)
+    limit = cfg.max_position_embeddings - gen_length
+    if ids.shape[1] > limit:
+        raise DlmjaxError(
+            f"prompt length {ids.shape[1]} plus gen_length {gen_length} exceeds the model's {cfg.max_position_embeddings} "
+            "positions; shorten the prompt or gen_length"
+        )
+    ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
+    knobs = Knobs.make(
+        temperature=temperature, threshold=settings.get("threshold", 0.9), factor=settings.get("factor", 1.0),
+        tau_high=settings.get("tau_high", 7.5), tau_low=settings.get("tau_low", 2.5), exit_k=settings.get("exit_k", 4.0),
+        top_p=settings.get("top_p", 1.0), alg_temp=settings.get("alg_temp", 0.0), eps=settings.get("eps", 1e-3),
+        cfg_scale=settings.get("cfg_scale", 0.0),
+    )
+    tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id)
+    args = (lm.state, jnp.asarray(ids), jnp.asarray(mask), knobs, jax.random.key(seed))
+    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype))
+    compile_seconds = 0.0
+    if key not in _COMPILED:
+        start = time.perf_counter()
+        with jax.enable_x64(m.gumbel_x64):  # scoped: only LLaDA's exact Gumbel noise is float64
+            _COMPILED[key] = decode.lower(lm.graphdef, *args, method=m, tokens=tokens).compile()
+        compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    out, nfe, trajectory, steps_run = jax.block_until_ready(_COMPILED[key](*args))
+    seconds = time.perf_counter() - start
+    out, nfe, trajectory = np.asarray(out), np.asarray(nfe), np.asarray(trajectory)
+    texts = None
+    if lm.directory is not None and (lm.directory / "hf").is_dir():
+        texts = [decode_text(lm, row) for row in out]
+    return GenerateOutput(
+        tokens=out, texts=texts, nfe=nfe, steps=int(steps_run), trajectory=trajectory, seconds=seconds,
+        compile_seconds=compile_seconds, method=m,
+    )
+
+
+def decode_text(lm, row: Sequence[int]) -> str:
+    """The answer text: up to the first EOS or end-of-turn, without special tokens."""
+    cfg = lm.config
+    stops = {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
+    cut = [int(t) for t in row]
+    for i, t in enumerate(cut):
+        if t in stops:
+            cut = cut[:i]
+            break
+    cut = [t for t in cut if t != cfg.mask_token_id]
+    return lm.tokenizer.decode(cut, skip_special_tokens=True)

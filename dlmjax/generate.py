@@ -1,0 +1,96 @@
+"""python -m dlmjax.generate: decode a prompt on the device and report NFE and speed.
+
+    python -m dlmjax.generate --model DIR_OR_HUB_ID --prompt "What is 2+3?" --chat --method fast-dllm
+
+Prints the answer and one summary line (NFE, tokens/s, decode seconds, compile seconds);
+--json prints tokens, nfe, steps and seconds for tooling instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dlmjax.errors import DlmjaxError
+
+
+def _parser() -> argparse.ArgumentParser:
+    from dlmjax.decode.api import PRESETS
+    from dlmjax.decode.exits import EXITS
+    from dlmjax.decode.rules import RULES
+
+    p = argparse.ArgumentParser(prog="python -m dlmjax.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face directory, converted dlmjax directory, or hub id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--method", default="llada", help=f"preset: {', '.join(PRESETS)} (default llada)")
+    p.add_argument("--gen-length", type=int, default=128)
+    p.add_argument("--block-length", type=int, help="default: the preset's (llada: gen-length)")
+    p.add_argument("--steps", type=int, help="default: gen-length")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--threshold", type=float, help="confidence threshold (fast-dllm) or entropy bound in nats (dparallel)")
+    p.add_argument("--factor", type=float, help="Fast-dLLM factor rule (with --rule factor)")
+    p.add_argument("--rule", choices=RULES, help="override the preset's commit rule")
+    p.add_argument("--remasking", choices=("low_confidence", "random"))
+    p.add_argument("--schedule", choices=EXITS, help="early-exit schedule (SchED / Prophet)")
+    p.add_argument("--tau-high", type=float)
+    p.add_argument("--tau-low", type=float)
+    p.add_argument("--exit-k", type=float, help="rate of the exponential schedule")
+    p.add_argument("--stop-at-eos", action="store_true", default=None, help="a row is done once everything up to its first EOS is committed")
+    p.add_argument("--logits-eos-inf", action="store_true", default=None)
+    p.add_argument("--confidence-eos-eot-inf", action="store_true", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
+    p.add_argument("--json", action="store_true", help="print tokens, nfe, steps and seconds as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.prompt_ids is not None:
+            try:
+                prompt = [[int(t) for t in args.prompt_ids.split(",") if t.strip()]]
+            except ValueError:
+                raise DlmjaxError(f"--prompt-ids '{args.prompt_ids}' is not a comma-separated list of integers, e.g. 1,2,3") from None
+        else:
+            prompt = args.prompt
+        import dlmjax
+
+        lm = dlmjax.load(args.model, dtype=args.dtype)
+        out = lm.generate(
+            prompt, method=args.method, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+            temperature=args.temperature, threshold=args.threshold, factor=args.factor, rule=args.rule,
+            remasking=args.remasking, schedule=args.schedule, tau_high=args.tau_high, tau_low=args.tau_low,
+            exit_k=args.exit_k, stop_at_eos=args.stop_at_eos, logits_eos_inf=args.logits_eos_inf,
+            confidence_eos_eot_inf=args.confidence_eos_eot_inf, chat=args.chat, seed=args.seed,
+        )
+    except DlmjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = lm.config
+    stops = {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
+    produced = int(sum(t not in stops for t in out.tokens[0]))
+    if args.json:
+        print(json.dumps({
+            "tokens": out.tokens[0].tolist(), "nfe": int(out.nfe[0]), "steps": out.steps,
+            "seconds": out.seconds, "compile_seconds": out.compile_seconds,
+        }))
+        return 0
+    if out.texts is not None:
+        print(out.texts[0])
+    else:
+        print(" ".join(map(str, out.tokens[0].tolist())))
+    print(
+        f"[{args.method}] nfe {int(out.nfe[0])} | {produced / max(out.seconds, 1e-9):.1f} tokens/s "
+        f"({produced} non-EOS tokens) | {out.seconds:.3f} s decode | compile {out.compile_seconds:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""lm.generate and the CLI: the output contract, input checks, one compile per shape, no host trips."""
+
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dlmjax
+from dlmjax.decode import api
+from dlmjax.decode.engine import Knobs, Tokens, decode
+from dlmjax.errors import DlmjaxError
+
+
+@pytest.fixture(scope="module")
+def lm(converted):
+    return dlmjax.load(converted("llada"))
+
+
+def test_output_contract(lm):
+    out = lm.generate(["What is 2+3?", "hi"], method="fast-dllm", gen_length=16, block_length=8, chat=True)
+    assert out.tokens.shape == (2, 16) and out.tokens.dtype.kind == "i"
+    assert out.nfe.shape == (2,) and (out.nfe >= 2).all() and (out.nfe <= 16).all()
+    assert out.steps == out.nfe.max()
+    assert out.trajectory.shape == (2, 16) and (out.trajectory >= 1).all() and (out.trajectory <= out.nfe[:, None]).all()
+    assert not (out.tokens == lm.config.mask_token_id).any()
+    assert len(out.texts) == 2 and all(isinstance(t, str) for t in out.texts)
+    assert out.seconds > 0 and out.compile_seconds >= 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(gen_length=30, block_length=8), "gen_length 30 is not divisible by block_length 8"),
+        (dict(gen_length=32, block_length=8, steps=30), "steps 30 is not divisible by the 4 blocks"),
+        (dict(method="fast-dllm", threshold=0.0), r"confidence threshold 0.0 is outside \(0, 1\]"),
+        (dict(method="fast-dllm", threshold=1.5), r"confidence threshold 1.5 is outside \(0, 1\]"),
+        (dict(method="dparallel", threshold=-0.1), "entropy bound -0.1 is negative"),
+        (dict(method="nope"), "unknown method 'nope'"),
+        (dict(gen_length=510), "plus gen_length 510 exceeds the model's 512 positions"),
+        (dict(method="dream", alg="fastest"), "unknown Dream alg 'fastest'"),
+        (dict(method="dream", top_p=1.5), r"top_p 1.5 is outside \(0, 1\]"),
+        (dict(temperature=-1.0), "temperature -1.0 is negative"),
+        (dict(method="fast-dllm", remasking="random"), "random remasking applies to the quota rule only"),
+    ],
+)
+def test_bad_arguments_fail_before_compiling(lm, kwargs, message, monkeypatch):
+    monkeypatch.setattr(api, "decode", None)  # any attempt to compile would raise AttributeError
+    with pytest.raises(DlmjaxError, match=message):
+        lm.generate([[5, 6, 7]], **{"gen_length": 16, **kwargs})
+
+
+def test_bad_prompts_fail_before_compiling(lm, monkeypatch):
+    monkeypatch.setattr(api, "decode", None)
+    mask = lm.config.mask_token_id
+    with pytest.raises(DlmjaxError, match=f"contains the mask token {mask}"):
+        lm.generate([[5, mask, 7]], gen_length=16)
+    with pytest.raises(DlmjaxError, match="a prompt is empty"):
+        lm.generate([[]], gen_length=16)
+    with pytest.raises(DlmjaxError, match="a prompt is empty"):
+        lm.generate([""], gen_length=16)
+    with pytest.raises(DlmjaxError, match="all zeros"):
+        lm.generate(np.array([[5, 6]]), np.array([[0, 0]]), gen_length=16)
+
+
+def test_compiles_once_per_shape_bucket(lm):
+    first = lm.generate([[5, 6, 7]], method="fast-dllm", gen_length=16, threshold=0.9)
+    compiled = len(api._COMPILED)
+    again = lm.generate([[9, 10, 11, 12, 13]], method="fast-dllm", gen_length=16, threshold=0.3)  # same 32-token bucket
+    assert again.compile_seconds == 0.0 and len(api._COMPILED) == compiled
+    sched = lm.generate([[5, 6, 7]], method="sched", gen_length=16, tau_high=9.0, tau_low=0.0)
+    sched_again = lm.generate([[8, 6, 7]], method="sched", gen_length=16, tau_high=5.0, tau_low=1.0, exit_k=8.0, temperature=0.7)
+    assert sched.compile_seconds > 0 and sched_again.compile_seconds == 0.0
+    assert first.compile_seconds >= 0
+
+
+def test_no_host_round_trips_in_the_compiled_loop(lm):
+    method, _ = api.build_method("sched", gen_length=16, block_length=8, steps=16)
+    tokens = Tokens(mask=lm.config.mask_token_id, eos=lm.config.eos_token_id, eot=lm.config.eot_token_id)
+    prompt, mask = jnp.full((2, 8), 5, jnp.int32), jnp.ones((2, 8), jnp.int32)
+    args = (lm.state, prompt, mask, Knobs.make(), jax.random.key(0))
+    lowered = decode.lower(lm.graphdef, *args, method=method, tokens=tokens)
+    text = lowered.as_text()
+    assert text.count("stablehlo.while") >= 2  # blocks outside, steps inside
+    for forbidden in ("callback", "infeed", "outfeed", "send", "recv", "host"):
+        assert not re.search(forbidden, text, re.IGNORECASE), forbidden
+    compiled = lowered.compile()
+    args = jax.device_put(args)
+    with jax.transfer_guard("disallow"):
+        out = compiled(*args)
+        jax.block_until_ready(out)
+
+
+def test_cli(converted, tmp_path):
+    run = [sys.executable, "-m", "dlmjax.generate", "--model", str(converted("llada"))]
+    result = subprocess.run(run + ["--prompt", "2+3?", "--chat", "--method", "fast-dllm", "--gen-length", "16"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\[fast-dllm\] nfe \d+ \| [\d.]+ tokens/s .* s decode \| compile [\d.]+ s", result.stderr)
+    result = subprocess.run(run + ["--prompt-ids", "5,6,7", "--json", "--gen-length", "8"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert len(data["tokens"]) == 8 and data["nfe"] == 8 and data["steps"] == 8 and data["seconds"] > 0
+    bad = subprocess.run(run + ["--prompt-ids", "5,x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --prompt-ids") and "Traceback" not in bad.stderr
