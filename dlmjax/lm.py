@@ -49,15 +49,12 @@ class LM:
         self.graphdef, self.state = nnx.split(model)
         self.directory = directory  # the converted checkpoint, if any
         self.source = source
+        self.dtype = model.embed[...].dtype
         self._tokenizer = None
 
     @property
     def model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.state)
-
-    @property
-    def dtype(self):
-        return self.model.embed[...].dtype
 
     def __repr__(self) -> str:
         c = self.config
@@ -131,7 +128,7 @@ class LM:
             raise DlmjaxError("mode 'prompt_block_causal' needs prompt_length")
         ids, mask = self.check_inputs(input_ids, attention_mask)
         out = _forward_logits(self.graphdef, self.state, ids, mask, prompt_length or 0, mode, block_size)
-        return np.asarray(out, dtype=np.float32)
+        return np.array(out, dtype=np.float32)  # a writable host copy
 
     # -- decoding -----------------------------------------------------------------
     def generate(self, prompts_or_ids, attention_mask=None, **kwargs):

@@ -141,18 +141,20 @@ class Transformer(nnx.Module):
         mask: jax.Array,
         cache: KVCache | None = None,
         cache_index: int | jax.Array = 0,
+        logits_from: int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         """Raw per-position logits (float32 [B, T, V], before any shift) and the cache.
 
         input_ids, positions [B, T]; mask [B, T, Tk] bool. Without a cache the keys are the
         T inputs (Tk = T). With a cache, the inputs' keys and values are first written at
         slots [cache_index, cache_index + T) and the queries attend to all S slots (Tk = S).
+        `logits_from` (static) skips the head for positions before it: the logits are [B, T - logits_from, V].
         """
         x = self.embed[...][input_ids]
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, cos, sin, mask, cache, i, cache_index)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, logits_from:])
         head = self.embed if self.lm_head is None else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x, head[...], preferred_element_type=jnp.float32)
         return logits, cache

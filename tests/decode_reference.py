@@ -50,13 +50,14 @@ def exit_tau(exit, progress, tau_high=7.5, tau_low=2.5, exit_k=4.0):
 
 
 def step_logits(lm, x, full_mask, prompt_length, gen_length, logits_eos_inf=False):
-    """float32 [B, G, V]: the generation region of one forward, shifted for Dream/v2, EOS at -inf if asked."""
+    """float32 [B, G, V]: the generation region of one forward, shifted for Dream/v2, mask (and EOS if asked) at -inf."""
     raw = np.asarray(lm.logits(x, full_mask), dtype=np.float32)
     if lm.config.shifted_logits:
         shifted = raw.copy()
         shifted[:, 1:] = raw[:, :-1]  # shifted[:, i] = raw[:, i-1]; position 0 keeps its own
         raw = shifted
     out = raw[:, prompt_length:prompt_length + gen_length].copy()
+    out[:, :, lm.config.mask_token_id] = -np.inf  # SPEC: the mask token is never a prediction
     if logits_eos_inf:
         out[:, :, lm.config.eos_token_id] = -np.inf
     return out
@@ -117,7 +118,7 @@ def choose_commits(rule, cands, conf, entropy, *, quota=0, threshold=None, facto
     if rule == "threshold":
         tau = np.float32(threshold)
         best = _by_conf(cands, conf)[0]
-        return sorted(set([j for j in cands if conf[j] >= tau]))
+        return sorted(set([j for j in cands if conf[j] >= tau] + [best]))
     if rule == "factor":
         order = _by_conf(cands, conf)
         accepted = [order[0]]
@@ -210,6 +211,8 @@ def reference_generate(lm, prompt_ids, attention_mask=None, *, gen_length, block
                     active.append(r)
             if not active:
                 break
+            if i >= max(spb, K):  # cannot happen: every non-quota step commits at least one mask of the block
+                raise RuntimeError(f"block {b} did not finish in {i} steps")
 
             logits = step_logits(lm, x, full_mask, plen, G, logits_eos_inf)  # ONE forward of the whole batch
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import dlmjax
-from decode_reference import exit_tau, reference_generate
+from decode_reference import entropy32, exit_tau, reference_generate, softmax32, step_logits
 
 G, K, P = 16, 8, 6  # generation length, block length, prompt length
 NB = G // K
@@ -52,6 +52,7 @@ def _gen_logits(lm, canvas, prompt_length, eos_inf=False):
     if lm.config.shifted_logits:
         raw = np.concatenate([raw[:, :1], raw[:, :-1]], axis=1)
     out = raw[:, prompt_length:prompt_length + G].astype(np.float32)
+    out[..., lm.config.mask_token_id] = -np.inf  # SPEC: the mask token is never a prediction
     if eos_inf:
         out[..., lm.config.eos_token_id] = -np.inf
     return out
@@ -193,7 +194,7 @@ def _dynamic_case(lm, prompt, rule):
         return dict(threshold=float(conf[K // 2 - 1] + conf[K // 2]) / 2)
     if rule == "entropy":
         p = _probs(logits.astype(np.float64))
-        h = np.sort(-(p * np.log(p)).sum(-1))
+        h = np.sort(-(p * np.log(np.where(p > 0, p, 1.0))).sum(-1))  # 0 log 0 = 0
         return dict(threshold=float(h[K // 2 - 1] + h[K // 2]) / 2)
     return dict(factor=3.0)  # rank 2 always passes (1 - 3/3 = 0)
 
@@ -220,7 +221,7 @@ def test_dynamic_rules_replay(models, family, rule):
             best = sorted(cands, key=lambda j: (-conf[j], j))[0]
             expected = {j for j in cands if conf[j] >= np.float32(kw["threshold"])} | {best}
         elif rule == "entropy":
-            h = -(p * np.log(p)).sum(-1)
+            h = -(p * np.log(np.where(p > 0, p, 1.0))).sum(-1)  # 0 log 0 = 0
             best = sorted(cands, key=lambda j: (h[j], j))[0]
             expected = {j for j in cands if h[j] <= np.float32(kw["threshold"])} | {best}
         else:
@@ -235,6 +236,62 @@ def test_dynamic_rules_replay(models, family, rule):
         np.testing.assert_array_equal(out["tokens"][0][committed], x0[committed])
         sizes.append(len(expected))
     assert sizes[0] > 1  # the setting is not degenerate
+
+
+class Tied(Wrapped):
+    """Every generation position gets the same logits (the raw row of position P - 1): all scores tie."""
+
+    def logits(self, ids, mask=None):
+        out = np.array(self.lm.logits(ids, mask))
+        out[:, P - 1:] = out[:, P - 1:P]
+        return out
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("rule, kw", [("quota", {}), ("threshold", dict(threshold=1.5)),
+                                      ("factor", dict(factor=0.0)), ("entropy", dict(threshold=0.0))])
+def test_ties_go_to_the_lower_position(models, family, rule, kw):
+    out = reference_generate(Tied(models[family]), _prompt(15), gen_length=G, block_length=K, steps=G, rule=rule, **kw)
+    np.testing.assert_array_equal(out["trajectory"][0], np.arange(1, G + 1))
+
+
+def test_factor_bound_is_inclusive(models):
+    """All confidences tie at c; f makes the rank-2 bound 1 - f/3 equal c in float32: two commits at step 1."""
+    prompt = _prompt(17)
+    canvas = np.concatenate([prompt, np.full((1, G), models["llada"].config.mask_token_id)], axis=1)
+    for scale in (1, 2, 4, 8, 16, 32, 64):  # sharpen until c > 1/2, where float32 f/3 is finer than c's spacing
+        lm = Tied(Wrapped(models["llada"], scale=scale))
+        c = softmax32(step_logits(lm, canvas, np.ones_like(canvas), P, G)[0, 0]).max()
+        if c > 0.5:
+            break
+    f = np.float32((1.0 - float(c)) * 3.0)
+    for _ in range(64):  # nudge f until the float32 bound hits c exactly
+        bound = np.float32(1.0) - f / np.float32(3.0)
+        if bound == c:
+            break
+        f = np.nextafter(f, np.float32(np.inf) if bound > c else np.float32(-np.inf))
+    assert bound == c and np.float32(1.0) - f / np.float32(4.0) > c
+    out = reference_generate(lm, prompt, gen_length=G, block_length=K, steps=G, rule="factor", factor=float(f))
+    # (the tied logits move as the canvas fills, so only the first step is pinned)
+    np.testing.assert_array_equal(np.flatnonzero(out["trajectory"][0] == 1), [0, 1])
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("rule", ["threshold", "entropy"])
+def test_thresholds_are_inclusive(models, family, rule):
+    """tau equal to a candidate's own float32 score commits it (conf >= tau, H <= tau)."""
+    lm, prompt = models[family], _prompt(16)
+    canvas = np.concatenate([prompt, np.full((1, G), lm.config.mask_token_id)], axis=1)
+    logits = step_logits(lm, canvas, np.ones_like(canvas), P, G)[0, :K]
+    if rule == "threshold":
+        score = np.array([softmax32(row).max() for row in logits])
+        tau = float(np.sort(score)[::-1][2])  # the third highest confidence
+    else:
+        score = np.array([entropy32(row) for row in logits])
+        tau = float(np.sort(score)[2])  # the third lowest entropy
+    assert len(set(score.tolist())) == K
+    out = reference_generate(lm, prompt, gen_length=G, block_length=K, steps=G, rule=rule, threshold=tau)
+    assert (out["trajectory"][0, :K] == 1).sum() == 3
 
 
 # ------------------------------------------------------------------------------ early exit

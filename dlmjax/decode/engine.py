@@ -167,21 +167,26 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
     gen_index = jnp.arange(g)
     passes = 2 if method.cfg else 1
 
+    # The head runs only where predictions are read: the generation region, and for shifted
+    # logits the position before it.
+    head_from = max(p - 1, 0) if cfg.shifted_logits else p
+
     def step_logits(x):
         if method.cfg:
             unconditional = x.at[:, :p].set(tokens.mask)
             both, _ = model(
-                jnp.concatenate([x, unconditional]), jnp.concatenate([positions, positions]), jnp.concatenate([attn, attn])
+                jnp.concatenate([x, unconditional]), jnp.concatenate([positions, positions]),
+                jnp.concatenate([attn, attn]), logits_from=head_from,
             )
             cond, uncond = both[:b], both[b:]
             logits = uncond + (knobs.cfg_scale + 1.0) * (cond - uncond)
         else:
-            logits, _ = model(x, positions, attn)
+            logits, _ = model(x, positions, attn, logits_from=head_from)
         if cfg.shifted_logits:
             logits = shift_right(logits)
         # The mask token is never a prediction: trained models give it ~zero probability, and
         # committing it would leave the position masked (upstream can loop on it).
-        logits = logits[:, p:].at[..., tokens.mask].set(-jnp.inf)
+        logits = logits[:, p - head_from :].at[..., tokens.mask].set(-jnp.inf)
         if method.logits_eos_inf:
             logits = logits.at[..., tokens.eos].set(-jnp.inf)
         return logits

@@ -1,0 +1,293 @@
+"""Benchmark: dlmjax's on-device decode against eager PyTorch loops, on the same weights.
+
+    python experiments/bench_decode.py [--quick] [--torch-threads N] [--repeats N] [--json PATH]
+
+A tiny random LLaDA checkpoint (default 4 layers, hidden 256, 4 heads, intermediate 512,
+vocab 512, 1024 positions) is written with `dlmjax.testing.write_tiny_checkpoint`,
+converted and loaded with dlmjax, and built again as a transformers Llama with
+bidirectional attention by tests/torch_reference.py. For each method (llada, fast-dllm,
+dparallel, sched, prophet) and batch size (1 and 4; prompt 32 random character ids,
+gen_length 128, blocks of 32 except where a preset says otherwise, temperature 0):
+
+- dlmjax: one warm-up `lm.generate` call (compiles; its compile_seconds is reported), then
+  `--repeats` timed calls; decode seconds = the fastest `seconds` (compile excluded).
+- PyTorch: experiments/torch_decoders.py, eager, one forward per step; `--repeats` timed calls,
+  fastest kept (there is no compile; one untimed call of the bare forward warms it up).
+- tok/s = B * gen_length / decode seconds; speedup = dlmjax tok/s / torch tok/s.
+- overhead = decode seconds / (batch forwards * one bare forward at [B, P + G]); the bare
+  forward is the jitted model alone for dlmjax (block_until_ready) and the eager model call
+  alone for PyTorch (median of several). Near 1.0: the loop adds nothing to the forwards.
+- agreement = fraction of generated positions where the two token arrays are equal.
+
+Timing notes: everything runs in one process, dlmjax and PyTorch one after the other, never
+at once. JAX uses its default CPU thread pool; PyTorch runs with `--torch-threads` threads
+(default: the CPU count). The machine's load average is printed: other processes on a
+2-core machine distort every number here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # a script: import dlmjax from this checkout
+sys.path.insert(0, str(ROOT / "tests"))  # torch_reference
+sys.path.insert(0, str(ROOT / "experiments"))  # torch_decoders
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import dlmjax  # noqa: E402
+import torch_decoders  # noqa: E402
+from dlmjax.attention import attention_mask  # noqa: E402
+from dlmjax.convert import convert  # noqa: E402
+from dlmjax.model import position_ids  # noqa: E402
+from dlmjax.testing import write_tiny_checkpoint  # noqa: E402
+from torch_reference import load_reference, reference_logits  # noqa: E402
+
+PROMPT_LENGTH = 32
+
+# method -> the knobs passed to BOTH implementations (everything explicit, nothing left to a preset).
+# llada uses blocks of 32 (LLaDA's own evaluations use semi-autoregressive blocks); sched keeps its
+# preset's single block (SchED on LLaDA's schedule); the others use their presets' blocks of 32.
+FULL = dict(gen_length=128, steps=128)
+METHODS = {
+    "llada": dict(block_length=32),
+    "fast-dllm": dict(block_length=32, threshold=0.9),
+    "dparallel": dict(block_length=32, threshold=0.5),
+    "sched": dict(block_length=None, tau_high=7.5, tau_low=2.5, exit_k=4.0),
+    "prophet": dict(block_length=32),
+}
+
+
+def build_model(workdir: pathlib.Path, quick: bool):
+    size = (dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=4, intermediate_size=256) if quick else
+            dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=4, intermediate_size=512))
+    hf = write_tiny_checkpoint(workdir / "hf", "llada", seed=0, vocab_size=512, max_positions=1024, **size)
+    convert(hf, workdir / "converted", progress=False)
+    lm = dlmjax.load(workdir / "converted")
+    model, family = load_reference(str(hf), torch.float32)
+    return lm, model, family, size
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _jax_forward(state, ids, graphdef):
+    """The model alone, as the decode loop calls it: logits [B, L, V], no host transfer."""
+    model = nnx.merge(graphdef, state)
+    mask = jnp.ones(ids.shape, jnp.int32)
+    return model(ids, position_ids(model.config, mask), attention_mask("bidirectional", mask))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n"))
+def _jax_forward_loop(state, ids, graphdef, n):
+    """n forwards inside one program (a fori_loop), each fed by the last one's argmax so none is hoisted."""
+
+    def body(_, x):
+        logits = _jax_forward(state, x, graphdef)
+        return x.at[:, 0].set(jnp.argmax(logits[:, -1], axis=-1).astype(x.dtype))
+
+    return jax.lax.fori_loop(0, n, body, ids)
+
+
+def jax_forward_seconds(lm, batch: int, length: int, reps: int, loop: int) -> tuple[float, float]:
+    """Seconds of one forward (the model alone, logits left on the device) at [batch, length]:
+    (median of `reps` jitted calls from Python, incl. dispatch; per forward of a `loop`-forward program)."""
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 96, (batch, length)), jnp.int32)
+    jax.block_until_ready(_jax_forward(lm.state, ids, lm.graphdef))  # compiles once per shape
+    jax.block_until_ready(_jax_forward(lm.state, ids, lm.graphdef))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(_jax_forward(lm.state, ids, lm.graphdef))
+        times.append(time.perf_counter() - start)
+    jax.block_until_ready(_jax_forward_loop(lm.state, ids, lm.graphdef, loop))
+    start = time.perf_counter()
+    jax.block_until_ready(_jax_forward_loop(lm.state, ids, lm.graphdef, loop))
+    return statistics.median(times), (time.perf_counter() - start) / loop
+
+
+@torch.no_grad()
+def torch_forward_seconds(forward, batch: int, length: int, reps: int) -> float:
+    """Median seconds of one eager forward (the model alone) at [batch, length]."""
+    ids = torch.as_tensor(np.random.default_rng(1).integers(0, 96, (batch, length)), dtype=torch.long)
+    forward(ids)
+    forward(ids)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        forward(ids)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_dlmjax(lm, prompt: np.ndarray, name: str, knobs: dict, common: dict, repeats: int) -> dict:
+    kwargs = dict(method=name, temperature=0.0, prompt_bucket=PROMPT_LENGTH, **common)
+    kwargs.update({k: v for k, v in knobs.items() if v is not None})
+    if knobs.get("block_length", 0) is None:
+        kwargs["block_length"] = common["gen_length"]
+    if name == "sched":
+        kwargs["schedule"] = "exp"
+    warm = lm.generate(prompt, **kwargs)
+    runs = [lm.generate(prompt, **kwargs) for _ in range(repeats)]
+    best = min(runs, key=lambda r: r.seconds)
+    for r in runs:  # the program is deterministic: every call must give the same result
+        assert np.array_equal(r.tokens, warm.tokens) and np.array_equal(r.nfe, warm.nfe)
+    return dict(tokens=best.tokens, nfe=best.nfe, forwards=best.steps, seconds=best.seconds,
+                compile_seconds=warm.compile_seconds, first_seconds=warm.seconds)
+
+
+def run_torch(forward, prompt: np.ndarray, name: str, knobs: dict, common: dict, mask_id: int, repeats: int) -> dict:
+    kwargs = dict(common)
+    kwargs["block_length"] = knobs["block_length"] or common["gen_length"]
+    for key in ("threshold", "tau_high", "tau_low", "exit_k"):
+        if knobs.get(key) is not None:
+            kwargs[key] = knobs[key]
+    x = torch.as_tensor(prompt, dtype=torch.long)
+    runs = [torch_decoders.generate(forward, x, mask_id=mask_id, method=name, **kwargs) for _ in range(repeats)]
+    best = min(runs, key=lambda r: r["seconds"])
+    return dict(tokens=best["tokens"].numpy(), nfe=best["nfe"].numpy(), forwards=best["forwards"], seconds=best["seconds"])
+
+
+def _ms(values: list[float]) -> str:
+    v = [x * 1e3 for x in values]
+    return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+
+
+def machine_line(torch_threads: int) -> str:
+    import transformers
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()} (usable {affinity}), "
+            f"python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}, default threads), "
+            f"torch {torch.__version__} (set_num_threads({torch_threads}) -> {torch.get_num_threads()}), "
+            f"transformers {transformers.__version__}")
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller model (2 layers, hidden 128), gen 64, batches 1 and 2")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: CPU count)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per cell after the warm-up; the fastest is kept")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--batches", nargs="+", type=int, default=None)
+    parser.add_argument("--forward-reps", type=int, default=None, help="timed bare forwards per shape (median kept)")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.torch_threads)
+    started = time.perf_counter()
+    print(f"load average at start: {loadavg()}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        _run(args, pathlib.Path(tmp), started)
+
+
+def _run(args, workdir: pathlib.Path, started: float) -> None:
+    lm, model, family, size = build_model(workdir, args.quick)
+    common = dict(gen_length=64, steps=64) if args.quick else dict(FULL)
+    batches = args.batches or ([1, 2] if args.quick else [1, 4])
+    forward_reps = args.forward_reps or (5 if args.quick else 15)
+    forward_loop = 8 if args.quick else 16
+    mask_id = lm.config.mask_token_id
+    forward = torch_decoders.TorchForward(model)
+    g = common["gen_length"]
+    length = PROMPT_LENGTH + g
+    prompts = np.random.default_rng(0).integers(0, 96, (max(batches), PROMPT_LENGTH))
+
+    # The two stacks see the same weights: compare one forward on a decode-shaped canvas.
+    canvas = np.concatenate([prompts[:1], np.full((1, g), mask_id)], axis=1)
+    lj = lm.logits(canvas)
+    lt = forward(torch.as_tensor(canvas)).numpy()
+    lr = reference_logits(model, family, canvas, np.ones_like(canvas))
+    assert np.array_equal(lt, lr), "TorchForward differs from reference_logits"
+    print(f"model: LLaDA {size}, vocab 512; forward max |dlmjax - torch| = {np.abs(lj - lt).max():.2e} "
+          f"(max |logit| {np.abs(lj).max():.1f}); argmax equal on {np.mean(lj.argmax(-1) == lt.argmax(-1)):.3f} "
+          "of positions", flush=True)
+
+    fwd = {b: ([], [], []) for b in batches}  # bare forward seconds, measured next to every cell
+
+    rows = []
+    for name in args.methods:
+        knobs = METHODS[name]
+        for b in batches:
+            prompt = prompts[:b]
+            jax_call, jax_fwd = jax_forward_seconds(lm, b, length, forward_reps, forward_loop)
+            jx = run_dlmjax(lm, prompt, name, knobs, common, args.repeats)
+            torch_fwd = torch_forward_seconds(forward, b, length, forward_reps)
+            th = run_torch(forward, prompt, name, knobs, common, mask_id, args.repeats)
+            fwd[b][0].append(jax_fwd)
+            fwd[b][1].append(torch_fwd)
+            fwd[b][2].append(jax_call)
+            tok = b * g
+            row = dict(
+                method=name, batch=b, block_length=knobs["block_length"] or g,
+                jax_tok_s=tok / jx["seconds"], torch_tok_s=tok / th["seconds"],
+                speedup=(tok / jx["seconds"]) / (tok / th["seconds"]),
+                jax_seconds=jx["seconds"], torch_seconds=th["seconds"], jax_first_seconds=jx["first_seconds"],
+                compile_seconds=jx["compile_seconds"],
+                jax_nfe=jx["nfe"].tolist(), torch_nfe=th["nfe"].tolist(),
+                jax_forwards=int(jx["forwards"]), torch_forwards=int(th["forwards"]),
+                jax_forward_seconds=jax_fwd, jax_forward_call_seconds=jax_call, torch_forward_seconds=torch_fwd,
+                jax_overhead=jx["seconds"] / (jx["forwards"] * jax_fwd),
+                jax_overhead_vs_call=jx["seconds"] / (jx["forwards"] * jax_call),
+                torch_overhead=th["seconds"] / (th["forwards"] * torch_fwd),
+                agreement=float(np.mean(jx["tokens"] == th["tokens"])),
+                nfe_equal=bool(np.array_equal(jx["nfe"], th["nfe"])),
+            )
+            rows.append(row)
+            print(f"  {name} B={b}: dlmjax {row['jax_seconds']:.3f}s ({row['jax_forwards']} fwd, compile "
+                  f"{row['compile_seconds']:.1f}s), torch {row['torch_seconds']:.3f}s ({row['torch_forwards']} fwd), "
+                  f"agreement {row['agreement']:.3f}", flush=True)
+
+    def nfe_text(r):
+        j, t = r["jax_nfe"], r["torch_nfe"]
+        mean = lambda v: f"{np.mean(v):.1f}".rstrip("0").rstrip(".")  # noqa: E731
+        return mean(j) if r["nfe_equal"] else f"{mean(j)} / {mean(t)}"
+
+    print()
+    print(f"gen_length {g}, steps {common['steps']}, prompt {PROMPT_LENGTH}, temperature 0, float32; "
+          f"{args.repeats} timed call(s) after 1 warm-up (fastest kept)")
+    print(f"machine: {machine_line(args.torch_threads)}")
+    print(f"load average at end: {loadavg()}; total run {time.perf_counter() - started:.0f}s")
+    print()
+    print("| method | batch | block | dlmjax tok/s | torch tok/s | speedup | NFE/row (dlmjax / torch) | fwd | "
+          "compile s | overhead dlmjax | (vs jit call) | overhead torch | token agreement |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fw = str(r["jax_forwards"]) if r["jax_forwards"] == r["torch_forwards"] else f"{r['jax_forwards']} / {r['torch_forwards']}"
+        print(f"| {r['method']} | {r['batch']} | {r['block_length']} | {r['jax_tok_s']:.0f} | {r['torch_tok_s']:.0f} | "
+              f"{r['speedup']:.2f}x | {nfe_text(r)} | {fw} | {r['compile_seconds']:.1f} | {r['jax_overhead']:.2f} | {r['jax_overhead_vs_call']:.2f} | "
+              f"{r['torch_overhead']:.2f} | {r['agreement']:.3f} |")
+    print()
+    print(f"bare forward ms at [B, {length}], median over cells (min-max): " + "; ".join(
+        f"B={b}: dlmjax in-program {_ms(fwd[b][0])}, dlmjax jit call {_ms(fwd[b][2])}, torch eager {_ms(fwd[b][1])}"
+        for b in batches))
+    print("overhead = decode seconds / (batch forwards x bare forward). dlmjax: vs one forward inside a compiled "
+          f"{forward_loop}-forward loop (device time only); '(vs jit call)': vs one jitted forward called from Python "
+          "(adds dispatch). torch: vs one eager model call.")
+    if args.json:
+        meta = dict(machine=machine_line(args.torch_threads), quick=args.quick, common=common, size=size)
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Eager PyTorch decoders for the benchmark (experiments/bench_decode.py): the PyTorch side.
+
+Each method is written the way the official repositories write it: a Python loop over
+blocks, an inner Python loop over denoising steps, ONE eager forward of the whole batch
+per step, and the step's rule applied with torch ops on the host (LLaDA's per-row
+`topk` loop included). The rules themselves follow dlmjax/decode/SPEC.md exactly, so
+that at temperature 0 the tokens can be compared with dlmjax's:
+
+- the logits of the generation region only, the mask token's column at -inf;
+- x0 = argmax (first index on ties), confidence = softmax(logits)[x0] in float32
+  (upstream LLaDA takes the softmax of the whole canvas in float64; SPEC.md uses float32);
+- quota (LLaDA, SchED, Prophet): per block n masks spread over spb = steps / blocks steps,
+  the quota best candidates by confidence (ties: lower position first), spb forwards per block;
+- threshold (Fast-dLLM v1): candidates with confidence >= tau plus the best one;
+- entropy (dParallel): candidates with entropy <= tau nats plus the lowest-entropy one;
+- exits (SchED / Prophet): signal = mean over the whole generation region of top1 - top2 logit,
+  progress = the row's forwards so far / steps; on exit every mask of the generation region
+  takes x0 and the row is done. Checked before committing.
+
+Temperature 0 only (greedy); no CFG, no EOS handling. Rows of a batch share each forward;
+a row that is done (exited, or no masks left) is not active and its NFE stops growing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+METHODS = {
+    # name -> (rule, exit schedule)
+    "llada": ("quota", None),
+    "fast-dllm": ("threshold", None),
+    "dparallel": ("entropy", None),
+    "sched": ("quota", "exp"),
+    "prophet": ("quota", "prophet"),
+}
+
+
+class TorchForward:
+    """One bidirectional forward of the torch reference model, as tests/torch_reference.py's
+    `reference_logits` calls it (absolute positions, all-ones key mask), but returning a
+    float32 torch tensor instead of a numpy copy."""
+
+    def __init__(self, model):
+        self.model = model
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        if shape not in self._cache:
+            b, length = shape
+            pos = torch.arange(length, dtype=torch.long).expand(b, length).contiguous()
+            self._cache[shape] = (pos, torch.ones(b, length, dtype=torch.long))
+        pos, mask = self._cache[shape]
+        out = self.model(input_ids=x, position_ids=pos, attention_mask=mask, use_cache=False, is_causal=False)
+        return out.logits.float()
+
+
+def get_num_transfer_tokens(block_mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's schedule: [B, steps] tokens to commit per step, remainder on the first steps."""
+    n = block_mask.sum(dim=1, keepdim=True)
+    base = n // steps
+    remainder = n % steps
+    out = base.expand(-1, steps).clone()
+    out += (torch.arange(steps)[None, :] < remainder).long()
+    return out
+
+
+def exit_tau(schedule: str, progress: torch.Tensor, tau_high: float, tau_low: float, k: float) -> torch.Tensor:
+    p = progress.clamp(0.0, 1.0)
+    if schedule == "linear":
+        return tau_high + (tau_low - tau_high) * p
+    if schedule == "cosine":
+        return tau_low + 0.5 * (tau_high - tau_low) * (1.0 + torch.cos(math.pi * p))
+    if schedule == "exp":
+        return tau_low + (tau_high - tau_low) * torch.exp(-k * p)
+    if schedule == "prophet":
+        return torch.where(p < 1.0 / 3.0, 7.5, torch.where(p < 2.0 / 3.0, 5.0, 2.5))
+    raise ValueError(f"unknown exit schedule {schedule!r}")
+
+
+@torch.no_grad()
+def generate(
+    forward: TorchForward,
+    prompt: torch.Tensor,
+    *,
+    mask_id: int,
+    method: str,
+    gen_length: int = 128,
+    block_length: int = 32,
+    steps: int = 128,
+    threshold: float | None = None,
+    tau_high: float = 7.5,
+    tau_low: float = 2.5,
+    exit_k: float = 4.0,
+) -> dict:
+    """Decode `prompt` [B, P] (no padding) with `method`; returns tokens [B, G], nfe [B],
+    forwards (batch forward passes) and seconds (wall time of the whole call)."""
+    rule, schedule = METHODS[method]
+    if rule in ("threshold", "entropy") and threshold is None:
+        raise ValueError(f"method {method!r} needs threshold")
+    start = time.perf_counter()
+    b, p = prompt.shape
+    g, k = gen_length, block_length
+    nb = g // k
+    assert g % k == 0 and steps % nb == 0
+    spb = steps // nb
+    x = torch.full((b, p + g), mask_id, dtype=torch.long)
+    x[:, :p] = prompt
+    nfe = torch.zeros(b, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    rows = torch.arange(b)
+    gen_index = torch.arange(g)
+    forwards = 0
+
+    for num_block in range(nb):
+        s, e = num_block * k, (num_block + 1) * k  # relative to the generation region
+        in_block = (gen_index >= s) & (gen_index < e)
+        block_mask = x[:, p + s:p + e] == mask_id
+        num_transfer_tokens = get_num_transfer_tokens(block_mask, spb)
+        i = 0
+        while True:
+            if rule == "quota":
+                active = ~done & (i < spb)
+            else:
+                active = ~done & (x[:, p + s:p + e] == mask_id).any(dim=1)
+            if not bool(active.any()):
+                break
+
+            logits = forward(x)[:, p:]  # ONE forward of the whole batch; [B, G, V]
+            forwards += 1
+            logits[..., mask_id] = -torch.inf
+            x0 = torch.argmax(logits, dim=-1)
+            probs = torch.softmax(logits, dim=-1)
+            x0_p = torch.gather(probs, -1, x0[..., None])[..., 0]
+            gen = x[:, p:]
+            mask_index = gen == mask_id
+            candidates = mask_index & in_block[None, :] & active[:, None]
+            confidence = torch.where(candidates, x0_p, -torch.inf)
+
+            if rule == "quota":
+                transfer_index = torch.zeros_like(candidates)
+                for j in range(b):  # LLaDA's per-row topk (stable: ties go to the lower position)
+                    n = int(num_transfer_tokens[j, i]) if bool(active[j]) else 0
+                    if n > 0:
+                        order = torch.sort(confidence[j], descending=True, stable=True).indices[:n]
+                        transfer_index[j, order] = True
+            else:
+                if rule == "threshold":
+                    transfer_index = candidates & (x0_p >= threshold)
+                    score = confidence
+                else:  # entropy (dParallel)
+                    entropy = torch.special.entr(probs).sum(dim=-1)
+                    transfer_index = candidates & (entropy <= threshold)
+                    score = torch.where(candidates, -entropy, -torch.inf)
+                best = torch.argmax(score, dim=-1)
+                transfer_index[rows, best] |= candidates[rows, best]
+
+            if schedule is not None:  # SchED / Prophet, checked before the commit takes effect
+                top2 = torch.topk(logits, 2, dim=-1).values
+                signal = (top2[..., 0] - top2[..., 1]).mean(dim=-1)
+                tau = exit_tau(schedule, nfe.float() / steps, tau_high, tau_low, exit_k)
+                exited = active & (signal >= tau)
+                transfer_index = torch.where(exited[:, None], mask_index, transfer_index)
+                done |= exited
+
+            nfe += active.long()
+            x[:, p:] = torch.where(transfer_index, x0, gen)
+            done |= ~(x[:, p:] == mask_id).any(dim=1)
+            i += 1
+
+    return {
+        "tokens": x[:, p:].clone(),
+        "nfe": nfe,
+        "forwards": forwards,
+        "seconds": time.perf_counter() - start,
+    }
