@@ -32,10 +32,20 @@ class KVCache:
     def length(self) -> int:
         return self.k[0].shape[2]
 
-    def write(self, layer: int, k: jax.Array, v: jax.Array, index) -> "KVCache":
-        """Write k, v [B, Hkv, T, D] of one layer at slots [index, index+T)."""
-        new_k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k.astype(self.k[layer].dtype), index, axis=2)
-        new_v = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v.astype(self.v[layer].dtype), index, axis=2)
+    def write(self, layer: int, k: jax.Array, v: jax.Array, index, keep: jax.Array | None = None) -> "KVCache":
+        """Write k, v [B, Hkv, T, D] of one layer at slots [index, index+T).
+
+        `keep` [T] bool (optional) marks window slots whose cached K/V must survive (the
+        prefix cache recomputes queries it does not write back)."""
+        k, v = k.astype(self.k[layer].dtype), v.astype(self.v[layer].dtype)
+        if keep is not None:
+            t = k.shape[2]
+            old_k = jax.lax.dynamic_slice_in_dim(self.k[layer], index, t, axis=2)
+            old_v = jax.lax.dynamic_slice_in_dim(self.v[layer], index, t, axis=2)
+            k = jnp.where(keep[None, None, :, None], old_k, k)
+            v = jnp.where(keep[None, None, :, None], old_v, v)
+        new_k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k, index, axis=2)
+        new_v = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v, index, axis=2)
         return KVCache(
             k=self.k[:layer] + (new_k,) + self.k[layer + 1 :],
             v=self.v[:layer] + (new_v,) + self.v[layer + 1 :],

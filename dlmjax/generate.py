@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-eos", action="store_true", default=None, help="a row is done once everything up to its first EOS is committed")
     p.add_argument("--logits-eos-inf", action="store_true", default=None)
     p.add_argument("--confidence-eos-eot-inf", action="store_true", default=None)
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), help="Fast-dLLM KV cache (default none)")
+    p.add_argument("--cfg-scale", type=float, help="LLaDA classifier-free guidance scale (0 = off)")
+    p.add_argument("--gumbel-x64", action="store_true", default=None, help="LLaDA's exact float64 Gumbel noise")
+    p.add_argument("--alg", choices=("origin", "maskgit_plus", "topk_margin", "entropy"), help="Dream sampler")
+    p.add_argument("--alg-temp", type=float, help="Dream: > 0 samples positions instead of taking the top ones")
+    p.add_argument("--top-p", type=float, help="Dream: nucleus filtering")
+    p.add_argument("--top-k", type=int, help="Dream: keep the k largest logits")
+    p.add_argument("--eps", type=float, help="Dream: last timestep of linspace(1, eps, steps + 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
     p.add_argument("--json", action="store_true", help="print tokens, nfe, steps and seconds as JSON")
@@ -66,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature, threshold=args.threshold, factor=args.factor, rule=args.rule,
             remasking=args.remasking, schedule=args.schedule, tau_high=args.tau_high, tau_low=args.tau_low,
             exit_k=args.exit_k, stop_at_eos=args.stop_at_eos, logits_eos_inf=args.logits_eos_inf,
-            confidence_eos_eot_inf=args.confidence_eos_eot_inf, chat=args.chat, seed=args.seed,
+            confidence_eos_eot_inf=args.confidence_eos_eot_inf, cfg_scale=args.cfg_scale, gumbel_x64=args.gumbel_x64,
+            cache=args.cache, alg=args.alg, alg_temp=args.alg_temp, top_p=args.top_p, top_k=args.top_k, eps=args.eps,
+            chat=args.chat, seed=args.seed,
         )
     except DlmjaxError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -101,7 +101,7 @@ class Block(nnx.Module):
         self.down_proj = proj("down_proj", cfg.intermediate_size, d, ("embed", "mlp"))
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_index):
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_index, cache_keep=None):
         b, t, _ = x.shape
         h = self.attn_norm(x)
         q = apply_rope(self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
@@ -109,7 +109,7 @@ class Block(nnx.Module):
         v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
         if cache is not None:
-            cache = cache.write(layer, k, v, cache_index)
+            cache = cache.write(layer, k, v, cache_index, cache_keep)
             k, v = cache.k[layer].astype(x.dtype), cache.v[layer].astype(x.dtype)
         a = attend(q, k, v, mask).reshape(b, t, -1)
         x = x + self.o_proj(a)
@@ -142,18 +142,21 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         cache_index: int | jax.Array = 0,
         logits_from: int = 0,
+        cache_keep: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Raw per-position logits (float32 [B, T, V], before any shift) and the cache.
 
         input_ids, positions [B, T]; mask [B, T, Tk] bool. Without a cache the keys are the
         T inputs (Tk = T). With a cache, the inputs' keys and values are first written at
         slots [cache_index, cache_index + T) and the queries attend to all S slots (Tk = S).
+        `cache_keep` [T] bool keeps the cached K/V of those window slots instead of writing the
+        fresh ones (the queries still attend to the cache as a whole).
         `logits_from` (static) skips the head for positions before it: the logits are [B, T - logits_from, V].
         """
         x = self.embed[...][input_ids]
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, mask, cache, i, cache_index)
+            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep)
         x = self.final_norm(x[:, logits_from:])
         head = self.embed if self.lm_head is None else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x, head[...], preferred_element_type=jnp.float32)

@@ -107,3 +107,14 @@ def test_cli(converted, tmp_path):
     assert len(data["tokens"]) == 8 and data["nfe"] == 8 and data["steps"] == 8 and data["seconds"] > 0
     bad = subprocess.run(run + ["--prompt-ids", "5,x"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --prompt-ids") and "Traceback" not in bad.stderr
+
+
+def test_float64_gumbel_is_scoped(lm):
+    """gumbel_x64 traces the noise in float64 and leaves jax_enable_x64 off afterwards."""
+    greedy = lm.generate([[5, 6, 7]], gen_length=8, temperature=0.0)
+    exact = lm.generate([[5, 6, 7]], gen_length=8, temperature=0.0, gumbel_x64=True)
+    np.testing.assert_array_equal(greedy.tokens, exact.tokens)  # T = 0 is argmax either way
+    sampled = lm.generate([[5, 6, 7]], gen_length=8, temperature=5.0, gumbel_x64=True, seed=1)
+    assert not (sampled.tokens == lm.config.mask_token_id).any()
+    assert not (sampled.tokens == greedy.tokens).all()  # high-temperature sampling departs from greedy
+    assert not jax.config.jax_enable_x64 and jnp.zeros(1).dtype == jnp.float32

@@ -34,6 +34,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 NOT_YET: dict[str, str] = {}
+CACHES = ("none", "prefix", "dual", "block")
+ATTENTIONS = ("bidirectional", "block_causal", "prompt_block_causal")
 
 
 @dataclasses.dataclass
@@ -159,6 +161,17 @@ def build_method(method: str, *, gen_length: int, block_length: int | None, step
         raise DlmjaxError(f"eps {settings['eps']} is outside (0, 1); Dream's default is 1e-3")
     if settings.get("cfg_scale") is not None and settings["cfg_scale"] < 0:
         raise DlmjaxError(f"cfg_scale {settings['cfg_scale']} is negative; use 0 (off) or a positive scale")
+    cache = settings.get("cache") or "none"
+    if cache not in CACHES:
+        raise DlmjaxError(f"unknown cache '{cache}'; use one of {', '.join(CACHES)}")
+    attention = settings.get("attention") or "bidirectional"
+    if attention not in ATTENTIONS:
+        raise DlmjaxError(f"unknown attention '{attention}'; use one of {', '.join(ATTENTIONS)}")
+    if cache == "block" and attention == "bidirectional":
+        raise DlmjaxError("cache='block' is exact only under block-causal attention; pass attention='prompt_block_causal' "
+                          "or 'block_causal', or use cache='prefix' or 'dual'")
+    if cache != "none" and (rule == "dream" or settings.get("cfg_scale")):
+        raise DlmjaxError(f"cache='{cache}' works with the quota, threshold, factor and entropy rules without CFG; use cache='none'")
     remasking = settings.get("remasking", "low_confidence")
     if remasking not in ("low_confidence", "random"):
         raise DlmjaxError(f"unknown remasking '{remasking}'; use 'low_confidence' or 'random'")
@@ -169,7 +182,8 @@ def build_method(method: str, *, gen_length: int, block_length: int | None, step
         stop_at_eos=bool(settings.get("stop_at_eos", False)), logits_eos_inf=bool(settings.get("logits_eos_inf", False)),
         confidence_eos_eot_inf=bool(settings.get("confidence_eos_eot_inf", False)),
         alg=settings.get("alg", "maskgit_plus"), top_k=None if top_k is None else int(top_k),
-        cfg=bool(settings.get("cfg_scale")), gumbel_x64=bool(settings.get("gumbel_x64", False)),
+        cfg=bool(settings.get("cfg_scale")), gumbel_x64=bool(settings.get("gumbel_x64", False)), cache=cache,
+        attention=attention,
     )
     return m, settings
 
@@ -202,6 +216,8 @@ def generate(
     eps: float | None = None,
     cfg_scale: float | None = None,
     gumbel_x64: bool | None = None,
+    cache: str | None = None,
+    attention: str | None = None,
     chat: bool = False,
     seed: int = 0,
     prompt_bucket: int = 32,
@@ -219,7 +235,13 @@ def generate(
         factor=factor, remasking=remasking, schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k,
         stop_at_eos=stop_at_eos, logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
         alg=alg, alg_temp=alg_temp, top_p=top_p, top_k=top_k, eps=eps, cfg_scale=cfg_scale, gumbel_x64=gumbel_x64,
+        cache=cache, attention=attention,
     )
+    if m.cache != "none" and m.rule == "quota" and lm.config.shifted_logits and m.steps_per_block < 2:
+        raise DlmjaxError(
+            f"cache='{m.cache}' with {lm.config.family}'s shifted logits needs at least 2 steps per block "
+            f"(the refresh commits only the first token); raise steps to {2 * m.num_blocks} or more"
+        )
     if temperature < 0:
         raise DlmjaxError(f"temperature {temperature} is negative; use 0 for greedy decoding or a positive value")
     cfg = lm.config
@@ -232,6 +254,13 @@ def generate(
             f"prompt length {ids.shape[1]} plus gen_length {gen_length} exceeds the model's {cfg.max_position_embeddings} "
             "positions; shorten the prompt or gen_length"
         )
+    if m.attention == "block_causal":  # blocks counted from position 0 must line up with the generation blocks
+        prompt_bucket = m.block_length * max(1, prompt_bucket // m.block_length)
+        if -(-ids.shape[1] // m.block_length) * m.block_length > limit:
+            raise DlmjaxError(
+                f"attention='block_causal' pads the prompt to a multiple of block_length {m.block_length}, which leaves no "
+                f"room for gen_length {gen_length}; shorten the prompt or gen_length"
+            )
     ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
     knobs = Knobs.make(
         temperature=temperature, threshold=settings.get("threshold", 0.9), factor=settings.get("factor", 1.0),

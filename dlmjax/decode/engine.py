@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dlmjax.attention import attention_mask
+from dlmjax.cache import KVCache
 from dlmjax.decode import exits, rules
 from dlmjax.model import position_ids, shift_right
 
@@ -38,6 +39,8 @@ class Method:
     top_k: int | None = None  # rule "dream": keep the k largest logits
     cfg: bool = False  # LLaDA's unsupervised classifier-free guidance (a second, prompt-masked pass)
     gumbel_x64: bool = False  # LLaDA's exact float64 Gumbel-max (traced with jax_enable_x64)
+    cache: str = "none"  # "none" | "prefix" | "dual" (Fast-dLLM, approximate) | "block" (exact, block-causal attention)
+    attention: str = "bidirectional"  # or "block_causal" (blocks from position 0) | "prompt_block_causal" (D2F)
 
     @property
     def num_blocks(self) -> int:
@@ -79,7 +82,13 @@ class State:
     nfe: jax.Array  # [B] forward passes each row took part in
     done: jax.Array  # [B]
     trajectory: jax.Array  # [B, G] the row's step (1-based nfe) that committed each position
-    steps: jax.Array  # scalar: forward passes of the whole batch
+    steps: jax.Array
+    # Latest predictions for every generation position (a cached step refreshes only its window).
+    x0: jax.Array  # [B, G] int32
+    confidence: jax.Array  # [B, G] probability of x0
+    entropy: jax.Array  # [B, G]
+    margin: jax.Array  # [B, G] top-1 minus top-2 logit
+    cache: KVCache | None  # scalar: forward passes of the whole batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,15 +122,18 @@ def _filter_logits(logits, temperature, top_p, top_k: int | None):
     return logits
 
 
-def _gumbel_argmax(logits, temperature, key, x64: bool):
-    """x0 = argmax(logits + T g), g ~ Gumbel (LLaDA's exp(l) / (-log u)^T trick); argmax at T = 0."""
+def _gumbel_argmax(logits, temperature, key, x64: bool, offset, gen_length: int):
+    """x0 = argmax(logits + T g) with g ~ Gumbel drawn for the whole generation region [B, G, V]
+    (so a window reads the same noise as a full pass); argmax at T = 0. LLaDA's exp(l) / (-log u)^T."""
+    b, w, v = logits.shape
 
     def noisy(_):
         if x64:
-            u = jax.random.uniform(key, logits.shape, jnp.float64, minval=jnp.finfo(jnp.float64).tiny)
-            g = -jnp.log(-jnp.log(u))
+            u = jax.random.uniform(key, (b, gen_length, v), jnp.float64, minval=jnp.finfo(jnp.float64).tiny)
+            g = jax.lax.dynamic_slice_in_dim(-jnp.log(-jnp.log(u)), offset, w, axis=1)
             return jnp.argmax(logits.astype(jnp.float64) + temperature.astype(jnp.float64) * g, axis=-1)
-        return jnp.argmax(logits + temperature * jax.random.gumbel(key, logits.shape, jnp.float32), axis=-1)
+        g = jax.lax.dynamic_slice_in_dim(jax.random.gumbel(key, (b, gen_length, v), jnp.float32), offset, w, axis=1)
+        return jnp.argmax(logits + temperature * g, axis=-1)
 
     x0 = jax.lax.cond(temperature > 0, noisy, lambda _: jnp.argmax(logits, axis=-1), None)
     return x0.astype(jnp.int32)
@@ -161,17 +173,28 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
     cfg = model.config
     b, p = prompt.shape
     g, k = method.gen_length, method.block_length
+    length = p + g
     full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, g), prompt_mask.dtype)], axis=1)
     positions = position_ids(cfg, full_mask)
-    attn = attention_mask("bidirectional", full_mask)
+    attn = attention_mask(method.attention, full_mask, block_size=k, prompt_length=p)
     gen_index = jnp.arange(g)
     passes = 2 if method.cfg else 1
-
+    cached = method.cache != "none"
+    exact = method.cache == "block"  # block-causal: finished blocks' K/V are final, appended once
     # The head runs only where predictions are read: the generation region, and for shifted
     # logits the position before it.
     head_from = max(p - 1, 0) if cfg.shifted_logits else p
 
-    def step_logits(x):
+    def clean(logits):
+        # The mask token is never a prediction: trained models give it ~zero probability, and
+        # committing it would leave the position masked (upstream can loop on it).
+        logits = logits.at[..., tokens.mask].set(-jnp.inf)
+        if method.logits_eos_inf:
+            logits = logits.at[..., tokens.eos].set(-jnp.inf)
+        return logits
+
+    def full_forward(x, cache):
+        """Logits [B, G, V] of the whole generation region (and, with a cache, a refresh of every slot)."""
         if method.cfg:
             unconditional = x.at[:, :p].set(tokens.mask)
             both, _ = model(
@@ -181,15 +204,62 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
             cond, uncond = both[:b], both[b:]
             logits = uncond + (knobs.cfg_scale + 1.0) * (cond - uncond)
         else:
-            logits, _ = model(x, positions, attn, logits_from=head_from)
+            logits, cache = model(x, positions, attn, cache=cache, cache_index=0, logits_from=head_from)
         if cfg.shifted_logits:
             logits = shift_right(logits)
-        # The mask token is never a prediction: trained models give it ~zero probability, and
-        # committing it would leave the position masked (upstream can loop on it).
-        logits = logits[:, p - head_from :].at[..., tokens.mask].set(-jnp.inf)
-        if method.logits_eos_inf:
-            logits = logits.at[..., tokens.eos].set(-jnp.inf)
-        return logits
+        return clean(logits[:, p - head_from :]), cache
+
+    def window_attention(start, width):
+        return attention_mask(method.attention, full_mask, query_index=start + jnp.arange(width), block_size=k, prompt_length=p)
+
+    def exact_window_forward(x, cache, block, width):
+        """Exact cache: queries [start, e) attend to the cached finished blocks and themselves.
+
+        A block's first step starts one block early (width 2K), rewriting the previous block's
+        K/V from its final tokens; later steps start one slot early for shifted logits."""
+        block_start = p + block * k
+        start = jnp.clip(block_start + k - width, 0, length - width)
+        window = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
+        window_positions = jax.lax.dynamic_slice_in_dim(positions, start, width, axis=1)
+        logits, cache = model(window, window_positions, window_attention(start, width), cache=cache, cache_index=start)
+        if cfg.shifted_logits:
+            logits = shift_right(logits)
+        block_logits = jax.lax.dynamic_slice_in_dim(logits, block_start - start, k, axis=1)
+        return clean(block_logits), block * k, cache
+
+    def window_forward(x, cache, block):
+        """A cached step: logits of the window's generation positions, their offset, and the cache."""
+        if method.cache == "dual":
+            start, width, keep = p + block * k, k, None
+        else:  # prefix: the whole region as queries; slots before the block keep the refresh's K/V
+            start, width, keep = p, g, gen_index < block * k
+        window = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
+        window_positions = jax.lax.dynamic_slice_in_dim(positions, start, width, axis=1)
+        logits, cache = model(window, window_positions, window_attention(start, width), cache=cache, cache_index=start, cache_keep=keep)
+        if cfg.shifted_logits:
+            logits = shift_right(logits)  # the window's first prediction has no left neighbour: not used
+        return clean(logits), start - p, cache
+
+    def predictions(s: State, logits, offset, sample_key, skip_first: bool) -> State:
+        """Write the window's x0, confidence, entropy and margin into the carried [B, G] arrays."""
+        width = logits.shape[1]
+        x0 = _gumbel_argmax(logits, knobs.temperature, sample_key, method.gumbel_x64, offset, g)
+        probs = jax.nn.softmax(logits, axis=-1)
+        confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+        if method.confidence_eos_eot_inf:
+            special = x0 == tokens.eos
+            if tokens.eot is not None:
+                special = special | (x0 == tokens.eot)
+            confidence = jnp.where(special, -jnp.inf, confidence)
+        entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+        top2 = jax.lax.top_k(logits, 2)[0]
+        fresh = dict(x0=x0, confidence=confidence, entropy=entropy, margin=top2[..., 0] - top2[..., 1])
+        use = jnp.arange(width) > 0 if skip_first else jnp.ones((width,), bool)
+        out = {}
+        for name, value in fresh.items():
+            old = jax.lax.dynamic_slice_in_dim(getattr(s, name), offset, width, axis=1)
+            out[name] = jax.lax.dynamic_update_slice_in_dim(getattr(s, name), jnp.where(use, value, old), offset, axis=1)
+        return dataclasses.replace(s, **out)
 
     def block_span(block):
         return (gen_index >= block * k) & (gen_index < (block + 1) * k)
@@ -202,41 +272,67 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
     def denoise_step(s: State, block, i, quota_base) -> State:
         active = active_rows(s, block, i)
         sample_key, select_key = jax.random.split(jax.random.fold_in(key, s.steps))
-        logits = step_logits(s.x)
         x_gen = s.x[:, p:]
         masked = x_gen == tokens.mask
         candidates = masked & block_span(block) & active[:, None]
 
         if method.rule == "dream":
+            logits, _ = full_forward(s.x, None)
             x0, commit = _dream_step(logits, candidates, masked & block_span(block), i, knobs, method, sample_key, select_key)
+            top2 = jax.lax.top_k(logits, 2)[0]
+            s = dataclasses.replace(s, x0=x0, margin=top2[..., 0] - top2[..., 1])
         else:
-            x0 = _gumbel_argmax(logits, knobs.temperature, sample_key, method.gumbel_x64)
-            probs = jax.nn.softmax(logits, axis=-1)
-            confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
-            if method.confidence_eos_eot_inf:
-                special = x0 == tokens.eos
-                if tokens.eot is not None:
-                    special = special | (x0 == tokens.eot)
-                confidence = jnp.where(special, -jnp.inf, confidence)
+            if not cached:
+                logits, _ = full_forward(s.x, None)
+                s = predictions(s, logits, 0, sample_key, skip_first=False)
+            elif exact:
+                shift = 1 if cfg.shifted_logits else 0
+
+                def step_with(width):
+                    def run(s):
+                        logits, offset, cache = exact_window_forward(s.x, s.cache, block, width)
+                        return predictions(dataclasses.replace(s, cache=cache), logits, offset, sample_key, skip_first=False)
+
+                    return run
+
+                s = jax.lax.cond(i == 0, step_with(2 * k), step_with(k + shift), s)
+            else:
+                def refresh(s):
+                    logits, cache = full_forward(s.x, s.cache)
+                    return predictions(dataclasses.replace(s, cache=cache), logits, 0, sample_key, skip_first=False)
+
+                def cached_step(s):
+                    logits, offset, cache = window_forward(s.x, s.cache, block)
+                    s = dataclasses.replace(s, cache=cache)
+                    return predictions(s, logits, offset, sample_key, skip_first=cfg.shifted_logits)
+
+                s = jax.lax.cond(i == 0, refresh, cached_step, s)
+            x0 = s.x0
             if method.rule == "quota":
                 spb = method.steps_per_block
-                quota = quota_base // spb + (i < quota_base % spb).astype(jnp.int32)
+                if cached and not exact and cfg.shifted_logits:  # the refresh committed one token; the rest share spb - 1 steps
+                    quota = quota_base // (spb - 1) + ((i - 1) < quota_base % (spb - 1)).astype(jnp.int32)
+                else:
+                    quota = quota_base // spb + (i < quota_base % spb).astype(jnp.int32)
+                confidence = s.confidence
                 if method.remasking == "random":
                     confidence = jax.random.uniform(select_key, confidence.shape, jnp.float32)
                 commit = rules.quota_commit(jnp.where(candidates, confidence, rules.NEG_INF), candidates, quota)
             elif method.rule == "threshold":
-                commit = rules.threshold_commit(confidence, candidates, knobs.threshold)
+                commit = rules.threshold_commit(s.confidence, candidates, knobs.threshold)
             elif method.rule == "factor":
-                commit = rules.factor_commit(confidence, candidates, knobs.factor)
+                commit = rules.factor_commit(s.confidence, candidates, knobs.factor)
             else:
-                entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
-                commit = rules.entropy_commit(entropy, candidates, knobs.threshold)
+                commit = rules.entropy_commit(s.entropy, candidates, knobs.threshold)
+            if cached and not exact and cfg.shifted_logits:  # Fast-dLLM's Dream: the refresh commits the block's first token only
+                first = candidates & (gen_index == block * k)
+                commit = jnp.where(i == 0, first, commit)
 
         exited = jnp.zeros((b,), bool)
         if method.exit is not None:
             progress = s.nfe.astype(jnp.float32) / (passes * method.steps)
             tau = exits.threshold_at(method.exit, progress, knobs.tau_high, knobs.tau_low, knobs.exit_k)
-            exited = active & (exits.margin_signal(logits) >= tau)
+            exited = active & (jnp.mean(s.margin, axis=-1) >= tau)
             commit = jnp.where(exited[:, None], masked, commit)
 
         nfe = s.nfe + passes * active.astype(jnp.int32)
@@ -245,30 +341,34 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         done = s.done | exited
         if method.stop_at_eos and tokens.eos is not None:
             is_eos = x_gen == tokens.eos
-            first = jnp.argmax(is_eos, axis=-1)
+            first_eos = jnp.argmax(is_eos, axis=-1)
             still_masked = x_gen == tokens.mask
-            settled = active & jnp.any(is_eos, axis=-1) & ~jnp.any(still_masked & (gen_index < first[:, None]), axis=-1)
+            settled = active & jnp.any(is_eos, axis=-1) & ~jnp.any(still_masked & (gen_index < first_eos[:, None]), axis=-1)
             fill = still_masked & settled[:, None]
             x_gen = jnp.where(fill, tokens.eos, x_gen)
             trajectory = jnp.where(fill, nfe[:, None], trajectory)
             done = done | settled
         done = done | ~jnp.any(x_gen == tokens.mask, axis=-1)
         x = jnp.concatenate([s.x[:, :p], x_gen], axis=1)
-        return State(x=x, nfe=nfe, done=done, trajectory=trajectory, steps=s.steps + 1)
+        return dataclasses.replace(s, x=x, nfe=nfe, done=done, trajectory=trajectory, steps=s.steps + 1)
 
     def run_block(block, s: State) -> State:
-        quota_base = jnp.sum((s.x[:, p:] == tokens.mask) & block_span(block), axis=-1).astype(jnp.int32)
+        def masks_in_block(s):
+            return jnp.sum((s.x[:, p:] == tokens.mask) & block_span(block), axis=-1).astype(jnp.int32)
+
         cap = method.steps_per_block if method.rule in ("quota", "dream") else k
 
         def cond(carry):
-            i, s = carry
+            i, s, _ = carry
             return (i < cap) & jnp.any(active_rows(s, block, i))
 
         def body(carry):
-            i, s = carry
-            return i + 1, denoise_step(s, block, i, quota_base)
+            i, s, quota_base = carry
+            if cached and not exact and cfg.shifted_logits:  # quotas split what the refresh left
+                quota_base = jnp.where(i == 1, masks_in_block(s), quota_base)
+            return i + 1, denoise_step(s, block, i, quota_base), quota_base
 
-        _, s = jax.lax.while_loop(cond, body, (jnp.int32(0), s))
+        _, s, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), s, masks_in_block(s)))
         return s
 
     def outer_cond(carry):
@@ -280,10 +380,17 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         return block + 1, run_block(block, s)
 
     x = jnp.concatenate([prompt, jnp.full((b, g), tokens.mask, prompt.dtype)], axis=1)
+    zeros = jnp.zeros((b, g), jnp.float32)
     init = State(
         x=x, nfe=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
         trajectory=jnp.zeros((b, g), jnp.int32), steps=jnp.int32(0),
+        x0=jnp.zeros((b, g), jnp.int32), confidence=zeros, entropy=zeros, margin=zeros,
+        cache=KVCache.zeros(cfg, b, length, model.embed[...].dtype) if cached else None,
     )
+    if exact:  # the prompt is final from the start: write its K/V once (one forward for every row)
+        prompt_attn = attention_mask(method.attention, full_mask, query_index=jnp.arange(p), block_size=k, prompt_length=p)
+        _, cache = model(prompt, positions[:, :p], prompt_attn, cache=init.cache, cache_index=0, logits_from=p)
+        init = dataclasses.replace(init, cache=cache, nfe=init.nfe + 1)
     _, final = jax.lax.while_loop(outer_cond, outer_body, (jnp.int32(0), init))
     return final.x[:, p:], final.nfe, final.trajectory, final.steps
 

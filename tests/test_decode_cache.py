@@ -1,0 +1,93 @@
+"""KV caches in the decode: the exact block cache equals the uncached block-causal decode;
+Fast-dLLM's prefix and dual caches follow a Python loop of the cached algorithm."""
+
+import numpy as np
+import pytest
+
+import dlmjax
+import decode_reference_cache
+from dlmjax.errors import DlmjaxError
+
+# The exact cache is exact for the commit rules. (An early exit reads the carried margins, and
+# a cached step only refreshes its own block's, so SchED is not exact under it.)
+RULES = {
+    "quota": dict(method="llada"),
+    "threshold": dict(method="fast-dllm", threshold=0.3),
+    "factor": dict(method="fast-dllm", rule="factor", factor=2.0),
+    "entropy": dict(method="dparallel", threshold=3.0),
+}
+
+
+def _batch(lm):
+    ids = np.random.default_rng(5).integers(0, 96, (2, 10))
+    mask = np.ones_like(ids)
+    ids[0, :4] = lm.config.pad_token_id
+    mask[0, :4] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("attention", ["prompt_block_causal", "block_causal"])
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_exact_block_cache_gives_the_uncached_tokens(rule, family, attention, converted):
+    lm = dlmjax.load(converted(family))
+    ids, mask = _batch(lm)
+    args = dict(gen_length=24, block_length=8, steps=24, attention=attention, **RULES[rule])
+    plain = lm.generate(ids, mask, **args)
+    cached = lm.generate(ids, mask, cache="block", **args)
+    np.testing.assert_array_equal(cached.tokens, plain.tokens)
+    # one extra forward: the prompt's K/V are written once, before the first block
+    np.testing.assert_array_equal(cached.nfe, plain.nfe + 1)
+    np.testing.assert_array_equal(cached.trajectory, plain.trajectory + 1)
+    # and the attention mode matters: bidirectional decoding gives other tokens
+    assert not np.array_equal(lm.generate(ids, mask, **{**args, "attention": "bidirectional"}).tokens, plain.tokens)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(cache="block"), "cache='block' is exact only under block-causal attention"),
+        (dict(cache="ring"), "unknown cache 'ring'"),
+        (dict(attention="causal"), "unknown attention 'causal'"),
+        (dict(cache="dual", cfg_scale=1.0), "cache='dual' works with the quota, threshold, factor and entropy rules without CFG"),
+        (dict(cache="prefix", method="dream"), "cache='prefix' works with"),
+    ],
+)
+def test_bad_cache_arguments(kwargs, message, converted):
+    lm = dlmjax.load(converted("llada"))
+    with pytest.raises(DlmjaxError, match=message):
+        lm.generate([[5, 6, 7]], gen_length=16, **kwargs)
+
+
+def test_dream_dual_cache_needs_two_steps_per_block(converted):
+    lm = dlmjax.load(converted("dream"))
+    with pytest.raises(DlmjaxError, match="needs at least 2 steps per block"):
+        lm.generate([[5, 6, 7]], gen_length=16, block_length=8, steps=2, cache="dual")
+
+
+# (engine kwargs, reference kwargs)
+APPROXIMATE = {
+    "quota": (dict(method="llada"), dict(rule="quota")),
+    "threshold": (dict(method="fast-dllm", threshold=0.3), dict(rule="threshold", threshold=0.3)),
+    "factor": (dict(method="fast-dllm", rule="factor", factor=2.0), dict(rule="factor", factor=2.0)),
+    "entropy": (dict(method="dparallel", threshold=3.0), dict(rule="entropy", threshold=3.0)),
+    "sched": (dict(method="sched", schedule="cosine", tau_high=6.0, tau_low=0.0),
+              dict(rule="quota", exit="cosine", tau_high=6.0, tau_low=0.0)),
+    "eos": (dict(method="fast-dllm", threshold=0.3, stop_at_eos=True, logits_eos_inf=True),
+            dict(rule="threshold", threshold=0.3, stop_at_eos=True, logits_eos_inf=True)),
+}
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("case", sorted(APPROXIMATE))
+def test_fast_dllm_caches_match_the_cached_python_loop(case, family, cache, converted):
+    lm = dlmjax.load(converted(family))
+    engine_kwargs, ref_kwargs = APPROXIMATE[case]
+    ids, mask = _batch(lm)
+    shape = dict(gen_length=24, block_length=8, steps=24)
+    ref = decode_reference_cache.reference_generate_cached(lm, ids, mask, cache=cache, **shape, **ref_kwargs)
+    out = lm.generate(ids, mask, cache=cache, prompt_bucket=1, **shape, **engine_kwargs)
+    np.testing.assert_array_equal(out.tokens, ref["tokens"])
+    np.testing.assert_array_equal(out.nfe, ref["nfe"])
+    np.testing.assert_array_equal(out.trajectory, ref["trajectory"])
