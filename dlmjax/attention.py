@@ -6,6 +6,7 @@ the parameter dtype; matmuls run in the parameter dtype and accumulate in float3
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -48,6 +49,55 @@ def block_ids(index: jax.Array, mode: MaskMode, block_size: int | None, prompt_l
     return jnp.where(index < prompt_length, 0, 1 + (index - prompt_length) // block_size)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """A mask in factored form: query t may attend to key s iff key_valid[b, s] and
+    q_block[t] >= k_block[s] (no block ids: bidirectional). The Pallas kernels take this
+    form; `dense()` gives the [B, Tq, Tk] boolean mask."""
+
+    key_valid: jax.Array  # [B, Tk] bool
+    q_block: jax.Array | None  # [Tq] int32
+    k_block: jax.Array | None  # [Tk] int32
+    num_queries: int = dataclasses.field(metadata=dict(static=True), default=0)
+
+    def dense(self) -> jax.Array:
+        b, tk = self.key_valid.shape
+        mask = self.key_valid[:, None, :]
+        if self.q_block is None:
+            return jnp.broadcast_to(mask, (b, self.num_queries, tk))
+        return mask & (self.q_block[:, None] >= self.k_block[None, :])
+
+
+def mask_spec(
+    mode: MaskMode,
+    key_valid: jax.Array,
+    query_index: jax.Array | None = None,
+    key_index: jax.Array | None = None,
+    *,
+    block_size: int | None = None,
+    prompt_length: int | jax.Array | None = None,
+) -> MaskSpec:
+    """The factored mask of `attention_mask` (same arguments)."""
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown attention mask mode {mode!r}; use one of {MASK_MODES}")
+    key_valid = key_valid.astype(bool)
+    tk = key_valid.shape[-1]
+    if key_index is None:
+        key_index = jnp.arange(tk)
+    if query_index is None:
+        query_index = key_index
+    if mode == "bidirectional":
+        return MaskSpec(key_valid, None, None, num_queries=query_index.shape[-1])
+    if block_size is None or block_size <= 0:
+        raise ValueError(f"mode {mode!r} needs a positive block_size")
+    if mode == "prompt_block_causal" and prompt_length is None:
+        raise ValueError("mode 'prompt_block_causal' needs prompt_length")
+    q_block = block_ids(query_index, mode, block_size, prompt_length).astype(jnp.int32)
+    k_block = block_ids(key_index, mode, block_size, prompt_length).astype(jnp.int32)
+    return MaskSpec(key_valid, q_block, k_block, num_queries=query_index.shape[-1])
+
+
 def attention_mask(
     mode: MaskMode,
     key_valid: jax.Array,
@@ -64,32 +114,33 @@ def attention_mask(
     the whole sequence. Padded queries still see the real keys of their block, so no row
     is empty in the bidirectional mode.
     """
-    if mode not in MASK_MODES:
-        raise ValueError(f"unknown attention mask mode {mode!r}; use one of {MASK_MODES}")
-    key_valid = key_valid.astype(bool)
-    tk = key_valid.shape[-1]
-    if key_index is None:
-        key_index = jnp.arange(tk)
-    if query_index is None:
-        query_index = key_index
-    mask = key_valid[:, None, :]
-    if mode == "bidirectional":
-        return jnp.broadcast_to(mask, (key_valid.shape[0], query_index.shape[-1], tk))
-    if block_size is None or block_size <= 0:
-        raise ValueError(f"mode {mode!r} needs a positive block_size")
-    if mode == "prompt_block_causal" and prompt_length is None:
-        raise ValueError("mode 'prompt_block_causal' needs prompt_length")
-    q_block = block_ids(query_index, mode, block_size, prompt_length)
-    k_block = block_ids(key_index, mode, block_size, prompt_length)
-    return mask & (q_block[..., :, None] >= k_block[..., None, :])
+    return mask_spec(
+        mode, key_valid, query_index, key_index, block_size=block_size, prompt_length=prompt_length
+    ).dense()
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with grouped-query heads (the XLA path).
+# Queries per call up to which the cached-block kernel applies (a decode block, not a full pass).
+KERNEL_MAX_QUERIES = 128
 
-    q [B, Tq, H, D]; k, v [B, Hkv, Tk, D]; mask [B, Tq, Tk] bool. Returns [B, Tq, H, D]
-    in q's dtype. Scores and softmax are float32.
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
+    """Softmax attention with grouped-query heads.
+
+    q [B, Tq, H, D]; k, v [B, Hkv, Tk, D]; mask [B, Tq, Tk] bool or a MaskSpec. Returns
+    [B, Tq, H, D] in q's dtype. Scores and softmax are float32. A MaskSpec with at most
+    KERNEL_MAX_QUERIES queries (a cached decode step) goes to `dlmjax.kernels`, which picks
+    the Pallas kernel of the platform or the XLA path (DLMJAX_ATTENTION=xla|pallas forces
+    either); everything else takes the XLA path below.
     """
+    if isinstance(mask, MaskSpec):
+        if q.shape[1] <= KERNEL_MAX_QUERIES:
+            from dlmjax.kernels import cached_block_attention
+
+            out = cached_block_attention(
+                q.transpose(0, 2, 1, 3), k, v, key_valid=mask.key_valid, q_block=mask.q_block, k_block=mask.k_block
+            )
+            return out.transpose(0, 2, 1, 3)
+        mask = mask.dense()
     b, tq, h, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, tq, hkv, h // hkv, d)

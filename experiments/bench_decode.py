@@ -181,6 +181,47 @@ def machine_line(torch_threads: int) -> str:
             f"transformers {transformers.__version__}")
 
 
+class OtherLoad:
+    """The share of the machine's CPU time that OTHER processes used since `start()`: (busy jiffies
+    of /proc/stat - this process's CPU time) / all jiffies. 0.0 = nobody else ran; on 2 cores, 0.5 =
+    another process held a whole core."""
+
+    def start(self):
+        self.stat, self.own = self._stat(), time.process_time()
+        return self
+
+    @staticmethod
+    def _stat():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]
+        except OSError:
+            return None
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+
+    def share(self) -> float | None:
+        now, own = self._stat(), time.process_time()
+        if now is None or self.stat is None or now[0] == self.stat[0]:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        total = now[0] - self.stat[0]
+        busy = total - (now[1] - self.stat[1])
+        return max(0.0, (busy - (own - self.own) * hz) / total)
+
+
+def wait_quiet(limit: float, share: float = 0.1, window: float = 2.0) -> float:
+    """Sleep until other processes use under `share` of the CPU over a `window`, at most `limit` seconds;
+    returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit:
+        probe = OtherLoad().start()
+        time.sleep(window)
+        got = probe.share()
+        if got is None or got < share:
+            break
+    return time.perf_counter() - start
+
+
 def loadavg() -> str:
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -196,18 +237,21 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batches", nargs="+", type=int, default=None)
     parser.add_argument("--forward-reps", type=int, default=None, help="timed bare forward calls per cell (fastest kept)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each cell, wait up to this long until other processes use < 10%% of the CPU")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.torch_threads)
     started = time.perf_counter()
+    whole = OtherLoad().start()
     print(f"load average at start: {loadavg()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
-        _run(args, pathlib.Path(tmp), started)
+        _run(args, pathlib.Path(tmp), started, whole)
 
 
-def _run(args, workdir: pathlib.Path, started: float) -> None:
+def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> None:
     lm, model, family, size = build_model(workdir, args.quick)
     common = dict(gen_length=64, steps=64) if args.quick else dict(FULL)
     batches = args.batches or ([1, 2] if args.quick else [1, 4])
@@ -236,6 +280,11 @@ def _run(args, workdir: pathlib.Path, started: float) -> None:
         knobs = METHODS[name]
         for b in batches:
             prompt = prompts[:b]
+            if args.wait_quiet:
+                waited = wait_quiet(args.wait_quiet)
+                if waited > 3:
+                    print(f"  (waited {waited:.0f}s for other processes to go quiet)", flush=True)
+            other = OtherLoad().start()
             jax_call, jax_fwd = jax_forward_seconds(lm, b, length, forward_reps, forward_loop)
             jx = run_dlmjax(lm, prompt, name, knobs, common, args.repeats)
             torch_fwd = torch_forward_seconds(forward, b, length, forward_reps)
@@ -244,6 +293,7 @@ def _run(args, workdir: pathlib.Path, started: float) -> None:
             fwd[b][1].append(torch_fwd)
             fwd[b][2].append(jax_call)
             load = loadavg().split()[0]
+            others = other.share()
             tok = b * g
             row = dict(
                 method=name, batch=b, block_length=knobs["block_length"] or g,
@@ -253,7 +303,7 @@ def _run(args, workdir: pathlib.Path, started: float) -> None:
                 compile_seconds=jx["compile_seconds"],
                 jax_nfe=jx["nfe"].tolist(), torch_nfe=th["nfe"].tolist(),
                 jax_forwards=int(jx["forwards"]), torch_forwards=int(th["forwards"]),
-                load_1min=float(load),
+                load_1min=float(load), other_cpu_share=others,
                 agreement=float(np.mean(jx["tokens"] == th["tokens"])),
                 nfe_equal=bool(np.array_equal(jx["nfe"], th["nfe"])),
             )
@@ -261,7 +311,8 @@ def _run(args, workdir: pathlib.Path, started: float) -> None:
             print(f"  {name} B={b}: dlmjax {row['jax_seconds']:.3f}s ({row['jax_forwards']} fwd, compile "
                   f"{row['compile_seconds']:.1f}s), torch {row['torch_seconds']:.3f}s ({row['torch_forwards']} fwd), "
                   f"agreement {row['agreement']:.3f}; bare forward ms: dlmjax {jax_fwd * 1e3:.1f} in-program / "
-                  f"{jax_call * 1e3:.1f} jit call, torch {torch_fwd * 1e3:.1f}; load {load}", flush=True)
+                  f"{jax_call * 1e3:.1f} jit call, torch {torch_fwd * 1e3:.1f}; load {load}, "
+                  f"other processes' CPU share {'n/a' if others is None else f'{others:.0%}'}", flush=True)
 
     # Overheads against the fastest bare forward seen for that batch size over the whole run (the
     # least disturbed measurement): contention can only inflate a ratio, never push it below 1 by luck.
@@ -284,7 +335,10 @@ def _run(args, workdir: pathlib.Path, started: float) -> None:
     print(f"gen_length {g}, steps {common['steps']}, prompt {PROMPT_LENGTH}, temperature 0, float32; "
           f"{args.repeats} timed call(s) after 1 warm-up (fastest kept)")
     print(f"machine: {machine_line(args.torch_threads)}")
-    print(f"load average at end: {loadavg()}; total run {time.perf_counter() - started:.0f}s")
+    share = whole.share()
+    print(f"load average at end: {loadavg()}; total run {time.perf_counter() - started:.0f}s; other processes used "
+          f"{'n/a' if share is None else f'{share:.0%}'} of the machine's CPU time during the run "
+          "(0% = quiet; per cell in the log above)")
     print()
     print("| method | batch | block | dlmjax tok/s | torch tok/s | speedup | NFE/row (dlmjax / torch) | fwd | "
           "compile s | overhead dlmjax | (vs jit call) | overhead torch | token agreement |")

@@ -66,7 +66,9 @@ def implementations(platform: str, key_valid):
     nn_mask = key_valid[:, None, None, :]
     impls = {
         "kernel": (
-            lambda q, k, v: cached_block_attention(q, k, v, key_valid=key_valid, implementation="pallas", interpret=interpret or None),
+            lambda q, k, v: cached_block_attention(
+                q, k, v, key_valid=key_valid, implementation="pallas", interpret=interpret or None
+            ),
             False,
         ),
         "auto": (lambda q, k, v: cached_block_attention(q, k, v, key_valid=key_valid), False),
@@ -159,8 +161,9 @@ def main(argv=None) -> int:
             f"{r['impl']}={r['rel_err']:.1e}" for r in rows if r.get("S") == s and "rel_err" in r))
     if args.json:
         with open(args.json, "w") as f:
+            shapes = dict(B=b, H=h, Hkv=hkv, D=d, Tq=tq, dtype=jnp.dtype(dtype).name)
             json.dump(dict(device=str(device.device_kind), platform=platform, hbm_gbps=args.hbm_gbps,
-                           shapes=dict(B=b, H=h, Hkv=hkv, D=d, Tq=tq, dtype=jnp.dtype(dtype).name), rows=rows), f, indent=1)
+                           shapes=shapes, rows=rows), f, indent=1)
     return 0
 
 

@@ -22,6 +22,7 @@ attempt at FlashAttention-3 style overlap (warp specialisation, ping-pong softma
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,12 @@ BLOCK_ROWS = 64  # wgmma M
 BLOCK_K = 128  # wgmma N of QK^T and K of PV
 NEG = -1e30
 _Tiling = getattr(plgpu, "TilingTransform", None) or getattr(plgpu, "TileTransform")
+# plgpu.load(ref, idx, *, layout) in jax 0.10; plgpu.load(ref, *, layout) in jax 0.12.
+_LOAD_TAKES_IDX = "idx" in inspect.signature(plgpu.load).parameters
+
+
+def _load(ref, layout):
+    return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_IDX else plgpu.load(ref, layout=layout)
 
 
 def unsupported_reason(q, k, v) -> str | None:
@@ -91,7 +98,7 @@ def attention(q, k, v, key_valid, q_block, k_block, *, interpret=False):
         return x if interpret else plgpu.layout_cast(x, layout)
 
     def load_vec(ref, layout):
-        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+        return ref[...] if interpret else _load(ref, layout)
 
     def body(q_gmem, qb_gmem, kbe_gmem, k_gmem, v_gmem, o_gmem, qo_smem, qb_smem, barriers):
         bi, hi, ri = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("r")
@@ -106,7 +113,7 @@ def attention(q, k, v, key_valid, q_block, k_block, *, interpret=False):
             acc, m, l = carry
 
             def qk(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.transpose((1, 0)))
                 return acc_ref[...]
 
             if not interpret:

@@ -160,6 +160,11 @@ def _unsupported(impl: str, q, k, v) -> str | None:
     return _gpu.unsupported_reason(q, k, v)
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 @functools.lru_cache(maxsize=512)
 def _compile_error(impl: str, block_k: int, avals: tuple) -> str | None:
     """Lower and compile the kernel once for these shapes; the error text if it raises."""
@@ -167,7 +172,7 @@ def _compile_error(impl: str, block_k: int, avals: tuple) -> str | None:
     try:
         jax.jit(_kernel_fn(impl, block_k, False)).lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - any lowering/compile failure means "use XLA"
-        return f"{impl} failed to compile ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        return f"{impl} failed to compile ({_first_line(e)})"
     return None
 
 
@@ -185,17 +190,20 @@ def _self_check_error(impl: str, block_k: int, dtype: str, tq: int, group: int, 
     pos = np.arange(s)
     q_block = np.full(tq, 5, np.int32)
     q_block[0] = 0
-    args = [rng.standard_normal(shape, np.float32).astype(jnp.dtype(dtype)) for shape in ((2, group, tq, d), (2, 1, s, d), (2, 1, s, d))]
+    shapes = ((2, group, tq, d), (2, 1, s, d), (2, 1, s, d))
+    args = [rng.standard_normal(shape, np.float32).astype(jnp.dtype(dtype)) for shape in shapes]
     args += [np.stack([pos < 300, pos >= 37]), q_block, (pos // 64).astype(np.int32)]
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
     try:
         # Compiled executables called with numpy inputs run now, even while an outer jit traces.
         run = jax.jit(_kernel_fn(impl, block_k, False)).lower(*avals).compile()
         out = np.asarray(run(*args), np.float32)
-        check = jax.jit(lambda q, k, v, kv, qb, kb: reference_attention(q, k, v, key_valid=kv, q_block=qb, k_block=kb))
+        check = jax.jit(
+            lambda q, k, v, kv, qb, kb: reference_attention(q, k, v, key_valid=kv, q_block=qb, k_block=kb)
+        )
         ref = np.asarray(check.lower(*avals).compile()(*args), np.float32)
     except Exception as e:  # noqa: BLE001
-        return f"{impl} failed its self-check run ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        return f"{impl} failed its self-check run ({_first_line(e)})"
     err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
     if not np.isfinite(out).all() or err > 5e-2:
         return f"{impl} disagrees with XLA in its self-check (relative error {err:.2e}, dtype {dtype}, Tq {tq})"

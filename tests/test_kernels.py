@@ -115,6 +115,18 @@ def test_reference_matches_jax_nn(kind):
     assert rel_err(ours, theirs) < 1e-5
 
 
+def test_pallas_tpu_in_the_tpu_simulator():
+    """pltpu.InterpretParams: TPU memory spaces, DMAs, scalar prefetch in SMEM and a
+    randomised order of the "parallel" grid axes."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    case = (2, 4, 2, 8, 384, 128, jnp.float32, True, "absolute", 128)  # 3 KV tiles, some skipped
+    q, k, v, masks = case_inputs(case, seed=4)
+    interpret = pltpu.InterpretParams(random_seed=1)
+    out = cached_block_attention(q, k, v, **masks, implementation="pallas_tpu", block_k=128, interpret=interpret)
+    assert rel_err(out, jax.jit(reference_attention)(q, k, v, **masks)) < 1e-5
+
+
 def test_pallas_gpu_kernel_logic_in_gpu_interpreter():
     """The Mosaic GPU kernel's pipeline, index maps, masks and online softmax, run by the
     GPU interpreter (private API; matmuls as dots there). Not a hardware check."""
@@ -184,7 +196,8 @@ def test_explicit_pallas_on_wrong_platform_raises():
     with pytest.raises(ValueError, match="GPU only"):
         cached_block_attention(*make_qkv(0, 1, 2, 2, 8, 128, 64, jnp.bfloat16), implementation="pallas_gpu")
     with pytest.raises(ValueError, match="Tq <= 128"):  # not applicable: never a silent fallback
-        cached_block_attention(*make_qkv(0, 1, 2, 2, 129, 128, 64, jnp.float32), implementation="pallas_tpu", interpret=True)
+        q, k, v = make_qkv(0, 1, 2, 2, 129, 128, 64, jnp.float32)
+        cached_block_attention(q, k, v, implementation="pallas_tpu", interpret=True)
 
 
 def test_env_var_forces_implementation(kernel_log, monkeypatch):

@@ -6,6 +6,7 @@ Everything a user can get wrong is checked here, before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Sequence
 
@@ -270,7 +271,8 @@ def generate(
     )
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id)
     args = (lm.state, jnp.asarray(ids), jnp.asarray(mask), knobs, jax.random.key(seed))
-    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype))
+    # DLMJAX_ATTENTION picks the attention kernel at trace time, so it is part of the program's key.
+    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype), os.environ.get("DLMJAX_ATTENTION", ""))
     compile_seconds = 0.0
     if key not in _COMPILED:
         start = time.perf_counter()

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dlmjax.attention import attention_mask
+from dlmjax.attention import attention_mask, mask_spec
 from dlmjax.cache import KVCache
 from dlmjax.decode import exits, rules
 from dlmjax.model import position_ids, shift_right
@@ -210,7 +210,8 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         return clean(logits[:, p - head_from :]), cache
 
     def window_attention(start, width):
-        return attention_mask(method.attention, full_mask, query_index=start + jnp.arange(width), block_size=k, prompt_length=p)
+        # factored, so that a cached step can run the Pallas cached-block kernel
+        return mask_spec(method.attention, full_mask, query_index=start + jnp.arange(width), block_size=k, prompt_length=p)
 
     def exact_window_forward(x, cache, block, width):
         """Exact cache: queries [start, e) attend to the cached finished blocks and themselves.
@@ -251,9 +252,12 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
             if tokens.eot is not None:
                 special = special | (x0 == tokens.eot)
             confidence = jnp.where(special, -jnp.inf, confidence)
-        entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
-        top2 = jax.lax.top_k(logits, 2)[0]
-        fresh = dict(x0=x0, confidence=confidence, entropy=entropy, margin=top2[..., 0] - top2[..., 1])
+        fresh = dict(x0=x0, confidence=confidence)
+        if method.rule == "entropy":
+            fresh["entropy"] = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+        if method.exit is not None:
+            top2 = jax.lax.top_k(logits, 2)[0]
+            fresh["margin"] = top2[..., 0] - top2[..., 1]
         use = jnp.arange(width) > 0 if skip_first else jnp.ones((width,), bool)
         out = {}
         for name, value in fresh.items():
@@ -279,8 +283,10 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         if method.rule == "dream":
             logits, _ = full_forward(s.x, None)
             x0, commit = _dream_step(logits, candidates, masked & block_span(block), i, knobs, method, sample_key, select_key)
-            top2 = jax.lax.top_k(logits, 2)[0]
-            s = dataclasses.replace(s, x0=x0, margin=top2[..., 0] - top2[..., 1])
+            s = dataclasses.replace(s, x0=x0)
+            if method.exit is not None:
+                top2 = jax.lax.top_k(logits, 2)[0]
+                s = dataclasses.replace(s, margin=top2[..., 0] - top2[..., 1])
         else:
             if not cached:
                 logits, _ = full_forward(s.x, None)
