@@ -156,8 +156,7 @@ def _dream_step(logits, candidates, masked_in_block, i, knobs: Knobs, method: Me
     if method.alg == "maskgit_plus":
         confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
     elif method.alg == "topk_margin":
-        top2 = jax.lax.top_k(probs, 2)[0]
-        confidence = top2[..., 0] - top2[..., 1]
+        confidence = exits.margins(probs)  # p1 - p2
     else:
         confidence = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
     mean_masks = jnp.mean(jnp.sum(masked_in_block, axis=-1).astype(jnp.float32))
@@ -256,8 +255,7 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         if method.rule == "entropy":
             fresh["entropy"] = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
         if method.exit is not None:
-            top2 = jax.lax.top_k(logits, 2)[0]
-            fresh["margin"] = top2[..., 0] - top2[..., 1]
+            fresh["margin"] = exits.margins(logits)
         use = jnp.arange(width) > 0 if skip_first else jnp.ones((width,), bool)
         out = {}
         for name, value in fresh.items():
@@ -285,8 +283,7 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
             x0, commit = _dream_step(logits, candidates, masked & block_span(block), i, knobs, method, sample_key, select_key)
             s = dataclasses.replace(s, x0=x0)
             if method.exit is not None:
-                top2 = jax.lax.top_k(logits, 2)[0]
-                s = dataclasses.replace(s, margin=top2[..., 0] - top2[..., 1])
+                s = dataclasses.replace(s, margin=exits.margins(logits))
         else:
             if not cached:
                 logits, _ = full_forward(s.x, None)
