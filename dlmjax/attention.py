@@ -119,6 +119,13 @@ def attention_mask(
     ).dense()
 
 
+def restrict_keys(mask, allowed: jax.Array):
+    """AND a [Tk] key condition into a dense mask or a MaskSpec."""
+    if isinstance(mask, MaskSpec):
+        return dataclasses.replace(mask, key_valid=mask.key_valid & allowed[None, :])
+    return mask & allowed[None, None, :]
+
+
 # Queries per call up to which the cached-block kernel applies (a decode block, not a full pass).
 KERNEL_MAX_QUERIES = 128
 

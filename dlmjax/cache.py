@@ -19,18 +19,30 @@ from dlmjax.config import ModelConfig
 class KVCache:
     k: tuple[jax.Array, ...]  # per layer [B, Hkv, S, D], post-RoPE
     v: tuple[jax.Array, ...]  # per layer [B, Hkv, S, D]
+    written: jax.Array  # [S] bool: slots that hold keys (a slot never written is never attended to)
+    lengths: jax.Array  # int32 scalar: one past the highest slot written
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
+        """An empty cache of `length` slots (callers bucket `length`, so shapes stay static)."""
         shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         return cls(
             k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            written=jnp.zeros((length,), bool),
+            lengths=jnp.int32(0),
         )
 
     @property
     def length(self) -> int:
         return self.k[0].shape[2]
+
+    def mark_written(self, index, count: int, keep: jax.Array | None = None) -> "KVCache":
+        """Record that slots [index, index + count) (less the kept ones) now hold keys."""
+        fresh = jnp.ones((count,), bool) if keep is None else ~keep
+        old = jax.lax.dynamic_slice_in_dim(self.written, index, count)
+        written = jax.lax.dynamic_update_slice_in_dim(self.written, old | fresh, index, axis=0)
+        return dataclasses.replace(self, written=written, lengths=jnp.maximum(self.lengths, index + count).astype(jnp.int32))
 
     def write(self, layer: int, k: jax.Array, v: jax.Array, index, keep: jax.Array | None = None) -> "KVCache":
         """Write k, v [B, Hkv, T, D] of one layer at slots [index, index+T).
@@ -46,7 +58,6 @@ class KVCache:
             v = jnp.where(keep[None, None, :, None], old_v, v)
         new_k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k, index, axis=2)
         new_v = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v, index, axis=2)
-        return KVCache(
-            k=self.k[:layer] + (new_k,) + self.k[layer + 1 :],
-            v=self.v[:layer] + (new_v,) + self.v[layer + 1 :],
+        return dataclasses.replace(
+            self, k=self.k[:layer] + (new_k,) + self.k[layer + 1 :], v=self.v[:layer] + (new_v,) + self.v[layer + 1 :]
         )

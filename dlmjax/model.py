@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dlmjax.attention import apply_rope, attend, rope_tables
+from dlmjax.attention import apply_rope, attend, restrict_keys, rope_tables
 from dlmjax.cache import KVCache
 from dlmjax.config import ModelConfig
 
@@ -155,6 +155,9 @@ class Transformer(nnx.Module):
         """
         x = self.embed[...][input_ids]
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        if cache is not None:  # keys come from the cache: never attend to a slot nothing was written to
+            cache = cache.mark_written(cache_index, input_ids.shape[1], cache_keep)
+            mask = restrict_keys(mask, cache.written)
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep)
         x = self.final_norm(x[:, logits_from:])

@@ -104,3 +104,21 @@ def test_cache_write_and_attend_bidirectional(converted):
     cached, cache = model(ids, pos, attention_mask("bidirectional", slots, query_index=jnp.arange(10)), cache=cache, cache_index=0)
     np.testing.assert_allclose(np.asarray(cached), np.asarray(plain), atol=1e-5, rtol=0)
     assert float(jnp.abs(cache.k[0][:, :, :10]).sum()) > 0 and float(jnp.abs(cache.k[0][:, :, 10:]).sum()) == 0
+
+
+def test_unwritten_cache_slots_are_never_attended(converted):
+    """Slots nothing was written to are masked even when the caller's mask allows them."""
+    lm = dlmjax.load(converted("llada"))
+    model = lm.model
+    ids = jnp.asarray(np.random.default_rng(10).integers(0, 96, (1, 6)), jnp.int32)
+    valid = jnp.ones((1, 6), jnp.int32)
+    pos = position_ids(lm.config, valid)
+    plain, _ = model(ids, pos, attention_mask("bidirectional", valid))
+    cache = KVCache.zeros(lm.config, 1, 16, jnp.float32)
+    noise = jnp.asarray(np.random.default_rng(1).standard_normal(cache.k[0].shape), jnp.float32)
+    cache = KVCache(k=tuple(noise for _ in cache.k), v=tuple(noise for _ in cache.v), written=cache.written, lengths=cache.lengths)
+    everything = attention_mask("bidirectional", jnp.ones((1, 16), jnp.int32), query_index=jnp.arange(4, 10))
+    cached, cache = model(ids, pos, everything, cache=cache, cache_index=4)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(plain), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(cache.written), (np.arange(16) >= 4) & (np.arange(16) < 10))
+    assert int(cache.lengths) == 10
