@@ -22,7 +22,6 @@ import numpy as np
 from dlmjax import checkpoint, hub
 from dlmjax.config import ModelConfig, from_hf_config
 from dlmjax.errors import DlmjaxError
-from dlmjax.model import LoRAConfig
 
 from . import layouts, safetensors_io
 from .lora import Adapter, read_adapter

@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 
 import jax
 import numpy as np

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -172,7 +171,6 @@ LLADA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out")
 
 def _write_adapter(directory, base_dir, targets=LLADA_TARGETS, rank=4, alpha=8, base_name=None, in_dim=None, seed=0):
     """A PEFT-format adapter for a tiny base: names base_model.model.<module>.lora_{A,B}.weight."""
-    config = json.loads((base_dir / "config.json").read_text())
     rng = np.random.default_rng(seed)
     tensors = {}
     base = _tensors(base_dir)
@@ -188,7 +186,6 @@ def _write_adapter(directory, base_dir, targets=LLADA_TARGETS, rank=4, alpha=8, 
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets), "bias": "none",
         "base_model_name_or_path": base_name or str(base_dir), "lora_dropout": 0.0,
     }))
-    del config
     return directory, tensors
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlmjax.kernels import cached_block_attention, reference_attention, sharded_cached_block_attention
+from dlmjax.kernels import cached_block_attention, reference_attention
 from dlmjax.kernels import attention as kattn
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}

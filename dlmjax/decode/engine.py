@@ -10,7 +10,6 @@ recompile. The exact rules are in dlmjax/decode/SPEC.md.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
