@@ -13,7 +13,6 @@ import shutil
 from typing import Any, Callable
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -23,9 +22,8 @@ from dlmjax.errors import DlmjaxError
 from dlmjax.model import LoRAConfig
 
 from . import layouts, safetensors_io
-from .hf_import import atomic_directory
+from .hf_import import _NUMPY_DTYPES, atomic_directory
 
-_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 GroupSource = Callable[[str], dict[str, Any]]
 
 
