@@ -43,8 +43,10 @@ def _forward_logits(graphdef, state, input_ids, mask, prompt_length, mode, block
 class LM:
     """A loaded model: config, tokenizer, parameters, and the pure functions that use them."""
 
-    def __init__(self, model: Transformer, *, directory: pathlib.Path | None = None, source: str = ""):
+    def __init__(self, model: Transformer, *, directory: pathlib.Path | None = None, source: str = "", mesh=None, rules=None):
         self.config: ModelConfig = model.config
+        self.mesh = mesh  # a jax Mesh (data, fsdp, tensor) the parameters are sharded over, or None
+        self.rules = rules
         self.lora: LoRAConfig | None = model.lora
         self.graphdef, self.state = nnx.split(model)
         self.directory = directory  # the converted checkpoint, if any
@@ -127,8 +129,24 @@ class LM:
         if mode == "prompt_block_causal" and prompt_length is None:
             raise DlmjaxError("mode 'prompt_block_causal' needs prompt_length")
         ids, mask = self.check_inputs(input_ids, attention_mask)
+        ids, mask = self.place_batch(ids), self.place_batch(mask)
         out = _forward_logits(self.graphdef, self.state, ids, mask, prompt_length or 0, mode, block_size)
         return np.array(out, dtype=np.float32)  # a writable host copy
+
+    def place_batch(self, array):
+        """Put a [B, ...] input on the device(s): split over the mesh's batch axes when B divides."""
+        if self.mesh is None:
+            return jnp.asarray(array)
+        from dlmjax.sharding import batch_sharding
+
+        sharding = batch_sharding(self.mesh, self.rules, np.ndim(array))
+        batch_axes = sharding.spec[0]
+        count = 1
+        for axis in (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,) if batch_axes else ()):
+            count *= self.mesh.shape[axis]
+        if np.shape(array)[0] % count:
+            sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(np.asarray(array), sharding)
 
     # -- decoding -----------------------------------------------------------------
     def generate(self, prompts_or_ids, attention_mask=None, **kwargs):
@@ -158,22 +176,32 @@ def _release_freed_memory() -> None:
         pass
 
 
-def restore(directory: pathlib.Path, dtype: str | None = None, source: str = "") -> LM:
-    """Build an LM from a converted directory, one group at a time, straight onto the device."""
+def restore(directory: pathlib.Path, dtype: str | None = None, source: str = "", mesh=None, rules=None) -> LM:
+    """Build an LM from a converted directory, one group at a time, straight onto the
+    device, or onto each parameter's shardings over `mesh` (no full copy on one device)."""
     cfg, lora, manifest = checkpoint.read_manifest(directory)
     dtype = _dtype_name(dtype) or cfg.dtype
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=_DTYPES[dtype], lora=lora))
     graphdef, abs_state = nnx.split(abstract)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    pure = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(abs_state)
-    )
+    shapes = nnx.to_pure_dict(abs_state)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    else:
+        from dlmjax import sharding
+
+        mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else sharding.make_mesh(mesh)
+        rules = sharding.fit_rules(rules or sharding.ShardingRules.preset("fsdp_tp"), mesh, cfg)
+        shardings = sharding.param_shardings(abs_state, mesh, rules)
+        pure = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     for group in manifest["groups"]:
         restored = checkpoint.read_group(directory, group, checkpoint.group_subtree(pure, group))
         checkpoint.set_group_subtree(pure, group, restored)
         _release_freed_memory()
     nnx.replace_by_pure_dict(abs_state, pure)
-    return LM(nnx.merge(graphdef, abs_state), directory=directory, source=source or manifest.get("source", ""))
+    return LM(
+        nnx.merge(graphdef, abs_state), directory=directory, source=source or manifest.get("source", ""), mesh=mesh, rules=rules
+    )
 
 
 def load(
@@ -184,20 +212,25 @@ def load(
     lora: str = "merge",
     allow_pickle: bool = False,
     progress: bool = True,
+    mesh=None,
+    rules=None,
 ) -> LM:
     """Load a model from a local Hugging Face directory, a converted dlmjax directory, or a hub id.
 
     Hugging Face checkpoints are converted once into the cache ($DLMJAX_CACHE, default
     ~/.cache/dlmjax) and reused. `dtype` ("bfloat16" or "float32") defaults to the
     checkpoint's. `adapter` is a PEFT LoRA adapter (directory or hub id), merged into the
-    weights or, with lora="keep", kept as LoRA parameters.
+    weights or, with lora="keep", kept as LoRA parameters. `mesh` (a jax Mesh over data /
+    fsdp / tensor, or a string such as "data=2,tensor=4") places every parameter straight
+    onto its sharding under `rules` (a `dlmjax.sharding.ShardingRules`, default the fsdp_tp
+    preset; axes of size 1 cost nothing).
     """
     dtype = _dtype_name(dtype)
     path = hub.resolve(name_or_path)
     if checkpoint.is_converted(path):
         if adapter is not None:
             raise DlmjaxError(f"{path} is already converted; pass the adapter when converting the Hugging Face model")
-        return restore(path, dtype, source=str(name_or_path))
+        return restore(path, dtype, source=str(name_or_path), mesh=mesh, rules=rules)
     from dlmjax.convert.hf_import import convert
 
     adapter_dir = hub.resolve(adapter) if adapter is not None else None
@@ -208,4 +241,4 @@ def load(
         convert(name_or_path, converted, adapter=adapter_dir, lora=lora, allow_pickle=allow_pickle, overwrite=True, progress=progress)
         if progress:
             print(f"dlmjax: converted {name_or_path} into {converted} in {time.perf_counter() - start:.1f}s")
-    return restore(converted, dtype, source=str(name_or_path))
+    return restore(converted, dtype, source=str(name_or_path), mesh=mesh, rules=rules)

@@ -11,7 +11,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dlmjax.decode import exits, rules
@@ -270,9 +269,9 @@ def generate(
         cfg_scale=settings.get("cfg_scale", 0.0),
     )
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id)
-    args = (lm.state, jnp.asarray(ids), jnp.asarray(mask), knobs, jax.random.key(seed))
+    args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), knobs, jax.random.key(seed))
     # DLMJAX_ATTENTION picks the attention kernel at trace time, so it is part of the program's key.
-    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype), os.environ.get("DLMJAX_ATTENTION", ""))
+    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype), os.environ.get("DLMJAX_ATTENTION", ""), lm.mesh, lm.rules)
     compile_seconds = 0.0
     if key not in _COMPILED:
         start = time.perf_counter()
