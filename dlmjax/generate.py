@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, help="Dream: last timestep of linspace(1, eps, steps + 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
+    p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (axes data, fsdp, tensor)")
+    p.add_argument("--sharding", default="fsdp_tp", help="sharding preset: single, dp, fsdp, tp, fsdp_tp (default)")
     p.add_argument("--json", action="store_true", help="print tokens, nfe, steps and seconds as JSON")
     return p
 
@@ -68,7 +70,22 @@ def main(argv: list[str] | None = None) -> int:
             prompt = args.prompt
         import dlmjax
 
-        lm = dlmjax.load(args.model, dtype=args.dtype)
+        mesh = rules = None
+        if args.mesh:
+            from dlmjax.sharding import ShardingRules, make_mesh
+
+            mesh, rules = make_mesh(args.mesh), ShardingRules.preset(args.sharding)
+        lm = dlmjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
+        if mesh is not None:
+            from dlmjax.sharding import memory_estimate
+
+            # one prompt row, its length rounded up to the 32-token bucket
+            est = memory_estimate(lm, 1, 32 + args.gen_length, args.gen_length, (args.cache or "none") != "none")
+            print(
+                f"per-device memory estimate: parameters {est['parameters'] / 2**20:.1f} MiB, cache {est['cache'] / 2**20:.1f} MiB, "
+                f"activations {est['activations'] / 2**20:.1f} MiB",
+                file=sys.stderr,
+            )
         out = lm.generate(
             prompt, method=args.method, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             temperature=args.temperature, threshold=args.threshold, factor=args.factor, rule=args.rule,
