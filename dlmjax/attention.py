@@ -130,22 +130,27 @@ def restrict_keys(mask, allowed: jax.Array):
 KERNEL_MAX_QUERIES = 128
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, shard: tuple | None = None) -> jax.Array:
     """Softmax attention with grouped-query heads.
 
     q [B, Tq, H, D]; k, v [B, Hkv, Tk, D]; mask [B, Tq, Tk] bool or a MaskSpec. Returns
     [B, Tq, H, D] in q's dtype. Scores and softmax are float32. A MaskSpec with at most
     KERNEL_MAX_QUERIES queries (a cached decode step) goes to `dlmjax.kernels`, which picks
     the Pallas kernel of the platform or the XLA path (DLMJAX_ATTENTION=xla|pallas forces
-    either); everything else takes the XLA path below.
+    either); with `shard` = (mesh, batch axes, head axis) the kernel runs per shard under
+    shard_map. Everything else takes the XLA path below.
     """
     if isinstance(mask, MaskSpec):
         if q.shape[1] <= KERNEL_MAX_QUERIES:
-            from dlmjax.kernels import cached_block_attention
+            from dlmjax.kernels import cached_block_attention, sharded_cached_block_attention
 
-            out = cached_block_attention(
-                q.transpose(0, 2, 1, 3), k, v, key_valid=mask.key_valid, q_block=mask.q_block, k_block=mask.k_block
-            )
+            masks = dict(key_valid=mask.key_valid, q_block=mask.q_block, k_block=mask.k_block)
+            qt = q.transpose(0, 2, 1, 3)
+            if shard is not None:
+                mesh, batch_axis, head_axis = shard
+                out = sharded_cached_block_attention(qt, k, v, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis, **masks)
+            else:
+                out = cached_block_attention(qt, k, v, **masks)
             return out.transpose(0, 2, 1, 3)
         mask = mask.dense()
     b, tq, h, d = q.shape

@@ -111,7 +111,7 @@ class Block(nnx.Module):
         if cache is not None:
             cache = cache.write(layer, k, v, cache_index, cache_keep)
             k, v = cache.k[layer].astype(x.dtype), cache.v[layer].astype(x.dtype)
-        a = attend(q, k, v, mask).reshape(b, t, -1)
+        a = attend(q, k, v, mask, cache.shard if cache is not None else None).reshape(b, t, -1)
         x = x + self.o_proj(a)
         h = self.mlp_norm(x)
         x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))

@@ -28,7 +28,12 @@ from .attention import _as_arrays, _check_args, cached_block_attention, concrete
 
 
 def _axis_size(mesh, axis) -> int:
-    return 1 if axis is None else mesh.shape[axis]
+    if axis is None:
+        return 1
+    size = 1
+    for name in axis if isinstance(axis, tuple) else (axis,):
+        size *= mesh.shape[name]
+    return size
 
 
 def _place(x, mesh, spec):

@@ -48,6 +48,12 @@ SCRIPT = textwrap.dedent(
                 shards=len({s.data.shape for s in q.addressable_shards}),
                 shard_shape=list(q.addressable_shards[0].data.shape), shape=list(q.shape),
             ))
+        # the Pallas kernel (interpret mode on CPU) per shard under shard_map, in the cached steps
+        os.environ["DLMJAX_ATTENTION"] = "pallas"
+        lm = dlmjax.load(path, mesh="data=2,tensor=4", rules=ShardingRules.preset("tp"))
+        kernel = lm.generate(ids, mask, cache="dual", **args)
+        os.environ.pop("DLMJAX_ATTENTION")
+        results.append(dict(family=family, preset="tp-pallas", kernel=bool((kernel.tokens == cached.tokens).all())))
     print(json.dumps(results))
     """
 )
@@ -59,7 +65,9 @@ def test_every_preset_matches_one_device(converted):
     run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(paths)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 10
+    assert len(results) == 12
+    assert all(r["kernel"] for r in results if r["preset"] == "tp-pallas")
+    results = [r for r in results if r["preset"] != "tp-pallas"]
     for r in results:
         assert r["logits"] <= 1e-4, r
         assert r["tokens"] and r["cached"], r

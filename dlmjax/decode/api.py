@@ -276,7 +276,7 @@ def generate(
     if key not in _COMPILED:
         start = time.perf_counter()
         with jax.enable_x64(m.gumbel_x64):  # scoped: only LLaDA's exact Gumbel noise is float64
-            _COMPILED[key] = decode.lower(lm.graphdef, *args, method=m, tokens=tokens).compile()
+            _COMPILED[key] = decode.lower(lm.graphdef, *args, method=m, tokens=tokens, shard=kernel_shard(lm, ids.shape[0])).compile()
         compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     out, nfe, trajectory, steps_run = jax.block_until_ready(_COMPILED[key](*args))
@@ -302,3 +302,21 @@ def decode_text(lm, row: Sequence[int]) -> str:
             break
     cut = [t for t in cut if t != cfg.mask_token_id]
     return lm.tokenizer.decode(cut, skip_special_tokens=True)
+
+
+def kernel_shard(lm, batch: int):
+    """(mesh, batch axes, head axis) for cached attention under lm's mesh, or None without one.
+    Batch and heads split only where the sizes divide (GQA groups stay whole)."""
+    if lm.mesh is None:
+        return None
+    from dlmjax.sharding import _axis_size
+
+    batch_axes = lm.rules.axes_for("batch")
+    if batch % _axis_size(lm.mesh, batch_axes):
+        batch_axes = None
+    head_axis = lm.rules.axes_for("heads")
+    n = _axis_size(lm.mesh, head_axis)
+    cfg = lm.config
+    if head_axis is not None and (cfg.num_heads % n or (cfg.num_kv_heads % n and cfg.num_kv_heads != 1)):
+        head_axis = None
+    return (lm.mesh, batch_axes, head_axis)

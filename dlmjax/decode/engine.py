@@ -166,7 +166,7 @@ def _dream_step(logits, candidates, masked_in_block, i, knobs: Knobs, method: Me
     return x0, rules.quota_commit(score, candidates, jnp.broadcast_to(n, candidates.shape[:1]))
 
 
-def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: Method, tokens: Tokens):
+def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: Method, tokens: Tokens, shard=None):
     model = nnx.merge(graphdef, state)
     cfg = model.config
     b, p = prompt.shape
@@ -387,7 +387,7 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         x=x, nfe=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
         trajectory=jnp.zeros((b, g), jnp.int32), steps=jnp.int32(0),
         x0=jnp.zeros((b, g), jnp.int32), confidence=zeros, entropy=zeros, margin=zeros,
-        cache=KVCache.zeros(cfg, b, length, model.embed[...].dtype) if cached else None,
+        cache=KVCache.zeros(cfg, b, length, model.embed[...].dtype, shard) if cached else None,
     )
     if exact:  # the prompt is final from the start: write its K/V once (one forward for every row)
         prompt_attn = attention_mask(method.attention, full_mask, query_index=jnp.arange(p), block_size=k, prompt_length=p)
@@ -397,4 +397,4 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
     return final.x[:, p:], final.nfe, final.trajectory, final.steps
 
 
-decode = jax.jit(_decode, static_argnames=("graphdef", "method", "tokens"))
+decode = jax.jit(_decode, static_argnames=("graphdef", "method", "tokens", "shard"))
