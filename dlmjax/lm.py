@@ -139,14 +139,7 @@ class LM:
             return jnp.asarray(array)
         from dlmjax.sharding import batch_sharding
 
-        sharding = batch_sharding(self.mesh, self.rules, np.ndim(array))
-        batch_axes = sharding.spec[0]
-        count = 1
-        for axis in (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,) if batch_axes else ()):
-            count *= self.mesh.shape[axis]
-        if np.shape(array)[0] % count:
-            sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        return jax.device_put(np.asarray(array), sharding)
+        return jax.device_put(np.asarray(array), batch_sharding(self.mesh, self.rules, np.shape(array)))
 
     # -- decoding -----------------------------------------------------------------
     def generate(self, prompts_or_ids, attention_mask=None, **kwargs):

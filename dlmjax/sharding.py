@@ -96,7 +96,8 @@ def make_mesh(sizes: Mapping[str, int] | str, devices=None) -> jax.sharding.Mesh
     )
 
 
-def _axis_size(mesh, axes) -> int:
+def axis_size(mesh, axes) -> int:
+    """Devices along mesh axes (a name, a tuple of names, or None = 1)."""
     if axes is None:
         return 1
     axes = axes if isinstance(axes, tuple) else (axes,)
@@ -112,7 +113,7 @@ def fit_rules(rules: ShardingRules, mesh, cfg) -> ShardingRules:
     }
     table = dict(rules.rules)
     for name, size in sizes.items():
-        n = _axis_size(mesh, table.get(name))
+        n = axis_size(mesh, table.get(name))
         if size % n == 0:
             continue
         if name == "kv_heads":
@@ -137,9 +138,16 @@ def param_shardings(abstract_state: nnx.State, mesh, rules: ShardingRules):
     )
 
 
-def batch_sharding(mesh, rules: ShardingRules, ndim: int) -> NamedSharding:
-    """Inputs [B, ...]: batch over its mesh axes, the rest replicated."""
-    return NamedSharding(mesh, P(rules.axes_for("batch"), *([None] * (ndim - 1))))
+def batch_axes(mesh, rules: ShardingRules, batch: int):
+    """The mesh axes a batch of `batch` rows splits over: the rules' batch axes when they
+    divide it, else None (replicated)."""
+    axes = rules.axes_for("batch")
+    return axes if batch % axis_size(mesh, axes) == 0 else None
+
+
+def batch_sharding(mesh, rules: ShardingRules, shape: tuple[int, ...]) -> NamedSharding:
+    """Inputs [B, ...]: batch over its mesh axes where B divides, the rest replicated."""
+    return NamedSharding(mesh, P(batch_axes(mesh, rules, shape[0]), *([None] * (len(shape) - 1))))
 
 
 def memory_estimate(lm, batch: int, length: int, gen_length: int, cache: bool) -> dict[str, float]:
@@ -151,10 +159,8 @@ def memory_estimate(lm, batch: int, length: int, gen_length: int, cache: bool) -
 
     params = sum(per_device(x) for x in jax.tree.leaves(nnx.to_pure_dict(lm.state)))
     cfg, itemsize = lm.config, np.dtype(lm.dtype).itemsize
-    batch_split = 1 if lm.mesh is None else _axis_size(lm.mesh, lm.rules.axes_for("batch"))
-    if batch % batch_split:
-        batch_split = 1
-    kv_split = 1 if lm.mesh is None else _axis_size(lm.mesh, lm.rules.axes_for("kv_heads"))
+    batch_split = 1 if lm.mesh is None else axis_size(lm.mesh, batch_axes(lm.mesh, lm.rules, batch))
+    kv_split = 1 if lm.mesh is None else axis_size(lm.mesh, lm.rules.axes_for("kv_heads"))
     rows = batch / batch_split
     kv_cache = 2 * cfg.num_layers * rows * cfg.num_kv_heads * length * cfg.head_dim * itemsize / kv_split if cache else 0
     activations = rows * (gen_length * cfg.vocab_size * 4 * 3 + length * cfg.intermediate_size * itemsize * 3)

@@ -309,14 +309,11 @@ def kernel_shard(lm, batch: int):
     Batch and heads split only where the sizes divide (GQA groups stay whole)."""
     if lm.mesh is None:
         return None
-    from dlmjax.sharding import _axis_size
+    from dlmjax.sharding import axis_size, batch_axes
 
-    batch_axes = lm.rules.axes_for("batch")
-    if batch % _axis_size(lm.mesh, batch_axes):
-        batch_axes = None
     head_axis = lm.rules.axes_for("heads")
-    n = _axis_size(lm.mesh, head_axis)
+    n = axis_size(lm.mesh, head_axis)
     cfg = lm.config
     if head_axis is not None and (cfg.num_heads % n or (cfg.num_kv_heads % n and cfg.num_kv_heads != 1)):
         head_axis = None
-    return (lm.mesh, batch_axes, head_axis)
+    return (lm.mesh, batch_axes(lm.mesh, lm.rules, batch), head_axis)
