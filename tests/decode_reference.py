@@ -137,13 +137,8 @@ def choose_commits(rule, cands, conf, entropy, *, quota=0, threshold=None, facto
     raise ValueError(f"unknown rule {rule!r}")
 
 
-def reference_generate(lm, prompt_ids, attention_mask=None, *, gen_length, block_length, steps,
-                       rule="quota", remasking="low_confidence", threshold=None, factor=None,
-                       exit=None, tau_high=7.5, tau_low=2.5, exit_k=4.0,
-                       stop_at_eos=False, logits_eos_inf=False, confidence_eos_eot_inf=False,
-                       rng=None) -> dict:
-    """Decode per SPEC.md with plain loops. Returns {"tokens", "nfe", "trajectory"} (numpy int)."""
-    cfg = lm.config
+def prepare(prompt_ids, attention_mask, gen_length, block_length, steps):
+    """Prompt [B, P], its mask, and (G, K, S, number of blocks, steps per block), checked."""
     prompt = np.asarray(prompt_ids)
     if prompt.ndim == 1:
         prompt = prompt[None]
@@ -160,7 +155,18 @@ def reference_generate(lm, prompt_ids, attention_mask=None, *, gen_length, block
     nb = G // K
     if S % nb:
         raise ValueError(f"steps {S} must be a multiple of the number of blocks {nb}")
-    spb = S // nb
+    return prompt, pmask, (G, K, S, nb, S // nb)
+
+
+def reference_generate(lm, prompt_ids, attention_mask=None, *, gen_length, block_length, steps,
+                       rule="quota", remasking="low_confidence", threshold=None, factor=None,
+                       exit=None, tau_high=7.5, tau_low=2.5, exit_k=4.0,
+                       stop_at_eos=False, logits_eos_inf=False, confidence_eos_eot_inf=False,
+                       rng=None) -> dict:
+    """Decode per SPEC.md with plain loops. Returns {"tokens", "nfe", "trajectory"} (numpy int)."""
+    cfg = lm.config
+    prompt, pmask, (G, K, S, nb, spb) = prepare(prompt_ids, attention_mask, gen_length, block_length, steps)
+    batch, plen = prompt.shape
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}")
     if exit not in EXITS:

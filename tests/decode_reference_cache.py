@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decode_reference import EXITS, choose_commits, entropy32, exit_tau, quota_schedule, softmax32
+from decode_reference import EXITS, choose_commits, entropy32, exit_tau, prepare, quota_schedule, softmax32
 
 CACHED_RULES = ("quota", "threshold", "factor", "entropy")
 CACHES = ("prefix", "dual")
@@ -117,23 +117,8 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
 
     cfg = lm.config
     model = jitted_module(lm.model) if jit else lm.model
-    prompt = np.asarray(prompt_ids)
-    if prompt.ndim == 1:
-        prompt = prompt[None]
+    prompt, pmask, (G, K, S, nb, spb) = prepare(prompt_ids, attention_mask, gen_length, block_length, steps)
     batch, plen = prompt.shape
-    if attention_mask is None:
-        pmask = np.ones((batch, plen), dtype=np.int32)
-    else:
-        pmask = np.asarray(attention_mask).astype(np.int32)
-        if pmask.ndim == 1:
-            pmask = pmask[None]
-    G, K, S = int(gen_length), int(block_length), int(steps)
-    if G <= 0 or K <= 0 or S <= 0 or G % K:
-        raise ValueError(f"gen_length {G} must be a positive multiple of block_length {K}")
-    nb = G // K
-    if S % nb:
-        raise ValueError(f"steps {S} must be a multiple of the number of blocks {nb}")
-    spb = S // nb
     if cache not in CACHES:
         raise ValueError(f"unknown cache {cache!r}; use one of {CACHES}")
     if rule not in CACHED_RULES:
@@ -173,7 +158,7 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
         masked[r][j] = False
         traj[r][j] = t
 
-    def prepare(v):
+    def clean_logits(v):
         """The SPEC's column edits on one position's logits [V] (a copy)."""
         v = v.astype(np.float32).copy()
         v[mask_id] = -np.inf
@@ -182,7 +167,7 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
         return v
 
     def carry(r, j, v):
-        v = prepare(v)
+        v = clean_logits(v)
         c_x0[r][j] = int(np.argmax(v))
         c_conf[r][j] = softmax32(v)[c_x0[r][j]]
         c_ent[r][j] = entropy32(v)
