@@ -78,10 +78,15 @@ def _export(
     return pathlib.Path(dst)
 
 
-def export_lm(lm, dst, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> pathlib.Path:
-    """Export an in-memory LM (e.g. after training)."""
+def export_lm(lm, dst, *, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+              hf_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Export an in-memory LM (e.g. after training). The small files (config.json to update,
+    tokenizer) come from `hf_dir`, by default the ones the LM was loaded with."""
     state = nnx.to_pure_dict(lm.state)
-    hf_dir = lm.directory / "hf" if lm.directory is not None else None
+    if hf_dir is not None:
+        hf_dir = pathlib.Path(hf_dir)
+    elif lm.directory is not None:
+        hf_dir = lm.directory / "hf"
     return _export(
         lm.config, lm.lora, lambda g: jax.device_get(checkpoint.group_subtree(state, g)), hf_dir, dst,
         dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,

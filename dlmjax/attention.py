@@ -12,8 +12,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-MaskMode = Literal["bidirectional", "block_causal", "prompt_block_causal"]
-MASK_MODES = ("bidirectional", "block_causal", "prompt_block_causal")
+MaskMode = Literal["bidirectional", "block_causal", "prompt_block_causal", "causal"]
+MASK_MODES = ("bidirectional", "block_causal", "prompt_block_causal", "causal")
 
 # A finite "minus infinity": a row whose keys are all masked (a padded query in a
 # block-causal mode) softmaxes to a uniform row instead of NaN.
@@ -53,8 +53,9 @@ def block_ids(index: jax.Array, mode: MaskMode, block_size: int | None, prompt_l
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
     """A mask in factored form: query t may attend to key s iff key_valid[b, s] and
-    q_block[t] >= k_block[s] (no block ids: bidirectional). The Pallas kernels take this
-    form; `dense()` gives the [B, Tq, Tk] boolean mask."""
+    q_block[t] >= k_block[s] (no block ids: bidirectional; causal: the canvas indices themselves,
+    blocks of one token). The Pallas kernels take this form; `dense()` gives the [B, Tq, Tk]
+    boolean mask."""
 
     key_valid: jax.Array  # [B, Tk] bool
     q_block: jax.Array | None  # [Tq] int32
@@ -89,6 +90,8 @@ def mask_spec(
         query_index = key_index
     if mode == "bidirectional":
         return MaskSpec(key_valid, None, None, num_queries=query_index.shape[-1])
+    if mode == "causal":
+        return MaskSpec(key_valid, query_index.astype(jnp.int32), key_index.astype(jnp.int32), num_queries=query_index.shape[-1])
     if block_size is None or block_size <= 0:
         raise ValueError(f"mode {mode!r} needs a positive block_size")
     if mode == "prompt_block_causal" and prompt_length is None:
@@ -112,7 +115,8 @@ def attention_mask(
     key_valid [B, Tk] marks real (non-padding) keys. query_index [Tq] and key_index [Tk]
     are canvas indices (not RoPE positions); they default to 0..Tk-1, i.e. queries are
     the whole sequence. Padded queries still see the real keys of their block, so no row
-    is empty in the bidirectional mode.
+    is empty in the bidirectional mode. "causal" (autoregressive models) lets a query see
+    the keys at or before its index; it needs no block_size.
     """
     return mask_spec(
         mode, key_valid, query_index, key_index, block_size=block_size, prompt_length=prompt_length

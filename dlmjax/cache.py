@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from dlmjax.config import ModelConfig
+from dlmjax.sharding import Layout, constrain
+
+AXES = ("batch", "kv_heads", "length", "head_dim")  # logical axes of every k and v
 
 
 @jax.tree_util.register_dataclass
@@ -35,6 +38,18 @@ class KVCache:
             written=jnp.zeros((length,), bool),
             lengths=jnp.int32(0),
             shard=shard,
+        )
+
+    def constrain(self, layout: Layout | None) -> "KVCache":
+        """The cache pinned to its sharding over `layout`'s mesh (itself without a layout)."""
+        if layout is None:
+            return self
+        return dataclasses.replace(
+            self,
+            k=tuple(constrain(k, AXES, layout) for k in self.k),
+            v=tuple(constrain(v, AXES, layout) for v in self.v),
+            written=constrain(self.written, ("length",), layout),
+            lengths=constrain(self.lengths, (), layout),
         )
 
     @property

@@ -19,19 +19,24 @@ FAMILIES = {
     "llada": "llada",
     "dream": "dream",
     "fast_dllm_qwen": "fast_dllm_v2",
+    "qwen2": "qwen2",  # the autoregressive baseline (Qwen2ForCausalLM)
 }
+AUTOREGRESSIVE = ("qwen2",)
+_MODEL_TYPES = {"dream": "Dream", "fast_dllm_v2": "Fast_dLLM_Qwen", "qwen2": "qwen2"}
 
 # Special ids the configs do not always carry (dllm-algorithms.md, section 9).
 _DEFAULT_IDS = {
     "llada": dict(mask_token_id=126336, eos_token_id=126081, pad_token_id=126081, eot_token_id=126348),
     "dream": dict(mask_token_id=151666, eos_token_id=151643, pad_token_id=151643, eot_token_id=151645),
     "fast_dllm_v2": dict(mask_token_id=151665, eos_token_id=151643, pad_token_id=151643, eot_token_id=151645),
+    # Qwen2 has no mask token; padding defaults to the config's EOS (Qwen2.5's configs carry no pad id).
+    "qwen2": dict(mask_token_id=None, eos_token_id=151643, pad_token_id=None, eot_token_id=151645),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "llada" | "dream" | "fast_dllm_v2"
+    family: str  # "llada" | "dream" | "fast_dllm_v2" | "qwen2" (autoregressive)
     vocab_size: int  # rows of the embedding and columns of the logits
     hidden_size: int
     num_layers: int
@@ -44,7 +49,7 @@ class ModelConfig:
     max_position_embeddings: int
     qkv_bias: bool
     tie_word_embeddings: bool
-    mask_token_id: int
+    mask_token_id: int | None  # None only for autoregressive families
     pad_token_id: int | None
     eos_token_id: int | None
     eot_token_id: int | None = None
@@ -52,14 +57,19 @@ class ModelConfig:
     dtype: str = "float32"  # dtype the checkpoint stores its weights in
 
     @property
+    def is_autoregressive(self) -> bool:
+        """A causal next-token model (the baseline): decoded token by token, never with masks."""
+        return self.family in AUTOREGRESSIVE
+
+    @property
     def shifted_logits(self) -> bool:
-        """Dream and Fast-dLLM v2 keep Qwen's next-token head: position i is predicted by output i-1."""
-        return self.family in ("dream", "fast_dllm_v2")
+        """Qwen's next-token head (Qwen2; Dream and Fast-dLLM v2 keep it): position i is predicted by output i-1."""
+        return self.family in ("dream", "fast_dllm_v2", "qwen2")
 
     @property
     def positions_from_mask(self) -> bool:
-        """Dream numbers real tokens from 0 under left padding; LLaDA keeps absolute positions."""
-        return self.family in ("dream", "fast_dllm_v2")
+        """Dream (and Qwen2) number real tokens from 0 under left padding; LLaDA keeps absolute positions."""
+        return self.family in ("dream", "fast_dllm_v2", "qwen2")
 
     def validate(self) -> "ModelConfig":
         if self.num_heads % self.num_kv_heads:
@@ -67,6 +77,12 @@ class ModelConfig:
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
                 "fix the config so that query heads split evenly over key/value heads"
             )
+        if self.mask_token_id is None:
+            if not self.is_autoregressive:
+                raise DlmjaxError(
+                    f"this {self.family} config has no mask_token_id; set mask_token_id in config.json to the id of the mask token"
+                )
+            return self
         if self.pad_token_id is not None and self.mask_token_id == self.pad_token_id:
             raise DlmjaxError(
                 f"mask_token_id equals pad_token_id ({self.mask_token_id}), so padding would be decoded as masks; "
@@ -106,7 +122,7 @@ def family_of(hf_config: Mapping[str, Any]) -> str:
     if model_type not in FAMILIES:
         raise DlmjaxError(
             f"model_type '{hf_config.get('model_type')}' is not supported; dlmjax loads "
-            "LLaDA ('llada'), Dream ('Dream') and Fast-dLLM v2 ('Fast_dLLM_Qwen') checkpoints"
+            "LLaDA ('llada'), Dream ('Dream'), Fast-dLLM v2 ('Fast_dLLM_Qwen') and Qwen2 ('qwen2') checkpoints"
         )
     return FAMILIES[model_type]
 
@@ -123,8 +139,21 @@ def from_hf_config(hf_config: Mapping[str, Any]) -> ModelConfig:
     family = family_of(hf_config)
     ids = dict(_DEFAULT_IDS[family])
     for key in ids:
-        if hf_config.get(key) is not None:
-            ids[key] = int(hf_config[key])
+        value = hf_config.get(key)
+        if isinstance(value, (list, tuple)):  # e.g. eos_token_id [eos, end-of-turn]
+            if key == "eos_token_id" and len(value) > 1 and hf_config.get("eot_token_id") is None:
+                ids["eot_token_id"] = int(value[1])
+            value = value[0] if value else None
+        if value is not None:
+            ids[key] = int(value)
+    if family in AUTOREGRESSIVE:
+        if ids["mask_token_id"] is not None and ids["mask_token_id"] < 0:
+            ids["mask_token_id"] = None  # -1: "no mask token"
+        if ids["pad_token_id"] is None:
+            ids["pad_token_id"] = ids["eos_token_id"]
+        if hf_config.get("use_sliding_window"):
+            raise DlmjaxError("this Qwen2 config uses sliding-window attention, which dlmjax does not implement; "
+                              "set use_sliding_window to false (Qwen2/2.5 checkpoints ship it off)")
     if family == "llada":
         hidden = int(_get(hf_config, "d_model"))
         heads = int(_get(hf_config, "n_heads"))
@@ -163,7 +192,7 @@ def from_hf_config(hf_config: Mapping[str, Any]) -> ModelConfig:
             head_dim=int(_get(hf_config, "head_dim", default=hidden // heads)),
             intermediate_size=int(_get(hf_config, "intermediate_size")),
             rms_norm_eps=float(_get(hf_config, "rms_norm_eps", default=1e-6)),
-            rope_theta=_rope_theta(hf_config, 1e6),
+            rope_theta=_rope_theta(hf_config, 1e4 if family == "qwen2" else 1e6),  # Qwen2Config's default
             max_position_embeddings=int(_get(hf_config, "max_position_embeddings", default=32768)),
             qkv_bias=True,
             tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
@@ -194,7 +223,7 @@ def to_hf_config(cfg: ModelConfig, original: Mapping[str, Any] | None = None) ->
         out.setdefault("vocab_size", cfg.vocab_size)
     else:
         out.update(
-            model_type={"dream": "Dream", "fast_dllm_v2": "Fast_dLLM_Qwen"}[cfg.family],
+            model_type=_MODEL_TYPES[cfg.family],
             hidden_size=cfg.hidden_size,
             num_attention_heads=cfg.num_heads,
             num_key_value_heads=cfg.num_kv_heads,
@@ -209,7 +238,12 @@ def to_hf_config(cfg: ModelConfig, original: Mapping[str, Any] | None = None) ->
         if cfg.bd_size is not None:
             out["bd_size"] = cfg.bd_size
     for key in ("mask_token_id", "pad_token_id", "eos_token_id"):
-        if getattr(cfg, key) is not None:
-            out[key] = getattr(cfg, key)
+        value = getattr(cfg, key)
+        if isinstance(out.get(key), list) and out[key] and out[key][0] == value:
+            continue  # a list whose first entry is ours reads back the same
+        if key == "pad_token_id" and key not in out and cfg.is_autoregressive and value == cfg.eos_token_id:
+            continue  # reads back as the EOS default
+        if value is not None:
+            out[key] = value
     out["torch_dtype"] = cfg.dtype
     return out

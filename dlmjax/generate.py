@@ -1,9 +1,16 @@
 """python -m dlmjax.generate: decode a prompt on the device and report NFE and speed.
 
     python -m dlmjax.generate --model DIR_OR_HUB_ID --prompt "What is 2+3?" --chat --method fast-dllm
+    python -m dlmjax.generate --prompt "Mia has 7 apples. She buys 5 more. How many apples now?" --chat
+
+Without --model it runs the embedded tiny-llada (trained on experiments/tasks.py; works offline).
 
 Prints the answer and one summary line (NFE, tokens/s, decode seconds, compile seconds);
 --json prints tokens, nfe, steps and seconds for tooling instead.
+
+Multi-host: run the same command on every host with --distributed (TPU pods, SLURM) or with
+DLMJAX_COORDINATOR, DLMJAX_NUM_PROCESSES and DLMJAX_PROCESS_ID set, and a --mesh over all
+hosts' devices; process 0 prints the results.
 """
 
 from __future__ import annotations
@@ -21,13 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     from dlmjax.decode.rules import RULES
 
     p = argparse.ArgumentParser(prog="python -m dlmjax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Hugging Face directory, converted dlmjax directory, or hub id")
+    p.add_argument("--model", default="tiny-llada",
+                   help="Hugging Face directory, converted dlmjax directory, hub id, or an embedded model: "
+                        "tiny-llada (default) or tiny-ar")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--method", default="llada", help=f"preset: {', '.join(PRESETS)} (default llada)")
-    p.add_argument("--gen-length", type=int, default=128)
+    p.add_argument("--method", help=f"preset: {', '.join(PRESETS)} (default llada), or ar for autoregressive models (their default)")
+    p.add_argument("--gen-length", type=int,
+                   help="tokens to generate (default: max_new_tokens of the model's generation_config.json, else 128)")
     p.add_argument("--block-length", type=int, help="default: the preset's (llada: gen-length)")
     p.add_argument("--steps", type=int, help="default: gen-length")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -47,13 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gumbel-x64", action="store_true", default=None, help="LLaDA's exact float64 Gumbel noise")
     p.add_argument("--alg", choices=("origin", "maskgit_plus", "topk_margin", "entropy"), help="Dream sampler")
     p.add_argument("--alg-temp", type=float, help="Dream: > 0 samples positions instead of taking the top ones")
-    p.add_argument("--top-p", type=float, help="Dream: nucleus filtering")
-    p.add_argument("--top-k", type=int, help="Dream: keep the k largest logits")
+    p.add_argument("--top-p", type=float, help="Dream and ar: nucleus filtering")
+    p.add_argument("--top-k", type=int, help="Dream and ar: keep the k largest logits")
     p.add_argument("--eps", type=float, help="Dream: last timestep of linspace(1, eps, steps + 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
     p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (axes data, fsdp, tensor)")
     p.add_argument("--sharding", default="fsdp_tp", help="sharding preset: single, dp, fsdp, tp, fsdp_tp (default)")
+    p.add_argument(
+        "--distributed", action="store_true",
+        help="join a multi-host run first (TPU pod or SLURM detected by JAX); automatic when DLMJAX_COORDINATOR, "
+        "DLMJAX_NUM_PROCESSES and DLMJAX_PROCESS_ID are set",
+    )
     p.add_argument("--json", action="store_true", help="print tokens, nfe, steps and seconds as JSON")
     return p
 
@@ -68,6 +83,24 @@ def main(argv: list[str] | None = None) -> int:
                 raise DlmjaxError(f"--prompt-ids '{args.prompt_ids}' is not a comma-separated list of integers, e.g. 1,2,3") from None
         else:
             prompt = args.prompt
+        from dlmjax import distributed
+
+        lead = True  # the process that prints
+        if args.distributed or distributed.configured():
+            import jax
+
+            processes = distributed.initialize()
+            lead = jax.process_index() == 0
+            print(
+                f"process {jax.process_index()} of {processes}: {jax.local_device_count()} local devices "
+                f"of {jax.device_count()}",
+                file=sys.stderr,
+            )
+            if processes > 1 and not args.mesh:
+                raise DlmjaxError(
+                    f"a run over {processes} processes needs --mesh covering all {jax.device_count()} devices, "
+                    f"e.g. --mesh fsdp={processes},tensor={jax.local_device_count()}"
+                )
         import dlmjax
 
         mesh = rules = None
@@ -76,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
             mesh, rules = make_mesh(args.mesh), ShardingRules.preset(args.sharding)
         lm = dlmjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
-        if mesh is not None:
+        args.gen_length = args.gen_length or lm.default_gen_length
+        if mesh is not None and lead:
             from dlmjax.sharding import memory_estimate
 
             # one prompt row, its length rounded up to the 32-token bucket
-            est = memory_estimate(lm, 1, 32 + args.gen_length, args.gen_length, (args.cache or "none") != "none")
+            cached = lm.config.is_autoregressive or (args.cache or "none") != "none"
+            est = memory_estimate(lm, 1, 32 + args.gen_length, args.gen_length, cached)
             print(
                 f"per-device memory estimate: parameters {est['parameters'] / 2**20:.1f} MiB, cache {est['cache'] / 2**20:.1f} MiB, "
                 f"activations {est['activations'] / 2**20:.1f} MiB",
@@ -98,11 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     except DlmjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not lead:  # every host computed the same answer; process 0 prints it
+        return 0
     cfg = lm.config
     stops = {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
     produced = int(sum(t not in stops for t in out.tokens[0]))
     if args.json:
         print(json.dumps({
+            "text": out.texts[0] if out.texts is not None else None,
             "tokens": out.tokens[0].tolist(), "nfe": int(out.nfe[0]), "steps": out.steps,
             "seconds": out.seconds, "compile_seconds": out.compile_seconds,
         }))
@@ -111,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         print(out.texts[0])
     else:
         print(" ".join(map(str, out.tokens[0].tolist())))
+    method = args.method or ("ar" if cfg.is_autoregressive else "llada")
     print(
-        f"[{args.method}] nfe {int(out.nfe[0])} | {produced / max(out.seconds, 1e-9):.1f} tokens/s "
+        f"[{method}] nfe {int(out.nfe[0])} | {produced / max(out.seconds, 1e-9):.1f} tokens/s "
         f"({produced} non-EOS tokens) | {out.seconds:.3f} s decode | compile {out.compile_seconds:.2f} s",
         file=sys.stderr,
     )

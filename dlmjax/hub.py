@@ -1,6 +1,7 @@
 """Where checkpoints come from: local directories, the Hugging Face hub, and our cache.
 
-A name is a local directory if one exists at that path; otherwise a hub id of the form
+A name is a local directory if one exists at that path; then the name of a model shipped
+in the package (`dlmjax.models`: tiny-llada, tiny-ar); otherwise a hub id of the form
 `owner/name`, downloaded with huggingface_hub (or found in its local cache). Offline, a
 missing download fails with a message that says what to fetch and where to put it.
 """
@@ -30,10 +31,15 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
-    """A local directory for `name_or_path`, downloading a hub id if needed."""
+    """A local directory for `name_or_path`: a directory, an embedded model's name
+    ("tiny-llada", "tiny-ar"), or a hub id (downloaded if needed)."""
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
         return path.resolve()
+    from dlmjax import models
+
+    if models.path(str(name_or_path)) is not None:
+        return models.path(str(name_or_path))
     if path.exists():
         raise DlmjaxError(f"{path} is a file, not a checkpoint directory; pass the directory that holds config.json")
     name = str(name_or_path)

@@ -31,12 +31,12 @@ def _dtype_name(dtype) -> str:
     return name
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "block_size"))
-def _forward_logits(graphdef, state, input_ids, mask, prompt_length, mode, block_size):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "block_size", "layout"))
+def _forward_logits(graphdef, state, input_ids, mask, prompt_length, mode, block_size, layout=None):
     model = nnx.merge(graphdef, state)
     positions = position_ids(model.config, mask)
     attn = attention_mask(mode, mask, block_size=block_size, prompt_length=prompt_length)
-    logits, _ = model(input_ids, positions, attn)
+    logits, _ = model(input_ids, positions, attn, layout=layout)
     return logits
 
 
@@ -53,6 +53,15 @@ class LM:
         self.source = source
         self.dtype = model.embed[...].dtype
         self._tokenizer = None
+
+    @property
+    def layout(self):
+        """The `dlmjax.sharding.Layout` the activations follow under the mesh; None on one device."""
+        if self.mesh is None:
+            return None
+        from dlmjax.sharding import Layout
+
+        return Layout(self.mesh, self.rules)
 
     @property
     def model(self) -> Transformer:
@@ -82,6 +91,20 @@ class LM:
 
         return apply_chat_template(self.tokenizer, self.config.family, messages, tokenize=tokenize)
 
+    @property
+    def default_gen_length(self) -> int:
+        """max_new_tokens of the checkpoint's generation_config.json (the canvas a small model was
+        trained to fill), else 128."""
+        import json
+
+        if self.directory is not None:
+            path = self.directory / "hf" / "generation_config.json"
+            if path.is_file():
+                value = json.loads(path.read_text()).get("max_new_tokens")
+                if isinstance(value, int) and value > 0:
+                    return value
+        return 128
+
     # -- forward ------------------------------------------------------------------
     def check_inputs(self, input_ids, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(input_ids)
@@ -110,36 +133,44 @@ class LM:
         input_ids,
         attention_mask=None,
         *,
-        mode: str = "bidirectional",
+        mode: str | None = None,
         block_size: int | None = None,
         prompt_length: int | None = None,
     ) -> np.ndarray:
         """Raw per-position outputs, float32 [B, L, V], before Dream's shift.
 
         input_ids is an int array [B, L], left-padded where rows differ; attention_mask marks
-        real tokens with 1. `mode` picks the attention: "bidirectional" (default),
-        "block_causal" (blocks of `block_size` from position 0, Fast-dLLM v2) or
-        "prompt_block_causal" (the first `prompt_length` tokens as one block, then blocks of
-        `block_size`, D2F).
+        real tokens with 1. `mode` picks the attention: "bidirectional" (the default of
+        diffusion models), "causal" (the default of autoregressive ones, whose output i
+        predicts token i + 1), "block_causal" (blocks of `block_size` from position 0,
+        Fast-dLLM v2) or "prompt_block_causal" (the first `prompt_length` tokens as one block,
+        then blocks of `block_size`, D2F).
         """
+        if mode is None:
+            mode = "causal" if self.config.is_autoregressive else "bidirectional"
         if mode not in MASK_MODES:
             raise DlmjaxError(f"unknown attention mode {mode!r}; use one of {', '.join(MASK_MODES)}")
-        if mode != "bidirectional" and not block_size:
+        if mode in ("block_causal", "prompt_block_causal") and not block_size:
             raise DlmjaxError(f"mode {mode!r} needs block_size")
         if mode == "prompt_block_causal" and prompt_length is None:
             raise DlmjaxError("mode 'prompt_block_causal' needs prompt_length")
         ids, mask = self.check_inputs(input_ids, attention_mask)
         ids, mask = self.place_batch(ids), self.place_batch(mask)
-        out = _forward_logits(self.graphdef, self.state, ids, mask, prompt_length or 0, mode, block_size)
+        out = _forward_logits(self.graphdef, self.state, ids, mask, prompt_length or 0, mode, block_size, self.layout)
+        if self.mesh is not None:
+            from dlmjax.sharding import to_host
+
+            out = to_host(out)  # every process gets the whole batch
         return np.array(out, dtype=np.float32)  # a writable host copy
 
     def place_batch(self, array):
-        """Put a [B, ...] input on the device(s): split over the mesh's batch axes when B divides."""
+        """Put a [B, ...] input on the device(s): split over the mesh's batch axes when B divides.
+        Under a multi-host mesh every process passes the same whole array and keeps its shards."""
         if self.mesh is None:
             return jnp.asarray(array)
-        from dlmjax.sharding import batch_sharding
+        from dlmjax.sharding import batch_sharding, put_global
 
-        return jax.device_put(np.asarray(array), batch_sharding(self.mesh, self.rules, np.shape(array)))
+        return put_global(array, batch_sharding(self.mesh, self.rules, np.shape(array)))
 
     # -- decoding -----------------------------------------------------------------
     def generate(self, prompts_or_ids, attention_mask=None, **kwargs):

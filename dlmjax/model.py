@@ -20,6 +20,10 @@ from flax import nnx
 from dlmjax.attention import apply_rope, attend, restrict_keys, rope_tables
 from dlmjax.cache import KVCache
 from dlmjax.config import ModelConfig
+from dlmjax.sharding import Layout, constrain
+
+# Logical axes of the activations (see dlmjax/sharding.py).
+RESIDUAL = ("batch", "length", "embed")
 
 # Projection roles, in our naming. LoRA targets are named with these.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -101,20 +105,23 @@ class Block(nnx.Module):
         self.down_proj = proj("down_proj", cfg.intermediate_size, d, ("embed", "mlp"))
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_index, cache_keep=None):
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_index, cache_keep=None,
+                 layout: Layout | None = None):
         b, t, _ = x.shape
         h = self.attn_norm(x)
-        q = apply_rope(self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+        heads, kv_heads = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
+        q = constrain(apply_rope(self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim), cos, sin), heads, layout)
+        k = constrain(apply_rope(self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin), kv_heads, layout)
+        v = constrain(self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim), kv_heads, layout)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
         if cache is not None:
             cache = cache.write(layer, k, v, cache_index, cache_keep)
             k, v = cache.k[layer].astype(x.dtype), cache.v[layer].astype(x.dtype)
         a = attend(q, k, v, mask, cache.shard if cache is not None else None).reshape(b, t, -1)
-        x = x + self.o_proj(a)
+        x = constrain(x + self.o_proj(a), RESIDUAL, layout)
         h = self.mlp_norm(x)
-        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        hidden = constrain(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h), ("batch", "length", "mlp"), layout)
+        x = constrain(x + self.down_proj(hidden), RESIDUAL, layout)
         return x, cache
 
 
@@ -143,6 +150,7 @@ class Transformer(nnx.Module):
         cache_index: int | jax.Array = 0,
         logits_from: int = 0,
         cache_keep: jax.Array | None = None,
+        layout: Layout | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Raw per-position logits (float32 [B, T, V], before any shift) and the cache.
 
@@ -152,18 +160,22 @@ class Transformer(nnx.Module):
         `cache_keep` [T] bool keeps the cached K/V of those window slots instead of writing the
         fresh ones (the queries still attend to the cache as a whole).
         `logits_from` (static) skips the head for positions before it: the logits are [B, T - logits_from, V].
+        `layout` (static; None on one device) pins the activations to their shardings over a mesh.
         """
-        x = self.embed[...][input_ids]
+        # The table's embed dim is gathered whole first (fsdp): the rows come out split over the
+        # batch axes like the ids, instead of over fsdp twice (batch and embed).
+        table = constrain(self.embed[...], ("vocab", None), layout)
+        x = constrain(table[input_ids], RESIDUAL, layout)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         if cache is not None:  # keys come from the cache: never attend to a slot nothing was written to
             cache = cache.mark_written(cache_index, input_ids.shape[1], cache_keep)
             mask = restrict_keys(mask, cache.written)
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep)
+            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep, layout)
         x = self.final_norm(x[:, logits_from:])
         head = self.embed if self.lm_head is None else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x, head[...], preferred_element_type=jnp.float32)
-        return logits, cache
+        return constrain(logits, ("batch", "length", "vocab"), layout), cache
 
 
 def position_ids(cfg: ModelConfig, attention_mask: jax.Array) -> jax.Array:

@@ -10,8 +10,11 @@ logical name to mesh axes among data, fsdp and tensor. Presets:
     tp        heads, kv_heads, mlp and vocab over tensor
     fsdp_tp   both
 
-Meshes use `AxisType.Auto`, so XLA's partitioner propagates shardings through the model
-and the decode's while_loop carry.
+Meshes use `AxisType.Auto`. A `Layout` (a mesh and the rules fitted to the model) is a
+static argument of the jitted forward and decode; `constrain(x, logical_axes, layout)`
+pins an activation to its logical axes' sharding there (the residual stream, q/k/v, the
+MLP hidden, the logits, and every array of the decode's while_loop carry), and does
+nothing without a layout, so one-device programs are unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +51,19 @@ class ShardingRules:
 
     rules: tuple[tuple[str, Any], ...]
 
+    def __post_init__(self):
+        for logical, axes in self.rules:
+            if logical not in LOGICAL_AXES:
+                raise DlmjaxError(f"unknown logical axis '{logical}' in the sharding rules; use {', '.join(LOGICAL_AXES)}")
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            bad = [a for a in names if a not in MESH_AXES]
+            if bad:
+                raise DlmjaxError(
+                    f"the sharding rule for '{logical}' names mesh axis '{bad[0]}', which does not exist; use data, fsdp or tensor"
+                )
+            if len(set(names)) != len(names):
+                raise DlmjaxError(f"the sharding rule for '{logical}' names a mesh axis twice: {names}")
+
     @classmethod
     def preset(cls, name: str) -> "ShardingRules":
         if name not in PRESETS:
@@ -61,6 +77,49 @@ class ShardingRules:
         return P(*(self.axes_for(name) for name in logical_axes))
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where activations live: a mesh and the rules fitted to the model (`fit_rules`).
+
+    Hashable, so it is a static argument of the jitted functions: another mesh or other
+    rules compile another program, and a program traced without a layout never sees one.
+    """
+
+    mesh: jax.sharding.Mesh
+    rules: ShardingRules
+
+    def spec(self, shape: tuple[int, ...], logical_axes: tuple[str | None, ...]) -> P:
+        """The PartitionSpec of an activation of `shape` named `logical_axes`.
+
+        A mesh axis serves one dimension at most, the first that asks for it (in fsdp the
+        batch takes fsdp and the embed dim of activations stays whole), and a dimension that
+        its axes do not divide is replicated (a batch of 1 on data=2), as in `batch_axes`."""
+        if len(shape) != len(logical_axes) or not set(logical_axes) <= {*LOGICAL_AXES, None}:
+            raise ValueError(f"logical axes {logical_axes} do not name the dimensions of an array of shape {shape}")
+        used: set[str] = set()
+        spec = []
+        for size, name in zip(shape, logical_axes):
+            axes = self.rules.axes_for(name)
+            axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in used)
+            if not axes or size % axis_size(self.mesh, axes):
+                spec.append(None)
+                continue
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        return P(*spec)
+
+    def sharding(self, shape: tuple[int, ...], logical_axes: tuple[str | None, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(tuple(shape), logical_axes))
+
+    def constrain(self, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.sharding(x.shape, logical_axes))
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...], layout: Layout | None) -> jax.Array:
+    """x pinned to the sharding of its logical axes under `layout`; x itself without one."""
+    return x if layout is None else layout.constrain(x, logical_axes)
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """'data=2,tensor=4' -> {'data': 2, 'tensor': 4}."""
     sizes: dict[str, int] = {}
@@ -68,6 +127,8 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, _, value = part.partition("=")
         if name not in MESH_AXES:
             raise DlmjaxError(f"mesh axis '{name}' does not exist; use data, fsdp and tensor, e.g. --mesh data=2,tensor=4")
+        if name in sizes:
+            raise DlmjaxError(f"mesh axis {name} is given twice in '{text}'; name each axis once")
         try:
             sizes[name] = int(value)
         except ValueError:
@@ -91,9 +152,10 @@ def make_mesh(sizes: Mapping[str, int] | str, devices=None) -> jax.sharding.Mesh
             f"the mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but {len(devices)} are available; "
             f"make the sizes multiply to {len(devices)}, e.g. data={len(devices)}"
         )
-    return jax.sharding.Mesh(
-        np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    )
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    # jax.make_mesh orders the devices by their physical topology (TPU ICI rings); on CPU
+    # and GPU it keeps jax.devices() order, process by process.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def axis_size(mesh, axes) -> int:
@@ -112,6 +174,12 @@ def fit_rules(rules: ShardingRules, mesh, cfg) -> ShardingRules:
         "vocab": cfg.vocab_size, "embed": cfg.hidden_size,
     }
     table = dict(rules.rules)
+    missing = [a for axes in table.values() for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in mesh.shape]
+    if missing:
+        raise DlmjaxError(
+            f"the mesh has no axis '{missing[0]}' (its axes: {', '.join(mesh.shape)}); build it with "
+            "dlmjax.sharding.make_mesh, whose axes are data, fsdp and tensor"
+        )
     for name, size in sizes.items():
         n = axis_size(mesh, table.get(name))
         if size % n == 0:
@@ -148,6 +216,23 @@ def batch_axes(mesh, rules: ShardingRules, batch: int):
 def batch_sharding(mesh, rules: ShardingRules, shape: tuple[int, ...]) -> NamedSharding:
     """Inputs [B, ...]: batch over its mesh axes where B divides, the rest replicated."""
     return NamedSharding(mesh, P(batch_axes(mesh, rules, shape[0]), *([None] * (len(shape) - 1))))
+
+
+def put_global(array, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, as one global array: each process
+    hands over only the shards of its own devices (device_put of the whole array needs
+    every device to be local, which a multi-host mesh is not)."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host) array as numpy on every process."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def memory_estimate(lm, batch: int, length: int, gen_length: int, cache: bool) -> dict[str, float]:

@@ -28,6 +28,13 @@ _SPECIALS = {
     "llada": ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
     "dream": ["<|beginoftext|>", "<|endoftext|>", "<|mask|>", "<|im_end|>", "<|im_start|>"],
     "fast_dllm_v2": ["<|beginoftext|>", "<|endoftext|>", "|<MASK>|", "<|im_end|>", "<|im_start|>"],
+    "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],  # autoregressive: no mask token
+}
+_BOS_MASK = {  # (bos, mask) token names; Qwen2's tokenizer has neither
+    "llada": ("<|startoftext|>", "<|mdm_mask|>"),
+    "dream": ("<|beginoftext|>", "<|mask|>"),
+    "fast_dllm_v2": ("<|beginoftext|>", "|<MASK>|"),
+    "qwen2": (None, None),
 }
 _CHARS = list(string.printable[:95]) + ["\n"]  # printable ASCII (space included) and newline
 
@@ -54,7 +61,18 @@ def tiny_hf_config(family: str = "llada", *, vocab_size: int = 128, hidden_size:
             "mask_token_id": ids["<|mdm_mask|>"], "eos_token_id": ids["<|endoftext|>"],
             "pad_token_id": ids["<|endoftext|>"],
         }
-    mask_name = "<|mask|>" if family == "dream" else "|<MASK>|"
+    if family == "qwen2":
+        # Qwen2.5's config keys; eot_token_id is ours (Qwen ships <|im_end|> in generation_config.json)
+        return {
+            "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": hidden_size,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads or num_heads,
+            "num_hidden_layers": num_layers, "intermediate_size": intermediate_size, "hidden_act": "silu",
+            "vocab_size": vocab_size, "rope_theta": rope_theta or 1000000.0, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": max_positions, "tie_word_embeddings": tie_word_embeddings, "torch_dtype": dtype,
+            "use_sliding_window": False, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|endoftext|>"],
+            "eot_token_id": ids["<|im_end|>"],
+        }
+    mask_name = _BOS_MASK[family][1]
     config = {
         "model_type": "Dream" if family == "dream" else "Fast_dLLM_Qwen",
         "architectures": ["DreamModel" if family == "dream" else "Fast_dLLM_QwenForCausalLM"],
@@ -105,8 +123,7 @@ def write_tokenizer(directory: pathlib.Path, hf_config: dict) -> None:
     tok.add_special_tokens(specials)
     tok.save(str(directory / "tokenizer.json"))
     eos = "<|endoftext|>"
-    bos = specials[0]
-    mask = specials[2]
+    bos, mask = _BOS_MASK[family]
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": eos,
         "mask_token": mask, "unk_token": None, "add_bos_token": False, "add_eos_token": False,

@@ -38,6 +38,10 @@ def load_tokenizer(directory: pathlib.Path):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # AutoTokenizer complains about the unknown model_type in config.json
     try:
+        if _declares_generic_class(directory):
+            # AutoTokenizer would swap in the class registered for config.json's model_type
+            # (Qwen2Tokenizer for qwen2), which rebuilds the pipeline instead of using tokenizer.json.
+            return PreTrainedTokenizerFast.from_pretrained(str(directory))
         return AutoTokenizer.from_pretrained(str(directory))
     except Exception as first_error:  # e.g. a remote-code tokenizer class; fall back to tokenizer.json
         tokenizer_file = directory / "tokenizer.json"
@@ -59,6 +63,17 @@ def load_tokenizer(directory: pathlib.Path):
         return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _declares_generic_class(directory: pathlib.Path) -> bool:
+    """tokenizer_config.json names the generic fast class and tokenizer.json is there."""
+    path = directory / "tokenizer_config.json"
+    if not (path.is_file() and (directory / "tokenizer.json").is_file()):
+        return False
+    try:
+        return json.loads(path.read_text()).get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    except ValueError:
+        return False
 
 
 def apply_chat_template(tokenizer, family: str, messages: Sequence[dict], tokenize: bool = True):

@@ -30,6 +30,8 @@ CHECKPOINTS = {
     "dream-gqa7": ("dream", dict(hidden_size=56, num_heads=7, num_kv_heads=1)),
     "dream-bf16": ("dream", dict(num_heads=4, num_kv_heads=2, dtype="bfloat16")),
     "fast_dllm_v2": ("fast_dllm_v2", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
+    "qwen2": ("qwen2", dict(num_heads=4, num_kv_heads=2)),  # the autoregressive baseline
+    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
 }
 
 

@@ -106,6 +106,12 @@ def test_cached_steps_through_the_pallas_kernel(cache, attention, converted, mon
     xla = lm.generate(ids, mask, **args)
     monkeypatch.setattr(api, "_COMPILED", {})
     monkeypatch.setenv("DLMJAX_ATTENTION", "pallas")
+    from dlmjax.kernels import attention as kernels
+
+    built = []
+    kernel_fn = kernels._kernel_fn
+    monkeypatch.setattr(kernels, "_kernel_fn", lambda *a: built.append(a[0]) or kernel_fn(*a))
     kernel = lm.generate(ids, mask, **args)
+    assert built, "the Pallas kernel was not traced (a cached XLA trace was reused)"
     np.testing.assert_array_equal(kernel.tokens, xla.tokens)
     np.testing.assert_array_equal(kernel.nfe, xla.nfe)

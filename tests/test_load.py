@@ -50,7 +50,7 @@ def test_logits_input_checks(converted):
     with pytest.raises(DlmjaxError, match=r"token ids must lie in \[0, 128\)"):
         lm.logits(np.array([[1, 200]]))
     with pytest.raises(DlmjaxError, match="unknown attention mode"):
-        lm.logits(np.zeros((1, 4), np.int32), mode="causal")
+        lm.logits(np.zeros((1, 4), np.int32), mode="sliding_window")
     with pytest.raises(DlmjaxError, match="all zeros"):
         lm.logits(np.zeros((1, 4), np.int32), np.zeros((1, 4)))
 

@@ -1,12 +1,15 @@
-"""Sharding: the same logits and tokens on any mesh, on 8 simulated CPU devices."""
+"""Sharding: the same logits and tokens on any mesh, on 8 simulated CPU devices; the decode
+carry keeps its sharding; two processes on one mesh match one device."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
 import jax
+import numpy as np
 import pytest
 
 from dlmjax import sharding
@@ -17,12 +20,21 @@ from dlmjax.testing import tiny_hf_config
 # Run in a fresh interpreter: the device count is fixed when JAX starts.
 SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, re, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np, dlmjax
     jax.config.update("jax_default_matmul_precision", "highest")
+    from dlmjax.decode import api
     from dlmjax.sharding import ShardingRules
+
+    def carried_cache():
+        # Per-device shapes of the float [B, Hkv, S, D] arrays (the KV cache) that the while
+        # loops of the program generate compiled last carry, after partitioning.
+        text = list(api._COMPILED.values())[-1].as_text()
+        carries = [line.split(" while(")[0] for line in text.splitlines() if " while(" in line]
+        return sorted({shape for c in carries for shape in re.findall(r"f32\\[(\\d+,\\d+,\\d+,\\d+)\\]", c)})
+
     results = []
     for family, path in json.loads(sys.argv[1]).items():
         single = dlmjax.load(path)
@@ -37,7 +49,9 @@ SCRIPT = textwrap.dedent(
             lm = dlmjax.load(path, mesh=mesh, rules=ShardingRules.preset(preset))
             got = lm.logits(ids, mask)
             out = lm.generate(ids, mask, **args)
+            compiled = len(api._COMPILED)
             out_cached = lm.generate(ids, mask, cache="dual", **args)
+            assert len(api._COMPILED) == compiled + 1
             real = mask.astype(bool)
             q = lm.state["layers"][0]["q_proj"]["weight"][...]
             results.append(dict(
@@ -46,7 +60,7 @@ SCRIPT = textwrap.dedent(
                 cached=bool((out_cached.tokens == cached.tokens).all()),
                 devices=len(q.sharding.device_set), spec=str(q.sharding.spec),
                 shards=len({s.data.shape for s in q.addressable_shards}),
-                shard_shape=list(q.addressable_shards[0].data.shape), shape=list(q.shape),
+                shard_shape=list(q.addressable_shards[0].data.shape), shape=list(q.shape), cache=carried_cache(),
             ))
         # the Pallas kernel (interpret mode on CPU) per shard under shard_map, in the cached steps
         os.environ["DLMJAX_ATTENTION"] = "pallas"
@@ -77,6 +91,17 @@ def test_every_preset_matches_one_device(converted):
     assert by["llada", "single"]["shard_shape"] == by["llada", "single"]["shape"]
     assert by["llada", "tp"]["shard_shape"] == [by["llada", "tp"]["shape"][0] // 4, by["llada", "tp"]["shape"][1]]
     assert by["llada", "fsdp"]["shard_shape"] == [by["llada", "fsdp"]["shape"][0], by["llada", "fsdp"]["shape"][1] // 8]
+    # The dual cache [8 rows, Hkv, 48 slots, 16] as every device holds it through the decode loops:
+    # rows over the batch axes, KV heads over tensor where they divide it. Dream's 2 KV heads do not
+    # split over tensor=4, so the rules replicate them; left to itself the partitioner splits them in
+    # halves over part of the tensor axis (and the kernel's shard_map would regather them every step).
+    rows = {"single": 8, "dp": 1, "fsdp": 1, "tp": 4, "fsdp_tp": 2}
+    kv_heads = {
+        "llada": {"single": 4, "dp": 4, "fsdp": 4, "tp": 1, "fsdp_tp": 2},
+        "dream": {"single": 2, "dp": 2, "fsdp": 2, "tp": 2, "fsdp_tp": 1},
+    }
+    for (family, preset), r in by.items():
+        assert r["cache"] == [f"{rows[preset]},{kv_heads[family][preset]},48,16"], r
 
 
 def _cfg(**kwargs):
@@ -93,7 +118,45 @@ def test_mesh_errors():
         sharding.make_mesh("data=two", devices=one)
     with pytest.raises(DlmjaxError, match="unknown sharding preset"):
         sharding.ShardingRules.preset("zero3")
+    with pytest.raises(DlmjaxError, match="mesh axis data is given twice"):
+        sharding.make_mesh("data=1,data=1", devices=one)
+    with pytest.raises(DlmjaxError, match="unknown logical axis 'hidden'"):
+        sharding.ShardingRules((("hidden", "tensor"),))
+    with pytest.raises(DlmjaxError, match="rule for 'heads' names mesh axis 'model', which does not exist"):
+        sharding.ShardingRules((("heads", "model"),))
+    with pytest.raises(DlmjaxError, match="names a mesh axis twice"):
+        sharding.ShardingRules((("batch", ("data", "data")),))
+    foreign = jax.sharding.Mesh(np.asarray(one).reshape(1, 1), ("x", "y"))
+    with pytest.raises(DlmjaxError, match="the mesh has no axis 'data'"):
+        sharding.fit_rules(sharding.ShardingRules.preset("tp"), foreign, _cfg())
     assert sharding.make_mesh("data=1", devices=one).shape == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def test_activation_specs():
+    """A mesh axis serves one dimension of an activation; sizes that do not divide stay whole."""
+    from jax.sharding import PartitionSpec as P
+
+    class Mesh:
+        shape = {"data": 2, "fsdp": 2, "tensor": 4}
+
+    def layout(preset, **cfg):
+        rules = sharding.fit_rules(sharding.ShardingRules.preset(preset), Mesh(), _cfg(**cfg))
+        return sharding.Layout(Mesh(), rules)
+
+    residual, kv = ("batch", "length", "embed"), ("batch", "kv_heads", "length", "head_dim")
+    fsdp = layout("fsdp")
+    assert fsdp.spec((8, 5, 64), residual) == P(("data", "fsdp"), None, None)  # the batch takes fsdp first
+    assert fsdp.spec((1, 5, 64), residual) == P(None, None, "fsdp")  # one row: the embed dim takes it
+    assert fsdp.spec((2, 5, 64), residual) == P(None, None, "fsdp")  # all or none of the batch axes, as inputs
+    tp = layout("fsdp_tp", num_heads=4, num_kv_heads=2)
+    assert tp.spec((8, 2, 48, 16), kv) == P(("data", "fsdp"), None, None, None)  # 2 KV heads over tensor=4: whole
+    assert tp.spec((8, 5, 4, 16), ("batch", "length", "heads", "head_dim")) == P(("data", "fsdp"), None, "tensor", None)
+    assert tp.spec((8, 5, 128), ("batch", "length", "vocab")) == P(("data", "fsdp"), None, "tensor")
+    assert tp.spec((), ()) == P()
+    with pytest.raises(ValueError, match="do not name the dimensions"):
+        tp.spec((8, 5), ("batch", "sequence"))
+    x = jax.numpy.ones((2, 3))
+    assert sharding.constrain(x, ("batch", "length"), None) is x  # no layout: untouched
 
 
 def test_sizes_must_divide_the_mesh():
@@ -112,7 +175,6 @@ def test_sizes_must_divide_the_mesh():
 
 
 def test_memory_estimate_single_device(converted):
-    import numpy as np
     from flax import nnx
 
     import dlmjax
@@ -133,3 +195,109 @@ def test_cli_mesh(converted):
     assert "per-device memory estimate: parameters" in run.stderr
     bad = subprocess.run(base + ["--mesh", "data=3"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "needs 3 devices but 4 are available" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = {**env, "DLMJAX_COORDINATOR": "localhost:1", "DLMJAX_NUM_PROCESSES": "2", "DLMJAX_PROCESS_ID": "2"}
+    bad = subprocess.run(base + ["--mesh", "data=4"], capture_output=True, text=True, env=wrong)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "DLMJAX_PROCESS_ID=2 is not below DLMJAX_NUM_PROCESSES=2" in bad.stderr, bad.stderr
+
+
+def test_distributed_settings():
+    from dlmjax import distributed
+
+    env = {"DLMJAX_COORDINATOR": "10.0.0.1:8476", "DLMJAX_NUM_PROCESSES": "4", "DLMJAX_PROCESS_ID": "3"}
+    assert distributed.settings(environ=env) == distributed.Settings("10.0.0.1:8476", 4, 3, None)
+    assert distributed.settings(process_id=0, environ=env).process_id == 0  # arguments win
+    assert distributed.settings(environ={**env, "DLMJAX_LOCAL_DEVICE_IDS": "0,1"}).local_device_ids == (0, 1)
+    assert not distributed.settings(environ={}).explicit  # nothing set: JAX detects the cluster
+    assert distributed.configured(env) and not distributed.configured({"DLMJAX_PROCESS_ID": ""})
+    errors = {
+        "is not below DLMJAX_NUM_PROCESSES=4": {**env, "DLMJAX_PROCESS_ID": "4"},
+        "DLMJAX_NUM_PROCESSES='four' is not an integer": {**env, "DLMJAX_NUM_PROCESSES": "four"},
+        "DLMJAX_NUM_PROCESSES=0 must be at least 1": {**env, "DLMJAX_NUM_PROCESSES": "0"},
+        "DLMJAX_PROCESS_ID=-1 is negative": {**env, "DLMJAX_PROCESS_ID": "-1"},
+        "needs DLMJAX_PROCESS_ID as well": {"DLMJAX_COORDINATOR": "h:1", "DLMJAX_NUM_PROCESSES": "2"},
+        "needs DLMJAX_NUM_PROCESSES as well": {"DLMJAX_PROCESS_ID": "0"},
+        "DLMJAX_NUM_PROCESSES=4 needs the coordinator": {"DLMJAX_NUM_PROCESSES": "4", "DLMJAX_PROCESS_ID": "0"},
+        "DLMJAX_COORDINATOR='10.0.0.1' is not host:port": {**env, "DLMJAX_COORDINATOR": "10.0.0.1"},
+        "is not a comma-separated list": {**env, "DLMJAX_LOCAL_DEVICE_IDS": "gpu0"},
+    }
+    for message, environ in errors.items():
+        with pytest.raises(DlmjaxError, match=message):
+            distributed.settings(environ=environ)
+    with pytest.raises(DlmjaxError, match="process_id=2 is not below num_processes=2"):
+        distributed.initialize("localhost:1", num_processes=2, process_id=2)
+    assert distributed.initialize(num_processes=1) == 1  # one process: nothing to join
+    jax.devices()  # the backend is up: joining now is too late, and says so
+    with pytest.raises(DlmjaxError, match="call it first"):
+        distributed.initialize("localhost:1", num_processes=2, process_id=0)
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from dlmjax import distributed
+    processes = distributed.initialize()  # from the DLMJAX_* variables
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import dlmjax
+    from dlmjax.generate import main
+    from dlmjax.sharding import ShardingRules
+    path, out = sys.argv[1], sys.argv[2]
+    lm = dlmjax.load(path, mesh="data=2,tensor=2", rules=ShardingRules.preset("tp"))
+    ids, mask = np.asarray(json.loads(sys.argv[3])), np.asarray(json.loads(sys.argv[4]))
+    logits = lm.logits(ids, mask)
+    gen = lm.generate(ids, mask, method="fast-dllm", threshold=0.3, gen_length=16, block_length=8)
+    info = [jax.process_index(), processes, jax.local_device_count(), jax.device_count()]
+    np.savez(out % jax.process_index(), logits=logits, tokens=gen.tokens, info=info)
+    # the CLI on the same processes: it joins again (a no-op) and process 0 prints
+    sys.exit(main(["--model", path, "--prompt-ids", "5,6,7", "--gen-length", "8", "--mesh", "data=2,tensor=2", "--json"]))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(converted, tmp_path):
+    """Two processes with 2 CPU devices each join through jax.distributed on localhost and run
+    logits, a decode (rows split over the processes) and the CLI over one 4-device mesh; each
+    gets the one-device result."""
+    import dlmjax
+
+    path = str(converted("llada"))
+    ids = np.random.default_rng(0).integers(0, 96, (4, 20))
+    mask = np.ones_like(ids)
+    mask[:1, :5] = 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLMJAX_") or k == "DLMJAX_CACHE"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               DLMJAX_COORDINATOR=f"127.0.0.1:{_free_port()}", DLMJAX_NUM_PROCESSES="2")
+    args = [sys.executable, "-c", WORKER, path, str(tmp_path / "p%d.npz"), json.dumps(ids.tolist()), json.dumps(mask.tolist())]
+    procs = [
+        subprocess.Popen(args, env={**env, "DLMJAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+
+    single = dlmjax.load(path)
+    want = single.logits(ids, mask)
+    tokens = single.generate(ids, mask, method="fast-dllm", threshold=0.3, gen_length=16, block_length=8).tokens
+    cli = single.generate([[5, 6, 7]], gen_length=8).tokens[0].tolist()
+    for i in range(2):
+        got = np.load(tmp_path / f"p{i}.npz")
+        assert got["info"].tolist() == [i, 2, 2, 4]
+        assert np.abs(got["logits"] - want)[mask.astype(bool)].max() <= 1e-4
+        assert (got["tokens"] == tokens).all()
+        assert f"process {i} of 2: 2 local devices of 4" in outs[i][1]
+    printed = [[line for line in out.splitlines() if not line.startswith("[Gloo]")] for out, _ in outs]
+    assert len(printed[0]) == 1 and json.loads(printed[0][0])["tokens"] == cli
+    assert printed[1] == []  # only process 0 prints

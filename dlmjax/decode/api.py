@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from dlmjax.decode import exits, rules
+from dlmjax.decode.ar import ARKnobs, ARMethod, ARTokens, decode_ar
 from dlmjax.decode.engine import Knobs, Method, Tokens, decode
 from dlmjax.errors import DlmjaxError
 
@@ -47,7 +48,8 @@ class GenerateOutput:
     trajectory: np.ndarray | None  # [B, gen_length] step (1-based) at which each position was committed
     seconds: float  # wall time of the decode, compilation excluded
     compile_seconds: float  # 0.0 when the program was already compiled
-    method: Method | None = None
+    method: Method | ARMethod | None = None
+    lengths: np.ndarray | None = None  # [B] tokens each row produced, its stop token included (method "ar")
 
 
 _COMPILED: dict[tuple, Any] = {}
@@ -91,7 +93,7 @@ def _prepare_prompts(lm, prompts, attention_mask, chat: bool) -> tuple[np.ndarra
     ids, mask = lm.check_inputs(array, attention_mask)
     if not mask.any(axis=1).all():
         raise DlmjaxError("a prompt is empty; give every row at least one token")
-    if np.any((ids == cfg.mask_token_id) & (mask > 0)):
+    if cfg.mask_token_id is not None and np.any((ids == cfg.mask_token_id) & (mask > 0)):
         raise DlmjaxError(f"a prompt contains the mask token {cfg.mask_token_id}; remove it (masks are what gets generated)")
     return ids, mask
 
@@ -138,8 +140,10 @@ def build_method(method: str, *, gen_length: int, block_length: int | None, step
         raise DlmjaxError(f"confidence threshold {threshold} is outside (0, 1]; pass a threshold such as 0.9")
     if rule == "entropy" and not (threshold is not None and threshold >= 0):
         raise DlmjaxError(f"entropy bound {threshold} is negative or missing; pass threshold >= 0 (nats), e.g. 0.5")
-    if rule == "factor" and not (settings.get("factor") is not None and settings["factor"] > 0):
-        raise DlmjaxError(f"factor {settings.get('factor')} must be positive; pass e.g. factor=1.0")
+    if rule == "factor":
+        settings.setdefault("factor", 1.0)  # Fast-dLLM's evaluation default
+        if not settings["factor"] > 0:
+            raise DlmjaxError(f"factor {settings['factor']} must be positive; pass e.g. factor=1.0")
     schedule = settings.get("schedule")
     if schedule is not None and schedule not in exits.EXITS:
         raise DlmjaxError(f"unknown schedule '{schedule}'; use one of {', '.join(exits.EXITS)}")
@@ -193,7 +197,7 @@ def generate(
     prompts_or_ids,
     attention_mask=None,
     *,
-    method: str = "llada",
+    method: str | None = None,
     gen_length: int = 128,
     block_length: int | None = None,
     steps: int | None = None,
@@ -222,14 +226,30 @@ def generate(
     seed: int = 0,
     prompt_bucket: int = 32,
 ) -> GenerateOutput:
-    """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet");
-    any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
+    """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet";
+    default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
+    Autoregressive models (family qwen2) decode with method "ar" (their default and only method),
+    which takes temperature, top_k, top_p and seed; see `dlmjax.decode.ar`.
 
     temperature: Gumbel-max sampling (0 = greedy). LLaDA's reference draws the noise in float64;
     by default dlmjax draws it in float32, where u is quantised to 2^-24 (the noise is capped near
     17 instead of unbounded) and scores round to float32, so rare near-ties can resolve differently.
     gumbel_x64=True reproduces the float64 form (jax_enable_x64 is switched on for that trace only).
     """
+    if method is None:
+        method = "ar" if lm.config.is_autoregressive else "llada"
+    if method == "ar" or lm.config.is_autoregressive:
+        diffusion_only = dict(
+            block_length=block_length, steps=steps, threshold=threshold, factor=factor, rule=rule, remasking=remasking,
+            schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k, stop_at_eos=stop_at_eos,
+            logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf, alg=alg, alg_temp=alg_temp,
+            eps=eps, cfg_scale=cfg_scale, gumbel_x64=gumbel_x64, cache=cache, attention=attention,
+        )
+        return generate_ar(
+            lm, prompts_or_ids, attention_mask, method=method, gen_length=gen_length, temperature=temperature,
+            top_p=top_p, top_k=top_k, chat=chat, seed=seed, prompt_bucket=prompt_bucket,
+            diffusion_only=[name for name, value in diffusion_only.items() if value is not None],
+        )
     m, settings = build_method(
         method, gen_length=gen_length, block_length=block_length, steps=steps, rule=rule, threshold=threshold,
         factor=factor, remasking=remasking, schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k,
@@ -271,16 +291,24 @@ def generate(
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id)
     args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), knobs, jax.random.key(seed))
     # DLMJAX_ATTENTION picks the attention kernel at trace time, so it is part of the program's key.
-    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype), os.environ.get("DLMJAX_ATTENTION", ""), lm.mesh, lm.rules)
+    kernel = os.environ.get("DLMJAX_ATTENTION", "")
+    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype), kernel, lm.mesh, lm.rules)
     compile_seconds = 0.0
     if key not in _COMPILED:
         start = time.perf_counter()
         with jax.enable_x64(m.gumbel_x64):  # scoped: only LLaDA's exact Gumbel noise is float64
-            _COMPILED[key] = decode.lower(lm.graphdef, *args, method=m, tokens=tokens, shard=kernel_shard(lm, ids.shape[0])).compile()
+            _COMPILED[key] = decode.lower(
+                lm.graphdef, *args, method=m, tokens=tokens, shard=kernel_shard(lm, ids.shape[0]), layout=lm.layout,
+                kernel=kernel,
+            ).compile()
         compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     out, nfe, trajectory, steps_run = jax.block_until_ready(_COMPILED[key](*args))
     seconds = time.perf_counter() - start
+    if lm.mesh is not None:  # rows may sit on other hosts' devices
+        from dlmjax.sharding import to_host
+
+        out, nfe, trajectory = to_host(out), to_host(nfe), to_host(trajectory)
     out, nfe, trajectory = np.asarray(out), np.asarray(nfe), np.asarray(trajectory)
     texts = None
     if lm.directory is not None and (lm.directory / "hf").is_dir():
@@ -288,6 +316,73 @@ def generate(
     return GenerateOutput(
         tokens=out, texts=texts, nfe=nfe, steps=int(steps_run), trajectory=trajectory, seconds=seconds,
         compile_seconds=compile_seconds, method=m,
+    )
+
+
+def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: int, temperature: float, top_p, top_k,
+                chat: bool, seed: int, prompt_bucket: int, diffusion_only: Sequence[str] = ()) -> GenerateOutput:
+    """Token-by-token decoding of an autoregressive model (`dlmjax.decode.ar`); checks first, then one program."""
+    cfg = lm.config
+    if not cfg.is_autoregressive:
+        raise DlmjaxError(
+            f"method 'ar' decodes autoregressive models, but this is a {cfg.family} diffusion model; "
+            f"use a diffusion method: one of {', '.join(PRESETS)}"
+        )
+    if method != "ar":
+        raise DlmjaxError(f"{cfg.family} is an autoregressive model, which decodes with method='ar' only; drop method='{method}'")
+    if diffusion_only:
+        one = len(diffusion_only) == 1
+        raise DlmjaxError(
+            f"{', '.join(diffusion_only)} {'is' if one else 'are'} for diffusion decoding only; "
+            f"drop {'it' if one else 'them'} for method='ar'"
+        )
+    if gen_length <= 0:
+        raise DlmjaxError(f"gen_length must be positive, got {gen_length}")
+    if temperature < 0:
+        raise DlmjaxError(f"temperature {temperature} is negative; use 0 for greedy decoding or a positive value")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise DlmjaxError(f"top_p {top_p} is outside (0, 1]; pass e.g. top_p=0.95")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise DlmjaxError(f"top_k {top_k} must be a positive integer")
+    ids, mask = _prepare_prompts(lm, prompts_or_ids, attention_mask, chat)
+    limit = cfg.max_position_embeddings - gen_length
+    if ids.shape[1] > limit:
+        raise DlmjaxError(
+            f"prompt length {ids.shape[1]} plus gen_length {gen_length} exceeds the model's {cfg.max_position_embeddings} "
+            "positions; shorten the prompt or gen_length"
+        )
+    ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
+    m = ARMethod(gen_length=gen_length)
+    stops = tuple(dict.fromkeys(t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None and 0 <= t < cfg.vocab_size))
+    pad = next(t for t in (cfg.pad_token_id, cfg.eos_token_id, 0) if t is not None)
+    tokens = ARTokens(stops=stops, pad=pad)
+    knobs = ARKnobs.make(temperature, top_k, top_p, cfg.vocab_size)
+    args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), knobs, jax.random.key(seed))
+    kernel = os.environ.get("DLMJAX_ATTENTION", "")
+    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype), kernel, lm.mesh, lm.rules)
+    compile_seconds = 0.0
+    if key not in _COMPILED:
+        start = time.perf_counter()
+        _COMPILED[key] = decode_ar.lower(
+            lm.graphdef, *args, method=m, tokens=tokens, shard=kernel_shard(lm, ids.shape[0]), layout=lm.layout, kernel=kernel
+        ).compile()
+        compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    out, steps_run, lengths = jax.block_until_ready(_COMPILED[key](*args))
+    seconds = time.perf_counter() - start
+    if lm.mesh is not None:  # rows may sit on other hosts' devices
+        from dlmjax.sharding import to_host
+
+        out, lengths = to_host(out), to_host(lengths)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    texts = None
+    if lm.directory is not None and (lm.directory / "hf").is_dir():
+        texts = [decode_text(lm, row) for row in out]
+    # A row takes part in one model call per token it produces (the prefill gives the first).
+    trajectory = np.minimum(np.arange(1, gen_length + 1)[None, :], lengths[:, None]).astype(np.int32)
+    return GenerateOutput(
+        tokens=out, texts=texts, nfe=lengths.copy(), steps=int(steps_run), trajectory=trajectory, seconds=seconds,
+        compile_seconds=compile_seconds, method=m, lengths=lengths,
     )
 
 

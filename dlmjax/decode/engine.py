@@ -19,6 +19,7 @@ from dlmjax.attention import attention_mask, mask_spec
 from dlmjax.cache import KVCache
 from dlmjax.decode import exits, rules
 from dlmjax.model import position_ids, shift_right
+from dlmjax.sharding import Layout, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +82,27 @@ class State:
     nfe: jax.Array  # [B] forward passes each row took part in
     done: jax.Array  # [B]
     trajectory: jax.Array  # [B, G] the row's step (1-based nfe) that committed each position
-    steps: jax.Array
+    steps: jax.Array  # scalar: forward passes of the whole batch
     # Latest predictions for every generation position (a cached step refreshes only its window).
     x0: jax.Array  # [B, G] int32
     confidence: jax.Array  # [B, G] probability of x0
     entropy: jax.Array  # [B, G]
     margin: jax.Array  # [B, G] top-1 minus top-2 logit
-    cache: KVCache | None  # scalar: forward passes of the whole batch
+    cache: KVCache | None
+
+    def constrain(self, layout: Layout | None) -> "State":
+        """Every array pinned to its sharding over `layout`'s mesh: a while_loop carry must leave
+        the body as it came in, and this keeps it split (rows over the batch axes, the cache's
+        heads over tensor) through every step instead of whatever the partitioner infers."""
+        if layout is None:
+            return self
+        rows, canvas = ("batch",), ("batch", "length")
+        arrays = dict(x=canvas, nfe=rows, done=rows, trajectory=canvas, steps=(), x0=canvas, confidence=canvas,
+                      entropy=canvas, margin=canvas)
+        cache = None if self.cache is None else self.cache.constrain(layout)
+        return dataclasses.replace(
+            self, cache=cache, **{name: constrain(getattr(self, name), axes, layout) for name, axes in arrays.items()}
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +181,11 @@ def _dream_step(logits, candidates, masked_in_block, i, knobs: Knobs, method: Me
     return x0, rules.quota_commit(score, candidates, jnp.broadcast_to(n, candidates.shape[:1]))
 
 
-def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: Method, tokens: Tokens, shard=None):
+def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: Method, tokens: Tokens, shard=None,
+            layout: Layout | None = None, kernel: str = ""):
+    # `kernel` is DLMJAX_ATTENTION's value. The attention kernel is picked while tracing and jit's
+    # trace cache does not see the environment, so it is a static argument: another value retraces.
+    del kernel
     model = nnx.merge(graphdef, state)
     cfg = model.config
     b, p = prompt.shape
@@ -197,12 +216,12 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
             unconditional = x.at[:, :p].set(tokens.mask)
             both, _ = model(
                 jnp.concatenate([x, unconditional]), jnp.concatenate([positions, positions]),
-                jnp.concatenate([attn, attn]), logits_from=head_from,
+                jnp.concatenate([attn, attn]), logits_from=head_from, layout=layout,
             )
             cond, uncond = both[:b], both[b:]
             logits = uncond + (knobs.cfg_scale + 1.0) * (cond - uncond)
         else:
-            logits, cache = model(x, positions, attn, cache=cache, cache_index=0, logits_from=head_from)
+            logits, cache = model(x, positions, attn, cache=cache, cache_index=0, logits_from=head_from, layout=layout)
         if cfg.shifted_logits:
             logits = shift_right(logits)
         return clean(logits[:, p - head_from :]), cache
@@ -220,7 +239,9 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         start = jnp.clip(block_start + k - width, 0, length - width)
         window = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
         window_positions = jax.lax.dynamic_slice_in_dim(positions, start, width, axis=1)
-        logits, cache = model(window, window_positions, window_attention(start, width), cache=cache, cache_index=start)
+        logits, cache = model(
+            window, window_positions, window_attention(start, width), cache=cache, cache_index=start, layout=layout
+        )
         if cfg.shifted_logits:
             logits = shift_right(logits)
         block_logits = jax.lax.dynamic_slice_in_dim(logits, block_start - start, k, axis=1)
@@ -234,7 +255,10 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
             start, width, keep = p, g, gen_index < block * k
         window = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
         window_positions = jax.lax.dynamic_slice_in_dim(positions, start, width, axis=1)
-        logits, cache = model(window, window_positions, window_attention(start, width), cache=cache, cache_index=start, cache_keep=keep)
+        logits, cache = model(
+            window, window_positions, window_attention(start, width), cache=cache, cache_index=start, cache_keep=keep,
+            layout=layout,
+        )
         if cfg.shifted_logits:
             logits = shift_right(logits)  # the window's first prediction has no left neighbour: not used
         return clean(logits), start - p, cache
@@ -366,11 +390,14 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
 
         def body(carry):
             i, s, quota_base = carry
+            s = s.constrain(layout)
             if cached and not exact and cfg.shifted_logits:  # quotas split what the refresh left
                 quota_base = jnp.where(i == 1, masks_in_block(s), quota_base)
-            return i + 1, denoise_step(s, block, i, quota_base), quota_base
+            quota_base = constrain(quota_base, ("batch",), layout)
+            return i + 1, denoise_step(s, block, i, quota_base).constrain(layout), quota_base
 
-        _, s, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), s, masks_in_block(s)))
+        quota_base = constrain(masks_in_block(s), ("batch",), layout)
+        _, s, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), s, quota_base))
         return s
 
     def outer_cond(carry):
@@ -379,7 +406,7 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
 
     def outer_body(carry):
         block, s = carry
-        return block + 1, run_block(block, s)
+        return block + 1, run_block(block, s.constrain(layout)).constrain(layout)
 
     x = jnp.concatenate([prompt, jnp.full((b, g), tokens.mask, prompt.dtype)], axis=1)
     zeros = jnp.zeros((b, g), jnp.float32)
@@ -391,10 +418,10 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
     )
     if exact:  # the prompt is final from the start: write its K/V once (one forward for every row)
         prompt_attn = attention_mask(method.attention, full_mask, query_index=jnp.arange(p), block_size=k, prompt_length=p)
-        _, cache = model(prompt, positions[:, :p], prompt_attn, cache=init.cache, cache_index=0, logits_from=p)
+        _, cache = model(prompt, positions[:, :p], prompt_attn, cache=init.cache, cache_index=0, logits_from=p, layout=layout)
         init = dataclasses.replace(init, cache=cache, nfe=init.nfe + 1)
-    _, final = jax.lax.while_loop(outer_cond, outer_body, (jnp.int32(0), init))
+    _, final = jax.lax.while_loop(outer_cond, outer_body, (jnp.int32(0), init.constrain(layout)))
     return final.x[:, p:], final.nfe, final.trajectory, final.steps
 
 
-decode = jax.jit(_decode, static_argnames=("graphdef", "method", "tokens", "shard"))
+decode = jax.jit(_decode, static_argnames=("graphdef", "method", "tokens", "shard", "layout", "kernel"))

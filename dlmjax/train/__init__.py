@@ -1,0 +1,26 @@
+"""Training: objectives, data batching, and a resumable optax + orbax training loop.
+
+    from dlmjax.train import TrainConfig, init_model, train, sft_arrays
+
+`init_model` gives a randomly initialised `Transformer`; `sft_arrays` turns prompt and
+answer ids into fixed-length training rows; `train` runs the loop, saves an orbax
+checkpoint every `save_every` steps (keeping the last `keep`), and resumes from the latest
+one. Objectives: LLaDA's masked-diffusion loss ("mdm") and a next-token loss ("ar").
+"""
+
+from dlmjax.train.data import BatchStream, sft_arrays
+from dlmjax.train.init import init_model
+from dlmjax.train.loop import TrainConfig, TrainResult, train
+from dlmjax.train.objectives import OBJECTIVES, autoregressive_loss, masked_diffusion_loss
+
+__all__ = [
+    "OBJECTIVES",
+    "BatchStream",
+    "TrainConfig",
+    "TrainResult",
+    "autoregressive_loss",
+    "init_model",
+    "masked_diffusion_loss",
+    "sft_arrays",
+    "train",
+]

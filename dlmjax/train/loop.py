@@ -1,0 +1,213 @@
+"""A resumable training loop: optax for the update, orbax CheckpointManager for the state.
+
+    result = train(model, arrays, "runs/tiny", TrainConfig(objective="mdm", steps=2000))
+
+The run directory holds everything needed to continue:
+
+    RUN/train_config.json   the TrainConfig (a resume with a different one is refused)
+    RUN/checkpoints/N/      orbax: parameters, optimizer state, and the step, every save_every steps
+    RUN/metrics.jsonl       one line per log_every steps: step, loss, grad norm, lr, tokens/s
+
+Batch `s` and the noise of step `s` are pure functions of (seed, s), and the checkpoint
+holds the full optimizer state, so a run killed at any point and restarted ends with the
+same parameters as one that was never interrupted (bitwise on the same machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dlmjax.errors import DlmjaxError
+from dlmjax.model import Transformer
+from dlmjax.train.data import BatchStream
+from dlmjax.train.objectives import OBJECTIVES
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    objective: str = "mdm"  # "mdm" (LLaDA masked diffusion) or "ar" (next token)
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.1  # cosine decay to learning_rate * end_lr_ratio
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.98
+    grad_clip: float = 1.0
+    eps: float = 1e-3  # lowest masking rate of the diffusion loss
+    seed: int = 0
+    save_every: int = 500
+    keep: int = 2
+    log_every: int = 50
+
+    def validate(self) -> "TrainConfig":
+        if self.objective not in OBJECTIVES:
+            raise DlmjaxError(f"objective must be one of {sorted(OBJECTIVES)}, not {self.objective!r}")
+        for name in ("steps", "batch_size", "save_every", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise DlmjaxError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.eps < 1:
+            raise DlmjaxError(f"eps must lie in (0, 1), got {self.eps}")
+        return self
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: Transformer
+    step: int  # the last completed step
+    resumed_from: int | None  # the checkpoint step the run started from, if any
+    history: list[dict[str, float]]  # the metrics logged by this call
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    warmup = min(tc.warmup_steps, tc.steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, tc.learning_rate, warmup, max(tc.steps, warmup + 1), end_value=tc.learning_rate * tc.end_lr_ratio
+    )
+    # Weight decay on matrices only (not on norm weights or biases).
+    decay = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay),
+    ), schedule
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def _check_run_config(run_dir: pathlib.Path, tc: TrainConfig) -> None:
+    path = run_dir / "train_config.json"
+    mine = dataclasses.asdict(tc)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = {k: (saved.get(k), v) for k, v in mine.items() if k not in ("steps", "log_every") and saved.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise DlmjaxError(
+                f"{run_dir} holds a run with a different training config ({details}); "
+                "resume with the same settings or use a new run directory"
+            )
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(mine, indent=2) + "\n")
+        tmp.replace(path)
+
+
+def train(
+    model: Transformer,
+    arrays: dict[str, np.ndarray],
+    run_dir: str | pathlib.Path,
+    tc: TrainConfig,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    log: Callable[[str], None] | None = None,
+    on_save: Callable[[int, Transformer], None] | None = None,
+) -> TrainResult:
+    """Train `model` on `arrays` (see `sft_arrays`), resuming from the latest checkpoint in `run_dir`.
+
+    `model` gives the architecture and the starting parameters of a fresh run; a resumed
+    run takes its parameters from the checkpoint. `stop_after` ends the call after that
+    step (as if killed there) without a final save, for tests of resumption. `on_save(step,
+    model)` runs after every checkpoint (e.g. an evaluation).
+    """
+    tc = tc.validate()
+    missing = {"input_ids", "attention_mask", "loss_mask"} - set(arrays)
+    if missing:
+        raise DlmjaxError(f"training arrays lack {sorted(missing)}; build them with dlmjax.train.sft_arrays")
+    run_dir = pathlib.Path(run_dir)
+    _check_run_config(run_dir, tc)
+    stream = BatchStream(arrays, tc.batch_size, tc.seed)
+    tx, schedule = make_optimizer(tc)
+    objective = OBJECTIVES[tc.objective]
+    graphdef, params = nnx.split(model)
+    opt_state = tx.init(params)
+
+    manager = ocp.CheckpointManager(
+        (run_dir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True, enable_async_checkpointing=False),
+    )
+    resumed_from = manager.latest_step()
+    start = 0
+    if resumed_from is not None:
+        restored = manager.restore(
+            resumed_from,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(params)), opt_state=ocp.args.StandardRestore(_abstract(opt_state))
+            ),
+        )
+        params, opt_state, start = restored.params, restored.opt_state, resumed_from
+        if log:
+            log(f"resumed from step {resumed_from} in {run_dir}")
+
+    def loss_fn(p, batch, key):
+        return objective(nnx.merge(graphdef, p), batch, key, **({"eps": tc.eps} if tc.objective == "mdm" else {}))
+
+    @jax.jit
+    def step_fn(p, o, batch, key, step):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, key)
+        updates, o = tx.update(grads, o, p)
+        p = optax.apply_updates(p, updates)
+        return p, o, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step), **metrics}
+
+    base_key = jax.random.key(tc.seed)
+    history: list[dict[str, float]] = []
+    tokens_per_step = float(np.mean(np.sum(arrays["attention_mask"], 1))) * tc.batch_size
+    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, desc=f"train {tc.objective}", dynamic_ncols=True)
+    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    tick, tick_step = time.perf_counter(), start
+    try:
+        for step in range(start, end):
+            batch = {k: jnp.asarray(v) for k, v in stream.batch(step).items()}
+            params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step), step)
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                now = time.perf_counter()
+                row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+                row["tokens_per_s"] = tokens_per_step * (done - tick_step) / max(now - tick, 1e-9)
+                tick, tick_step = now, done
+                history.append(row)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+            if done % tc.save_every == 0 or done == tc.steps:
+                manager.save(
+                    done,
+                    args=ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)),
+                )
+                if on_save is not None:
+                    on_save(done, nnx.merge(graphdef, params))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        metrics_file.close()
+        if bar is not None:
+            bar.close()
+        manager.wait_until_finished()
+        manager.close()
+    return TrainResult(nnx.merge(graphdef, params), max(end, start), resumed_from, history)
+
+
+def run_summary(result: TrainResult) -> dict[str, Any]:
+    last = result.history[-1] if result.history else {}
+    return {"step": result.step, "resumed_from": result.resumed_from, **last}

@@ -1,0 +1,216 @@
+"""A synthetic task suite whose answers can be checked, and its tokenizer.
+
+Three kinds of problem, each with a final `#### answer` line as in GSM8K:
+
+    arith    a word problem of 2 or 3 steps with a short chain of thought:
+             "Mia has 7 apples. She buys 5 more. She gives away 3. How many apples now?"
+             -> "7+5=12. 12-3=9. #### 9"
+    sort     "Sort: 7 3 9 1 4"        -> "#### 1 3 4 7 9"
+    reverse  "Reverse: 5 2 8 1 6"     -> "#### 6 1 8 2 5"
+
+The chain of thought makes tokens depend on each other (each step's result feeds the
+next), so committing many tokens at once costs accuracy; sort and reverse are the easy,
+parallel-friendly part. Splits come from a fixed seed and the test prompts never occur in
+the train split.
+
+The tokenizer is word level (a `tokenizers` JSON, loaded through transformers like any
+checkpoint's): words carry their leading space, every digit is its own token, and special
+tokens mark mask, end of text (EOS, also the padding of answers), end of turn and pad.
+
+    python experiments/tasks.py --show 5      # print a few examples
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import random
+import re
+
+NAMES = ["Mia", "Tom", "Ann", "Leo", "Sara", "Ben", "Nina", "Omar", "Lucy", "Ivan", "Zoe", "Sam"]
+PRONOUNS = {"Mia": "She", "Tom": "He", "Ann": "She", "Leo": "He", "Sara": "She", "Ben": "He", "Nina": "She",
+            "Omar": "He", "Lucy": "She", "Ivan": "He", "Zoe": "She", "Sam": "He"}
+ITEMS = ["apples", "books", "coins", "cards", "pens", "eggs", "shells", "stamps", "marbles", "cookies"]
+KINDS = ("arith", "sort", "reverse")
+
+# Special tokens: id order is fixed (they follow the words in the vocabulary).
+BOS, EOS, EOT, PAD, MASK, USER, ASSISTANT = (
+    "<|bos|>", "<|eos|>", "<|eot|>", "<|pad|>", "<|mask|>", "<|user|>", "<|assistant|>",
+)
+SPECIALS = [BOS, EOS, EOT, PAD, MASK, USER, ASSISTANT]
+VOCAB_SIZE = 128
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ ('<|user|>' if message['role'] == 'user' else '<|assistant|>') + (message['content'] | trim) }}"
+    "{% if message['role'] != 'user' %}{{ '<|eot|>' }}{% endif %}{% endfor %}{{ '<|assistant|>' }}"
+)
+# One piece per word (with its leading space), per digit (with a leading space when there is one), per other character.
+PIECE = r" ?[A-Za-z]+| ?[0-9]|[\s\S]"
+MAX_PROMPT_TOKENS = 32  # chat-formatted prompt, so that every prompt fits one 32-token bucket
+MAX_ANSWER_TOKENS = 40  # answer + its EOS; generation canvases are 64 tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    kind: str
+    prompt: str  # the user turn
+    answer: str  # the full target, chain of thought and "#### final"
+    final: str  # what must follow "####"
+
+
+def _arith(rng: random.Random) -> Example:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    he = PRONOUNS[name]
+    value = rng.randint(2, 20)
+    sentences = [f"{name} has {value} {item}."]
+    steps = []
+    for _ in range(rng.choice((2, 3))):
+        options = ["add"]
+        if value > 1:
+            options.append("sub")
+        if value <= 30:
+            options.append("mul")
+        op = rng.choice(options)
+        if op == "add":
+            n = rng.randint(1, 9)
+            sentences.append(rng.choice([f"{he} buys {n} more.", f"{he} finds {n} more."]))
+            steps.append(f"{value}+{n}={value + n}.")
+            value += n
+        elif op == "sub":
+            n = rng.randint(1, min(9, value - 1))
+            sentences.append(rng.choice([f"{he} gives away {n}.", f"{he} loses {n}."]))
+            steps.append(f"{value}-{n}={value - n}.")
+            value -= n
+        else:
+            n = rng.choice((2, 3))
+            sentences.append(f"{he} {'doubles' if n == 2 else 'triples'} them.")
+            steps.append(f"{value}*{n}={value * n}.")
+            value *= n
+    sentences.append(f"How many {item} now?")
+    return Example("arith", " ".join(sentences), " ".join(steps) + f" #### {value}", str(value))
+
+
+def _digits(rng: random.Random) -> list[int]:
+    return [rng.randint(0, 9) for _ in range(rng.randint(4, 7))]
+
+
+def make_example(kind: str, rng: random.Random) -> Example:
+    if kind == "arith":
+        return _arith(rng)
+    digits = _digits(rng)
+    result = sorted(digits) if kind == "sort" else digits[::-1]
+    final = " ".join(map(str, result))
+    return Example(kind, f"{kind.capitalize()}: {' '.join(map(str, digits))}", f"#### {final}", final)
+
+
+def make_split(split: str, n: int, seed: int = 0) -> list[Example]:
+    """`n` examples of the split, kinds in proportion 2:1:1 (arith:sort:reverse).
+
+    The test split is drawn first from its own stream; the train split skips any prompt
+    that the first 10,000 test examples contain, so the two never share a problem.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    weights = (2, 1, 1)
+    if split == "test":
+        rng = random.Random(f"dlmjax-tasks-test-{seed}")
+        return [make_example(rng.choices(KINDS, weights)[0], rng) for _ in range(n)]
+    held_out = {e.prompt for e in make_split("test", 10_000, seed)}
+    rng = random.Random(f"dlmjax-tasks-train-{seed}")
+    out = []
+    while len(out) < n:
+        example = make_example(rng.choices(KINDS, weights)[0], rng)
+        if example.prompt not in held_out:
+            out.append(example)
+    return out
+
+
+def extract_final(text: str) -> str | None:
+    """The text after the first '####', up to the end of the line, or None."""
+    match = re.search(r"####([^\n]*)", text)
+    return match.group(1).strip() if match else None
+
+
+def is_correct(example: Example, text: str) -> bool:
+    return extract_final(text) == example.final
+
+
+# -- tokenizer -----------------------------------------------------------------------
+
+def _pieces(text: str) -> list[str]:
+    return re.findall(PIECE, text)
+
+
+def build_vocab() -> list[str]:
+    """Every piece the task can produce, in a fixed order, then the special tokens."""
+    words = set()
+    for sentence in ["Sort:", "Reverse:", "#### + - * = . :", " How many now?"]:
+        words.update(_pieces(sentence))
+    for name in NAMES:
+        words.update(_pieces(f"{name} has {PRONOUNS[name]}"))
+    for item in ITEMS:
+        words.update(_pieces(f" {item}"))
+    for phrase in ["buys more", "finds more", "gives away", "loses", "doubles them", "triples them"]:
+        words.update(_pieces(" " + phrase))
+    words.update(str(d) for d in range(10))
+    words.update(f" {d}" for d in range(10))
+    words.update([" ", "\n", "#", "?", ","])
+    pieces = sorted(words)
+    if len(pieces) + len(SPECIALS) > VOCAB_SIZE:
+        raise ValueError(f"{len(pieces)} pieces do not fit a vocabulary of {VOCAB_SIZE}")
+    return pieces
+
+
+def token_ids() -> dict[str, int]:
+    """Special token name -> id (the specials sit at the top of the vocabulary)."""
+    first = VOCAB_SIZE - len(SPECIALS)
+    return {name: first + i for i, name in enumerate(SPECIALS)}
+
+
+def write_tokenizer(directory: str | pathlib.Path) -> pathlib.Path:
+    """tokenizer.json + tokenizer_config.json for the task vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pieces = build_vocab()
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    for i in range(len(pieces), VOCAB_SIZE - len(SPECIALS)):
+        vocab[f"<|unused_{i}|>"] = i
+    vocab.update(token_ids())
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+        "mask_token": MASK, "unk_token": None, "additional_special_tokens": [EOT, USER, ASSISTANT],
+        "add_bos_token": False, "add_eos_token": False, "padding_side": "left", "model_max_length": 512,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The chat-formatted prompt ids, exactly as `lm.generate(..., chat=True)` builds them."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=CHAT_TEMPLATE,
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--show", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for example in make_split(args.split, args.show, args.seed):
+        print(f"[{example.kind}] {example.prompt}\n    -> {example.answer}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The embedded tiny models: they load by name offline, solve the task suite, and drive the CLI."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+import dlmjax
+from dlmjax import models
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+
+import tasks  # noqa: E402
+import train_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_llada():
+    return dlmjax.load("tiny-llada", dtype="float32", progress=False)
+
+
+def test_embedded_models_ship_in_the_package():
+    for name in models.EMBEDDED:
+        directory = models.path(name)
+        assert directory is not None and directory.parent == pathlib.Path(models.__file__).parent
+        files = {p.name for p in directory.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "generation_config.json", "train_log.json"} <= files
+        size = sum(p.stat().st_size for p in directory.iterdir())
+        assert size < 8 * 2**20, f"{name} is {size / 2**20:.1f} MiB; the embedded models must stay small"
+        log = json.loads((directory / "train_log.json").read_text())
+        assert log["command"].startswith(f"python experiments/train_tiny.py {name}")
+
+
+def test_tiny_llada_is_a_llada_checkpoint_with_the_task_tokenizer(tiny_llada):
+    cfg = tiny_llada.config
+    assert cfg.family == "llada" and tiny_llada.dtype == np.float32
+    ids = tasks.token_ids()
+    assert (cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.eot_token_id) == (
+        ids[tasks.MASK], ids[tasks.EOS], ids[tasks.PAD], ids[tasks.EOT])
+    assert tiny_llada.default_gen_length == train_tiny.GEN_LENGTH
+    example = tasks.make_split("test", 1)[0]
+    assert tiny_llada.apply_chat_template([{"role": "user", "content": example.prompt}]) == tasks.encode_prompt(
+        tiny_llada.tokenizer, example.prompt)
+
+
+def test_tiny_llada_solves_the_test_split(tiny_llada):
+    """The issue's bar: the LLaDA baseline (one token per step) gets >= 90% of the test split."""
+    test = tasks.make_split("test", 512)
+    metrics = train_tiny.evaluate(tiny_llada, tiny_llada.tokenizer, test, **train_tiny.baseline_kwargs("llada"))
+    assert metrics["mean_nfe"] == train_tiny.GEN_LENGTH
+    assert metrics["accuracy"] >= 0.90, metrics
+
+
+def test_tiny_ar_decodes_autoregressively():
+    lm = dlmjax.load("tiny-ar", dtype="float32", progress=False)
+    assert lm.config.family == "qwen2"
+    test = tasks.make_split("test", 64)
+    metrics = train_tiny.evaluate(lm, lm.tokenizer, test, **train_tiny.baseline_kwargs("qwen2"))
+    assert metrics["accuracy"] >= 0.8, metrics
+    assert metrics["mean_nfe"] < train_tiny.GEN_LENGTH  # stops at EOS
+
+
+def test_cli_defaults_to_tiny_llada(capsys):
+    from dlmjax.generate import main
+
+    example = tasks.make_split("test", 3)[2]
+    assert main(["--prompt", example.prompt, "--chat", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert tasks.is_correct(example, out["text"]), out

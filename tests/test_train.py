@@ -1,0 +1,221 @@
+"""The training loop: rows, batches, objectives, checkpoints and exact resumption after a kill."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dlmjax.config import from_hf_config
+from dlmjax.errors import DlmjaxError
+from dlmjax.testing import tiny_hf_config
+from dlmjax.train import BatchStream, TrainConfig, init_model, masked_diffusion_loss, autoregressive_loss, sft_arrays, train
+
+PAD, EOS = 120, 121
+
+
+def _cfg(family="llada", **kw):
+    hf = tiny_hf_config(family, vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, **kw)
+    return from_hf_config(hf)
+
+
+def _arrays(objective="mdm", n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(0, 90, rng.integers(2, 8))) for _ in range(n)]
+    answers = [list(rng.integers(0, 90, rng.integers(1, 6))) for _ in range(n)]
+    return sft_arrays(prompts, answers, prompt_length=8, gen_length=8, pad_id=PAD, eos_id=EOS, objective=objective)
+
+
+def test_sft_rows_layout():
+    arrays = sft_arrays([[5, 6]], [[7, 8, 9]], prompt_length=4, gen_length=6, pad_id=PAD, eos_id=EOS, objective="mdm")
+    np.testing.assert_array_equal(arrays["input_ids"][0], [PAD, PAD, 5, 6, 7, 8, 9, EOS, EOS, EOS])
+    np.testing.assert_array_equal(arrays["attention_mask"][0], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(arrays["loss_mask"][0], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])  # EOS padding is scored
+    ar = sft_arrays([[5, 6]], [[7, 8, 9]], prompt_length=4, gen_length=6, pad_id=PAD, eos_id=EOS, objective="ar")
+    np.testing.assert_array_equal(ar["loss_mask"][0], [0, 0, 0, 0, 1, 1, 1, 1, 0, 0])  # answer and its first EOS
+
+
+@pytest.mark.parametrize(
+    "prompts, answers, match",
+    [
+        ([[1] * 5], [[2]], "prompt_length 4 must hold"),
+        ([[1]], [[2] * 6], "gen_length 6 must hold"),
+        ([[1], [2]], [[3]], "as many prompts as answers"),
+    ],
+)
+def test_sft_rows_errors(prompts, answers, match):
+    with pytest.raises(DlmjaxError, match=match):
+        sft_arrays(prompts, answers, prompt_length=4, gen_length=6, pad_id=PAD, eos_id=EOS, objective="mdm")
+
+
+def test_batch_stream_is_a_function_of_the_step():
+    arrays = _arrays(n=10)
+    a, b = BatchStream(arrays, 4, seed=3), BatchStream(arrays, 4, seed=3)
+    seen = np.concatenate([a.indices(s) for s in range(5)])  # two epochs of 10 rows
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    np.testing.assert_array_equal(b.batch(4)["input_ids"], a.batch(4)["input_ids"])  # b never saw steps 0..3
+    assert not np.array_equal(BatchStream(arrays, 4, seed=4).indices(0), a.indices(0))
+    with pytest.raises(DlmjaxError, match="batch_size 11 exceeds"):
+        BatchStream(arrays, 11)
+
+
+def test_masked_diffusion_loss_matches_its_definition():
+    cfg = _cfg()
+    model = init_model(cfg, seed=1, std=0.5)
+    batch = {k: jnp.asarray(v) for k, v in _arrays(n=6).items()}
+    key = jax.random.key(7)
+    loss, metrics = masked_diffusion_loss(model, batch, key, eps=1e-3)
+
+    # The same draws, written out in numpy: t ~ U(eps, 1) per row, scored tokens masked w.p. t.
+    ids, attn, scored = (np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask"))
+    t_key, m_key = jax.random.split(key)
+    t = np.asarray(jax.random.uniform(t_key, (ids.shape[0], 1), minval=1e-3, maxval=1.0))
+    masked = (np.asarray(jax.random.uniform(m_key, ids.shape)) < t) & (scored > 0)
+    assert masked.any() and not masked[:, :8].any()  # the prompt is never masked
+    noisy = np.where(masked, cfg.mask_token_id, ids)
+    from dlmjax.attention import attention_mask
+    from dlmjax.model import position_ids
+
+    logits = np.asarray(model(jnp.asarray(noisy), position_ids(cfg, jnp.asarray(attn)), attention_mask("bidirectional", jnp.asarray(attn)))[0])
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    ce = -np.take_along_axis(logp, ids[..., None], -1)[..., 0]
+    expected = np.mean((ce * masked / t).sum(1) / scored.sum(1))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["masked_ce"]), (ce * masked).sum() / masked.sum(), rtol=1e-5)
+
+
+def test_autoregressive_loss_is_causal_next_token_ce():
+    cfg = _cfg("dream")
+    model = init_model(cfg, seed=2, std=0.5)
+    arrays = _arrays("ar", n=4)
+    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    loss, _ = autoregressive_loss(model, batch)
+    # Changing the last (unscored) tokens must not change the loss: attention is causal.
+    changed = dict(batch, input_ids=batch["input_ids"].at[:, -1].set(3))
+    assert float(autoregressive_loss(model, changed)[0]) == pytest.approx(float(loss), abs=0)
+    # ...while changing a scored answer token does.
+    first_answer = 8
+    changed = dict(batch, input_ids=batch["input_ids"].at[:, first_answer].set(4))
+    assert float(autoregressive_loss(model, changed)[0]) != pytest.approx(float(loss), abs=1e-6)
+
+
+def test_training_reduces_the_loss_and_checkpoints(tmp_path):
+    cfg = _cfg()
+    tc = TrainConfig(steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=3, save_every=10, keep=2, log_every=10)
+    result = train(init_model(cfg), _arrays(n=8), tmp_path / "run", tc, progress=False)
+    losses = [row["loss"] for row in result.history]
+    assert len(losses) == 3 and losses[-1] < 0.7 * losses[0]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["20", "30"]  # keep=2
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20, 30]
+    # A finished run resumed again does nothing and returns the final parameters.
+    again = train(init_model(cfg, seed=9), _arrays(n=8), tmp_path / "run", tc, progress=False)
+    assert again.resumed_from == 30 and again.history == []
+    _assert_same_params(again.model, result.model)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    cfg = _cfg()
+    tc = TrainConfig(steps=2, batch_size=4, save_every=1, log_every=1)
+    train(init_model(cfg), _arrays(), tmp_path, tc, progress=False)
+    with pytest.raises(DlmjaxError, match="learning_rate: 0.001 -> 0.01"):
+        train(init_model(cfg), _arrays(), tmp_path, TrainConfig(steps=4, batch_size=4, learning_rate=1e-2), progress=False)
+
+
+def test_bad_train_config():
+    with pytest.raises(DlmjaxError, match="objective must be one of"):
+        TrainConfig(objective="mlm").validate()
+    with pytest.raises(DlmjaxError, match="steps must be at least 1"):
+        TrainConfig(steps=0).validate()
+
+
+def _assert_same_params(a, b):
+    pa, pb = nnx.to_pure_dict(nnx.state(a)), nnx.to_pure_dict(nnx.state(b))
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    cfg = _cfg()
+    tc = TrainConfig(steps=12, batch_size=4, warmup_steps=2, save_every=4, log_every=4)
+    whole = train(init_model(cfg), _arrays(), tmp_path / "whole", tc, progress=False)
+    # Stop after step 7 (the last checkpoint is step 4), then resume with a differently seeded
+    # fresh model: everything must come from the checkpoint.
+    part = train(init_model(cfg), _arrays(), tmp_path / "part", tc, progress=False, stop_after=7)
+    assert part.step == 7
+    resumed = train(init_model(cfg, seed=5), _arrays(), tmp_path / "part", tc, progress=False)
+    assert resumed.resumed_from == 4
+    _assert_same_params(resumed.model, whole.model)
+
+
+_DRIVER = textwrap.dedent(
+    """
+    import sys, numpy as np, jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from flax import nnx
+    from dlmjax.config import from_hf_config
+    from dlmjax.testing import tiny_hf_config
+    from dlmjax.train import TrainConfig, init_model, sft_arrays, train
+    hf = tiny_hf_config("llada", vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 90, 5)) for _ in range(16)]
+    answers = [list(rng.integers(0, 90, 4)) for _ in range(16)]
+    arrays = sft_arrays(prompts, answers, prompt_length=8, gen_length=8, pad_id=120, eos_id=121, objective="mdm")
+    tc = TrainConfig(steps=int(sys.argv[2]), batch_size=4, warmup_steps=2, save_every=2, keep=2, log_every=1)
+    slow = float(sys.argv[3])
+    def on_save(step, model):
+        import time; time.sleep(slow)
+    result = train(init_model(from_hf_config(hf)), arrays, sys.argv[1], tc, progress=False, on_save=on_save, log=print)
+    flat = jax.tree.leaves(nnx.to_pure_dict(nnx.state(result.model)))
+    np.savez(sys.argv[1] + "/final.npz", *[np.asarray(x) for x in flat])
+    print("finished", result.step, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    """SIGKILL a training process after its second checkpoint, restart the same command,
+    and compare with a run that was never interrupted: bitwise equal on the CPU."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    steps = "16"
+
+    def run(run_dir, slow="0"):
+        return subprocess.run([sys.executable, str(driver), str(run_dir), steps, slow], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    whole = run(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(driver), str(killed_dir), steps, "0.5"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = killed_dir / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (checkpoints / "4").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (checkpoints / "4").is_dir(), "the training process never reached its second checkpoint"
+    assert not (killed_dir / "final.npz").exists()  # it really died before the end
+    steps_saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert max(steps_saved) < 16
+
+    resumed = run(killed_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from step {max(steps_saved)}" in resumed.stdout
+    a, b = np.load(tmp_path / "whole" / "final.npz"), np.load(killed_dir / "final.npz")
+    assert a.files == b.files
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name])
