@@ -167,6 +167,12 @@ def load_model(path: pathlib.Path, name: str):
         return f"{path} does not load yet: {e}"
 
 
+def _shown(path) -> str:
+    """A model path as the report shows it: relative to the repository when inside it."""
+    path = pathlib.Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _fmt(row: dict, key: str, spec: str) -> str:
     value = row.get(key)
     return "-" if value is None else format(value, spec)
@@ -308,7 +314,7 @@ def main(argv=None) -> dict:
         command="python experiments/report.py " + " ".join(sys.argv[1:] if argv is None else argv),
         machine=machine_info(),
         config=dict(examples=n, batch_size=args.batch_size, seed=args.seed, gen_length=GEN_LENGTH,
-                    llada=str(args.llada), ar=str(args.ar), baseline=BASELINE),
+                    llada=_shown(args.llada), ar=_shown(args.ar), baseline=BASELINE),
         rows=[],
     )
     for row in rows:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import platform
 import shutil
@@ -178,7 +179,7 @@ def main(argv=None) -> None:
     metrics = evaluate(exported, tokenizer, test, **baseline_kwargs(cfg.family))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exported.state))
     log = {
-        "command": f"python experiments/train_tiny.py {args.name}" + (f" --steps {args.steps}" if args.steps else ""),
+        "command": " ".join(["python", "experiments/train_tiny.py", *(argv if argv is not None else sys.argv[1:])]),
         "architecture": {k: recipe[k] for k in ("family", "hidden", "layers", "heads", "mlp")},
         "parameters": n_params,
         "train": {**{k: v for k, v in tc.__dict__.items()}, "stages": recipe.get("stages", []) if not args.steps else [],
@@ -187,7 +188,7 @@ def main(argv=None) -> None:
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "train_seconds_this_call": round(train_seconds, 1),
         "resumed_from": result.resumed_from,
-        "machine": f"{platform.machine()} CPU x{jax.device_count()} ({jax.devices()[0].platform}), jax {jax.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({jax.devices()[0].platform}), jax {jax.__version__}",
         "eval": {"decoder": baseline_kwargs(cfg.family), "weights": "bfloat16 checkpoint, run in float32", **metrics},
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")

@@ -46,7 +46,7 @@ def hf_checkpoint(tmp_path_factory):
         if name not in built:
             family, kwargs = CHECKPOINTS[name]
             built[name] = write_tiny_checkpoint(
-                tmp_path_factory.mktemp(f"hf-{name}"), family, seed=len(built) + 1, shards=2, **kwargs
+                tmp_path_factory.mktemp(f"hf-{name}"), family, seed=list(CHECKPOINTS).index(name) + 1, shards=2, **kwargs
             )
         return built[name]
 
