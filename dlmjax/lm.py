@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Sequence
 
@@ -264,5 +265,6 @@ def load(
         start = time.perf_counter()
         convert(name_or_path, converted, adapter=adapter_dir, lora=lora, allow_pickle=allow_pickle, overwrite=True, progress=progress)
         if progress:
-            print(f"dlmjax: converted {name_or_path} into {converted} in {time.perf_counter() - start:.1f}s")
+            # stderr: stdout belongs to the caller (e.g. `python -m dlmjax.generate --json`)
+            print(f"dlmjax: converted {name_or_path} into {converted} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return restore(converted, dtype, source=str(name_or_path), mesh=mesh, rules=rules)
