@@ -38,8 +38,9 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
         return path.resolve()
     from dlmjax import models
 
-    if models.path(str(name_or_path)) is not None:
-        return models.path(str(name_or_path))
+    embedded = models.path(str(name_or_path))
+    if embedded is not None:
+        return embedded
     if path.exists():
         raise DlmjaxError(f"{path} is a file, not a checkpoint directory; pass the directory that holds config.json")
     name = str(name_or_path)

@@ -267,13 +267,7 @@ def generate(
     cfg = lm.config
     if (m.stop_at_eos or m.logits_eos_inf or m.confidence_eos_eot_inf) and cfg.eos_token_id is None:
         raise DlmjaxError("this model's config has no eos_token_id; set it in config.json or drop the EOS options")
-    ids, mask = _prepare_prompts(lm, prompts_or_ids, attention_mask, chat)
-    limit = cfg.max_position_embeddings - gen_length
-    if ids.shape[1] > limit:
-        raise DlmjaxError(
-            f"prompt length {ids.shape[1]} plus gen_length {gen_length} exceeds the model's {cfg.max_position_embeddings} "
-            "positions; shorten the prompt or gen_length"
-        )
+    ids, mask, limit = _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat, gen_length)
     if m.attention == "block_causal":  # blocks counted from position 0 must line up with the generation blocks
         prompt_bucket = m.block_length * max(1, prompt_bucket // m.block_length)
         if -(-ids.shape[1] // m.block_length) * m.block_length > limit:
@@ -290,29 +284,17 @@ def generate(
     )
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id)
     args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), knobs, jax.random.key(seed))
-    # DLMJAX_ATTENTION picks the attention kernel at trace time, so it is part of the program's key.
-    kernel = os.environ.get("DLMJAX_ATTENTION", "")
-    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype), kernel, lm.mesh, lm.rules)
-    compile_seconds = 0.0
-    if key not in _COMPILED:
-        start = time.perf_counter()
+
+    def lower(kernel):
         with jax.enable_x64(m.gumbel_x64):  # scoped: only LLaDA's exact Gumbel noise is float64
-            _COMPILED[key] = decode.lower(
+            return decode.lower(
                 lm.graphdef, *args, method=m, tokens=tokens, shard=kernel_shard(lm, ids.shape[0]), layout=lm.layout,
                 kernel=kernel,
             ).compile()
-        compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    out, nfe, trajectory, steps_run = jax.block_until_ready(_COMPILED[key](*args))
-    seconds = time.perf_counter() - start
-    if lm.mesh is not None:  # rows may sit on other hosts' devices
-        from dlmjax.sharding import to_host
 
-        out, nfe, trajectory = to_host(out), to_host(nfe), to_host(trajectory)
-    out, nfe, trajectory = np.asarray(out), np.asarray(nfe), np.asarray(trajectory)
-    texts = None
-    if lm.directory is not None and (lm.directory / "hf").is_dir():
-        texts = [decode_text(lm, row) for row in out]
+    (out, nfe, trajectory, steps_run), seconds, compile_seconds = _compile_and_run(lm, (m, tokens, ids.shape), lower, args)
+    out, nfe, trajectory = _gather(lm, out, nfe, trajectory)
+    texts = _texts(lm, out)
     return GenerateOutput(
         tokens=out, texts=texts, nfe=nfe, steps=int(steps_run), trajectory=trajectory, seconds=seconds,
         compile_seconds=compile_seconds, method=m,
@@ -344,13 +326,7 @@ def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: 
         raise DlmjaxError(f"top_p {top_p} is outside (0, 1]; pass e.g. top_p=0.95")
     if top_k is not None and (int(top_k) != top_k or top_k < 1):
         raise DlmjaxError(f"top_k {top_k} must be a positive integer")
-    ids, mask = _prepare_prompts(lm, prompts_or_ids, attention_mask, chat)
-    limit = cfg.max_position_embeddings - gen_length
-    if ids.shape[1] > limit:
-        raise DlmjaxError(
-            f"prompt length {ids.shape[1]} plus gen_length {gen_length} exceeds the model's {cfg.max_position_embeddings} "
-            "positions; shorten the prompt or gen_length"
-        )
+    ids, mask, limit = _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat, gen_length)
     ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
     m = ARMethod(gen_length=gen_length)
     stops = tuple(dict.fromkeys(t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None and 0 <= t < cfg.vocab_size))
@@ -358,32 +334,69 @@ def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: 
     tokens = ARTokens(stops=stops, pad=pad)
     knobs = ARKnobs.make(temperature, top_k, top_p, cfg.vocab_size)
     args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), knobs, jax.random.key(seed))
-    kernel = os.environ.get("DLMJAX_ATTENTION", "")
-    key = (lm.graphdef, m, tokens, ids.shape, str(lm.dtype), kernel, lm.mesh, lm.rules)
-    compile_seconds = 0.0
-    if key not in _COMPILED:
-        start = time.perf_counter()
-        _COMPILED[key] = decode_ar.lower(
+
+    def lower(kernel):
+        return decode_ar.lower(
             lm.graphdef, *args, method=m, tokens=tokens, shard=kernel_shard(lm, ids.shape[0]), layout=lm.layout, kernel=kernel
         ).compile()
-        compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    out, steps_run, lengths = jax.block_until_ready(_COMPILED[key](*args))
-    seconds = time.perf_counter() - start
-    if lm.mesh is not None:  # rows may sit on other hosts' devices
-        from dlmjax.sharding import to_host
 
-        out, lengths = to_host(out), to_host(lengths)
-    out, lengths = np.asarray(out), np.asarray(lengths)
-    texts = None
-    if lm.directory is not None and (lm.directory / "hf").is_dir():
-        texts = [decode_text(lm, row) for row in out]
+    (out, steps_run, lengths), seconds, compile_seconds = _compile_and_run(lm, (m, tokens, ids.shape), lower, args)
+    out, lengths = _gather(lm, out, lengths)
+    texts = _texts(lm, out)
     # A row takes part in one model call per token it produces (the prefill gives the first).
     trajectory = np.minimum(np.arange(1, gen_length + 1)[None, :], lengths[:, None]).astype(np.int32)
     return GenerateOutput(
         tokens=out, texts=texts, nfe=lengths.copy(), steps=int(steps_run), trajectory=trajectory, seconds=seconds,
         compile_seconds=compile_seconds, method=m, lengths=lengths,
     )
+
+
+def _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat: bool, gen_length: int):
+    """Prompt ids and mask (see `_prepare_prompts`), and the longest prompt that leaves room for
+    gen_length positions; a longer prompt raises."""
+    cfg = lm.config
+    ids, mask = _prepare_prompts(lm, prompts_or_ids, attention_mask, chat)
+    limit = cfg.max_position_embeddings - gen_length
+    if ids.shape[1] > limit:
+        raise DlmjaxError(
+            f"prompt length {ids.shape[1]} plus gen_length {gen_length} exceeds the model's {cfg.max_position_embeddings} "
+            "positions; shorten the prompt or gen_length"
+        )
+    return ids, mask, limit
+
+
+def _compile_and_run(lm, program: tuple, lower, args: tuple):
+    """Run a decode program, compiling it once per key: (outputs, seconds, compile_seconds).
+
+    `program` holds the static structure (method, tokens, input shape); `lower(kernel)` builds
+    and compiles it. DLMJAX_ATTENTION picks the attention kernel at trace time, so its value is
+    part of the key and is passed to `lower`."""
+    kernel = os.environ.get("DLMJAX_ATTENTION", "")
+    key = (lm.graphdef, *program, str(lm.dtype), kernel, lm.mesh, lm.rules)
+    compile_seconds = 0.0
+    if key not in _COMPILED:
+        start = time.perf_counter()
+        _COMPILED[key] = lower(kernel)
+        compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = jax.block_until_ready(_COMPILED[key](*args))
+    return outputs, time.perf_counter() - start, compile_seconds
+
+
+def _gather(lm, *arrays) -> tuple[np.ndarray, ...]:
+    """Host numpy copies of per-row outputs; under a mesh rows may sit on other hosts' devices."""
+    if lm.mesh is not None:
+        from dlmjax.sharding import to_host
+
+        arrays = tuple(to_host(a) for a in arrays)
+    return tuple(np.asarray(a) for a in arrays)
+
+
+def _texts(lm, out) -> list[str] | None:
+    """Each row's answer text, when the model has a tokenizer."""
+    if lm.directory is None or not (lm.directory / "hf").is_dir():
+        return None
+    return [decode_text(lm, row) for row in out]
 
 
 def decode_text(lm, row: Sequence[int]) -> str:

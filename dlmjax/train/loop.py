@@ -19,7 +19,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -207,7 +207,3 @@ def train(
         manager.close()
     return TrainResult(nnx.merge(graphdef, params), max(end, start), resumed_from, history)
 
-
-def run_summary(result: TrainResult) -> dict[str, Any]:
-    last = result.history[-1] if result.history else {}
-    return {"step": result.step, "resumed_from": result.resumed_from, **last}
