@@ -1,7 +1,7 @@
 """python -m dlmjax.generate: decode a prompt on the device and report NFE and speed.
 
     python -m dlmjax.generate --model DIR_OR_HUB_ID --prompt "What is 2+3?" --chat --method fast-dllm
-    python -m dlmjax.generate --prompt "Mia has 7 apples. She buys 5 more. How many apples now?" --chat
+    python -m dlmjax.generate --prompt "Mia has 7 apples. She buys 5 more. How many now?" --chat
 
 Without --model it runs the embedded tiny-llada (trained on experiments/tasks.py; works offline).
 

@@ -30,8 +30,9 @@ def default_chat_template(family: str) -> str:
     return LLADA_CHAT_TEMPLATE if family == "llada" else QWEN_CHAT_TEMPLATE
 
 
-def load_tokenizer(directory: pathlib.Path):
+def load_tokenizer(directory: str | pathlib.Path):
     """A transformers tokenizer from a directory of tokenizer files."""
+    directory = pathlib.Path(directory)
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 

@@ -3,7 +3,7 @@
 Three kinds of problem, each with a final `#### answer` line as in GSM8K:
 
     arith    a word problem of 2 or 3 steps with a short chain of thought:
-             "Mia has 7 apples. She buys 5 more. She gives away 3. How many apples now?"
+             "Mia has 7 apples. She buys 5 more. She gives away 3. How many now?"
              -> "7+5=12. 12-3=9. #### 9"
     sort     "Sort: 7 3 9 1 4"        -> "#### 1 3 4 7 9"
     reverse  "Reverse: 5 2 8 1 6"     -> "#### 6 1 8 2 5"
@@ -14,7 +14,8 @@ parallel-friendly part. Splits come from a fixed seed and the test prompts never
 the train split.
 
 The tokenizer is word level (a `tokenizers` JSON, loaded through transformers like any
-checkpoint's): words carry their leading space, every digit is its own token, and special
+checkpoint's): words carry their leading space, every digit is its own token (spaces
+before numbers are tokens of their own, so a digit is the same token everywhere), and special
 tokens mark mask, end of text (EOS, also the padding of answers), end of turn and pad.
 
     python experiments/tasks.py --show 5      # print a few examples
@@ -46,8 +47,10 @@ CHAT_TEMPLATE = (
     "{{ ('<|user|>' if message['role'] == 'user' else '<|assistant|>') + (message['content'] | trim) }}"
     "{% if message['role'] != 'user' %}{{ '<|eot|>' }}{% endif %}{% endfor %}{{ '<|assistant|>' }}"
 )
-# One piece per word (with its leading space), per digit (with a leading space when there is one), per other character.
-PIECE = r" ?[A-Za-z]+| ?[0-9]|[\s\S]"
+# One piece per word (with its leading space), per "####" (with its leading space), per digit and per other
+# character. A digit never carries a space, so each digit is one token wherever it stands.
+PIECE = r" ?[A-Za-z]+| ?####|[0-9]|[\s\S]"
+MAX_VALUE = 99  # arithmetic values stay below 100
 MAX_PROMPT_TOKENS = 32  # chat-formatted prompt, so that every prompt fits one 32-token bucket
 MAX_ANSWER_TOKENS = 40  # answer + its EOS; generation canvases are 64 tokens
 
@@ -67,14 +70,13 @@ def _arith(rng: random.Random) -> Example:
     sentences = [f"{name} has {value} {item}."]
     steps = []
     for _ in range(rng.choice((2, 3))):
-        options = ["add"]
-        if value > 1:
-            options.append("sub")
-        if value <= 30:
-            options.append("mul")
+        # Every intermediate value stays within 1..MAX_VALUE, so numbers have at most two digits.
+        options = ["sub"] if value > 1 else []
+        options += ["add"] if value < MAX_VALUE else []
+        options += ["mul"] if 2 * value <= MAX_VALUE else []
         op = rng.choice(options)
         if op == "add":
-            n = rng.randint(1, 9)
+            n = rng.randint(1, min(9, MAX_VALUE - value))
             sentences.append(rng.choice([f"{he} buys {n} more.", f"{he} finds {n} more."]))
             steps.append(f"{value}+{n}={value + n}.")
             value += n
@@ -84,11 +86,11 @@ def _arith(rng: random.Random) -> Example:
             steps.append(f"{value}-{n}={value - n}.")
             value -= n
         else:
-            n = rng.choice((2, 3))
+            n = 2 if 3 * value > MAX_VALUE else rng.choice((2, 3))
             sentences.append(f"{he} {'doubles' if n == 2 else 'triples'} them.")
             steps.append(f"{value}*{n}={value * n}.")
             value *= n
-    sentences.append(f"How many {item} now?")
+    sentences.append("How many now?")
     return Example("arith", " ".join(sentences), " ".join(steps) + f" #### {value}", str(value))
 
 
@@ -155,7 +157,7 @@ def build_vocab() -> list[str]:
     for phrase in ["buys more", "finds more", "gives away", "loses", "doubles them", "triples them"]:
         words.update(_pieces(" " + phrase))
     words.update(str(d) for d in range(10))
-    words.update(f" {d}" for d in range(10))
+    words.update(["####", " ####"])
     words.update([" ", "\n", "#", "?", ","])
     pieces = sorted(words)
     if len(pieces) + len(SPECIALS) > VOCAB_SIZE:

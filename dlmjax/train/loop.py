@@ -31,7 +31,7 @@ from flax import nnx
 from dlmjax.errors import DlmjaxError
 from dlmjax.model import Transformer
 from dlmjax.train.data import BatchStream
-from dlmjax.train.objectives import OBJECTIVES
+from dlmjax.train.objectives import OBJECTIVES, T_SAMPLING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,7 @@ class TrainConfig:
     b2: float = 0.98
     grad_clip: float = 1.0
     eps: float = 1e-3  # lowest masking rate of the diffusion loss
+    t_sampling: str = "stratified"  # masking rates per batch: "stratified" (low-discrepancy) or "iid" (LLaDA's draw)
     seed: int = 0
     save_every: int = 500
     keep: int = 2
@@ -58,6 +59,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "save_every", "keep", "log_every"):
             if getattr(self, name) < 1:
                 raise DlmjaxError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.t_sampling not in T_SAMPLING:
+            raise DlmjaxError(f"t_sampling must be one of {T_SAMPLING}, not {self.t_sampling!r}")
         if not 0 < self.eps < 1:
             raise DlmjaxError(f"eps must lie in (0, 1), got {self.eps}")
         return self
@@ -155,7 +158,8 @@ def train(
             log(f"resumed from step {resumed_from} in {run_dir}")
 
     def loss_fn(p, batch, key):
-        return objective(nnx.merge(graphdef, p), batch, key, **({"eps": tc.eps} if tc.objective == "mdm" else {}))
+        options = {"eps": tc.eps, "t_sampling": tc.t_sampling} if tc.objective == "mdm" else {}
+        return objective(nnx.merge(graphdef, p), batch, key, **options)
 
     @jax.jit
     def step_fn(p, o, batch, key, step):

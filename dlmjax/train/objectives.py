@@ -4,6 +4,10 @@ masked_diffusion_loss (LLaDA SFT, dllm-algorithms.md 1.5): t ~ U(eps, 1) per row
   scored token is replaced by the mask id with probability t; the loss is the cross
   entropy on the masked tokens divided by t, summed per row, divided by the row's number
   of scored tokens, averaged over rows. The prompt is never masked.
+  With t_sampling="stratified" (the default) the batch's t values are one uniform draw
+  shifted by i/B (the low-discrepancy sampler of MDLM, Sahoo et al. 2024): each t is
+  still U(eps, 1), so the loss has the same expectation as LLaDA's i.i.d. draw, with lower
+  variance, which matters for the 1/t weight. t_sampling="iid" is LLaDA's draw exactly.
 autoregressive_loss: next-token cross entropy on the scored tokens under causal attention.
 
 Both return (loss, metrics). Families with shifted logits (Dream, Qwen) read the
@@ -25,11 +29,25 @@ def _causal_mask(attn: jax.Array) -> jax.Array:
     return jnp.tril(jnp.ones((t, t), bool))[None] & (attn[:, None, :] > 0)
 
 
-def masked_diffusion_loss(model, batch, key, *, eps: float = 1e-3):
+T_SAMPLING = ("stratified", "iid")
+
+
+def sample_t(key, batch_size: int, eps: float, t_sampling: str = "stratified") -> jax.Array:
+    """[batch_size, 1] masking rates, each distributed U(eps, 1)."""
+    if t_sampling == "iid":
+        u = jax.random.uniform(key, (batch_size, 1))
+    elif t_sampling == "stratified":
+        u = (jax.random.uniform(key, ()) + jnp.arange(batch_size)[:, None] / batch_size) % 1.0
+    else:
+        raise ValueError(f"t_sampling must be one of {T_SAMPLING}, not {t_sampling!r}")
+    return eps + (1.0 - eps) * u
+
+
+def masked_diffusion_loss(model, batch, key, *, eps: float = 1e-3, t_sampling: str = "stratified"):
     cfg = model.config
     ids, attn, scored = batch["input_ids"], batch["attention_mask"], batch["loss_mask"] > 0
     t_key, m_key = jax.random.split(key)
-    t = jax.random.uniform(t_key, (ids.shape[0], 1), minval=eps, maxval=1.0)
+    t = sample_t(t_key, ids.shape[0], eps, t_sampling)
     masked = (jax.random.uniform(m_key, ids.shape) < t) & scored
     noisy = jnp.where(masked, cfg.mask_token_id, ids)
     logits, _ = model(noisy, position_ids(cfg, attn), attention_mask("bidirectional", attn))
