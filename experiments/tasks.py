@@ -51,8 +51,6 @@ CHAT_TEMPLATE = (
 # character. A digit never carries a space, so each digit is one token wherever it stands.
 PIECE = r" ?[A-Za-z]+| ?####|[0-9]|[\s\S]"
 MAX_VALUE = 99  # arithmetic values stay below 100
-MAX_PROMPT_TOKENS = 32  # chat-formatted prompt, so that every prompt fits one 32-token bucket
-MAX_ANSWER_TOKENS = 40  # answer + its EOS; generation canvases are 64 tokens
 
 
 @dataclasses.dataclass(frozen=True)

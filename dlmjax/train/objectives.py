@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from dlmjax.attention import attention_mask
+from dlmjax.errors import DlmjaxError
 from dlmjax.model import position_ids, shift_right
 
 
@@ -39,7 +40,7 @@ def sample_t(key, batch_size: int, eps: float, t_sampling: str = "stratified") -
     elif t_sampling == "stratified":
         u = (jax.random.uniform(key, ()) + jnp.arange(batch_size)[:, None] / batch_size) % 1.0
     else:
-        raise ValueError(f"t_sampling must be one of {T_SAMPLING}, not {t_sampling!r}")
+        raise DlmjaxError(f"t_sampling must be one of {T_SAMPLING}, not {t_sampling!r}")
     return eps + (1.0 - eps) * u
 
 
