@@ -1,4 +1,4 @@
-"""Hugging Face tensor names <-> dlmjax parameter paths, per family.
+"""Hugging Face tensor names <-> dlmjax parameter paths, from the family's record.
 
 Parameters keep PyTorch's [out, in] layout, so every entry is a plain rename: no
 transpose, no reshape, and an export writes back the very bytes it read.
@@ -14,30 +14,6 @@ from dlmjax.config import ModelConfig
 
 Path = tuple  # a parameter path in nnx.to_pure_dict form, e.g. ("layers", 0, "q_proj", "weight")
 
-# Per-block module names: ours -> Hugging Face.
-_LLADA_BLOCK = {
-    "attn_norm": "attn_norm",
-    "q_proj": "q_proj",
-    "k_proj": "k_proj",
-    "v_proj": "v_proj",
-    "o_proj": "attn_out",
-    "mlp_norm": "ff_norm",
-    "gate_proj": "ff_proj",  # LLaDA's ff_proj is the gated (silu) branch
-    "up_proj": "up_proj",
-    "down_proj": "ff_out",
-}
-_QWEN_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "mlp_norm": "post_attention_layernorm",
-    "gate_proj": "mlp.gate_proj",
-    "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
@@ -50,13 +26,19 @@ class TensorSpec:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def is_norm(self) -> bool:
+        """An RMSNorm scale (our module names of norms end in "norm")."""
+        return len(self.path) > 1 and self.path[-2].endswith("norm")
+
 
 def block_names(cfg: ModelConfig) -> dict[str, str]:
-    return _LLADA_BLOCK if cfg.family == "llada" else _QWEN_BLOCK
+    """Per-block module names: ours -> Hugging Face."""
+    return cfg.family_spec.block_names()
 
 
 def block_prefix(cfg: ModelConfig, layer: int) -> str:
-    return f"model.transformer.blocks.{layer}." if cfg.family == "llada" else f"model.layers.{layer}."
+    return cfg.family_spec.tensor_names.block_prefix.format(layer=layer)
 
 
 def _block_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -85,21 +67,19 @@ def group_name(layer: int | None) -> str:
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     """Every tensor a checkpoint of `cfg` must hold, in export order."""
     d, v = cfg.hidden_size, cfg.vocab_size
-    llada = cfg.family == "llada"
-    top = "model.transformer." if llada else "model."
-    specs = [TensorSpec(top + ("wte.weight" if llada else "embed_tokens.weight"), ("embed",), (v, d), "embed")]
+    names = cfg.family_spec.tensor_names
+    specs = [TensorSpec(names.embed, ("embed",), (v, d), "embed")]
     shapes = _block_shapes(cfg)
-    names = block_names(cfg)
     for layer in range(cfg.num_layers):
         prefix, group = block_prefix(cfg, layer), group_name(layer)
-        for ours, theirs in names.items():
+        for ours, theirs in names.block:
             if ours.endswith("norm"):
                 specs.append(TensorSpec(f"{prefix}{theirs}.weight", ("layers", layer, ours, "weight"), (d,), group))
                 continue
             specs.append(TensorSpec(f"{prefix}{theirs}.weight", ("layers", layer, ours, "weight"), shapes[ours], group))
             if cfg.qkv_bias and ours in ("q_proj", "k_proj", "v_proj"):
                 specs.append(TensorSpec(f"{prefix}{theirs}.bias", ("layers", layer, ours, "bias"), shapes[ours][:1], group))
-    specs.append(TensorSpec(top + ("ln_f.weight" if llada else "norm.weight"), ("final_norm", "weight"), (d,), "embed"))
+    specs.append(TensorSpec(names.final_norm, ("final_norm", "weight"), (d,), "embed"))
     if not cfg.tie_word_embeddings:
         specs.append(TensorSpec(head_name(cfg), ("lm_head",), (v, d), "embed"))
     return specs
@@ -107,7 +87,7 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
 
 def head_name(cfg: ModelConfig) -> str:
     """The LM head tensor (tied checkpoints may still carry it, as a copy of the embedding)."""
-    return "model.transformer.ff_out.weight" if cfg.family == "llada" else "lm_head.weight"
+    return cfg.family_spec.tensor_names.lm_head
 
 
 def hf_module_to_role(cfg: ModelConfig) -> dict[str, str]:
