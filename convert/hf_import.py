@@ -1,9 +1,9 @@
 """Hugging Face checkpoint -> dlmjax checkpoint.
 
-Tensors are read one at a time with numpy and written one group (a transformer block,
-or the embedding and head) at a time, so peak host memory is about one group. Everything
-is validated before anything is written, and the result is built in a temporary sibling
-of the destination and renamed into place at the end.
+Tensors are read one at a time into numpy (through the `safetensors` package) and written
+one group (a transformer block, or the embedding and head) at a time, so peak host memory
+is about one group. Everything is validated before anything is written, and the result
+is built in a temporary sibling of the destination and renamed into place at the end.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""Benchmark: host memory and time of `dlmjax.convert` and `dlmjax.load`.
+"""Benchmark: host memory and time of `dlmjax.convert`, `dlmjax.load` and the export back.
 
     python experiments/convert_memory.py [--sizes 0.25 0.5 1] [--dtypes bfloat16 float32] [--workdir DIR]
 
 For each size (GB) and dtype this writes a synthetic LLaDA-layout checkpoint (4 shards,
 ~24 blocks, tensors generated one at a time), then in a fresh subprocess per step measures
-the conversion and then `dlmjax.load` of the result: wall time and peak RSS over the
-post-import baseline (VmHWM after resetting it through /proc/self/clear_refs, or a 2 ms
-/proc/self/statm sampler where that is not allowed). The claim under test: conversion
-peaks at about one group (the embedding+head, or one block), not the whole checkpoint;
-loading necessarily holds the whole model (JAX CPU arrays live in host memory), so its
-ratio should be about 1.0, not 2.0.
+the conversion, `dlmjax.load` of the result and its export back to Hugging Face
+safetensors: wall time and peak RSS over the post-import baseline (VmHWM after resetting
+it through /proc/self/clear_refs, or a 2 ms /proc/self/statm sampler where that is not
+allowed). The claim under test: conversion and export peak at about one group (the
+embedding+head, or one block), not the whole checkpoint; loading necessarily holds the
+whole model (JAX CPU arrays live in host memory), so its ratio should be about 1.0, not 2.0.
 
 It also times converting and loading the default tiny test checkpoints
 (`write_tiny_checkpoint(dir, "llada")` and `"dream"`, 2 layers). Prints a markdown table.
@@ -31,24 +31,22 @@ import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # a script: import dlmjax from this checkout
-
-from dlmjax.config import from_hf_config  # noqa: E402
-from dlmjax.convert import layouts, safetensors_io  # noqa: E402
-from dlmjax.testing import _DTYPES, tiny_hf_config, write_tiny_checkpoint, write_tokenizer  # noqa: E402
+from dlmjax.config import from_hf_config
+from dlmjax.convert import layouts, safetensors_io
+from dlmjax.testing import _DTYPES, tiny_hf_config, write_tiny_checkpoint, write_tokenizer
 
 VOCAB = 8192
 LAYERS = 24  # aim; the hidden size is solved for, then the layer count adjusted to hit the size
 SHARDS = 4
 
-# The measured child. argv: mode ("convert" or "load"), src, dst. Everything it needs is
+# The measured child. argv: mode ("convert", "load" or "export"), src, dst. Everything it needs is
 # imported before the high-water mark is reset, so only the operation itself is counted.
 _CHILD = r"""
 import json, os, sys, threading, time
 
 import flax, jax, numpy, orbax.checkpoint  # noqa: F401
 import dlmjax
+from dlmjax.convert.hf_export import export
 from dlmjax.convert.hf_import import convert
 
 mode, src, dst = sys.argv[1:4]
@@ -83,6 +81,8 @@ if method == "sampling":
 start = time.perf_counter()
 if mode == "convert":
     convert(src, dst, progress=False)
+elif mode == "export":
+    export(src, dst)
 else:
     lm = dlmjax.load(dst, progress=False)
     jax.block_until_ready(jax.tree.leaves(lm.state))
@@ -99,10 +99,8 @@ print(json.dumps({"method": method, "seconds": seconds, "baseline": baseline, "p
 
 
 def measure(mode: str, src: pathlib.Path, dst: pathlib.Path) -> dict:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-c", _CHILD, mode, str(src), str(dst)], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     if proc.returncode != 0:
         raise SystemExit(f"{mode} of {src} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -179,18 +177,19 @@ def main(argv=None) -> None:
         for size in args.sizes:
             for dtype in args.dtypes:
                 shape = shape_for(size, dtype)
-                src, dst = work / "hf", work / "converted"
+                src, dst, back = work / "hf", work / "converted", work / "exported"
                 t0 = time.perf_counter()
                 nbytes, group = write_synthetic(src, shape)
                 write_s = time.perf_counter() - t0
                 conv = measure("convert", src, dst)
                 load = measure("load", src, dst)
-                methods.update((conv["method"], load["method"]))
-                rows.append((size, dtype, shape, nbytes, group, write_s, conv, load))
-                print(f"# {size:g} GB {dtype}: convert {conv['seconds']:.1f}s, load {load['seconds']:.1f}s",
-                      file=sys.stderr, flush=True)
-                shutil.rmtree(src)
-                shutil.rmtree(dst)
+                export = measure("export", dst, back)
+                methods.update((conv["method"], load["method"], export["method"]))
+                rows.append((size, dtype, shape, nbytes, group, write_s, conv, load, export))
+                print(f"# {size:g} GB {dtype}: convert {conv['seconds']:.1f}s, load {load['seconds']:.1f}s, "
+                      f"export {export['seconds']:.1f}s", file=sys.stderr, flush=True)
+                for d in (src, dst, back):
+                    shutil.rmtree(d)
         for family in ("llada", "dream"):
             src, dst = work / f"tiny-{family}", work / f"tiny-{family}-converted"
             write_tiny_checkpoint(src, family)
@@ -205,14 +204,17 @@ def main(argv=None) -> None:
     mb = lambda x: f"{x / 1e6:,.0f}"  # noqa: E731
     print(f"Machine: {machine()}\n")
     print("| size | dtype | layers x hidden | groups | checkpoint MB | largest group MB | convert s | convert peak MB "
-          "| convert peak / ckpt | load s | load peak MB | load peak / ckpt | load held / ckpt |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for size, dtype, shape, nbytes, group, _, conv, load in rows:
+          "| convert peak / ckpt | load s | load peak MB | load peak / ckpt | load held / ckpt | export s "
+          "| export peak MB | export peak / ckpt |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, dtype, shape, nbytes, group, _, conv, load, export in rows:
         c_peak, l_peak = conv["peak"] - conv["baseline"], load["peak"] - load["baseline"]
+        e_peak = export["peak"] - export["baseline"]
         print(f"| {size:g} GB | {dtype} | {shape['num_layers']} x {shape['hidden_size']} | {shape['num_layers'] + 1} "
               f"| {mb(nbytes)} | {mb(group)} | {conv['seconds']:.1f} | {mb(c_peak)} | {c_peak / nbytes:.2f} "
               f"| {load['seconds']:.1f} | {mb(l_peak)} | {l_peak / nbytes:.2f} "
-              f"| {(load['after'] - load['baseline']) / nbytes:.2f} |")
+              f"| {(load['after'] - load['baseline']) / nbytes:.2f} | {export['seconds']:.1f} | {mb(e_peak)} "
+              f"| {e_peak / nbytes:.2f} |")
     print()
     print(f"Peak MB is the high-water RSS over the post-import baseline of a fresh process "
           f"({', '.join(sorted(methods))}); checkpoint MB is the safetensors bytes ({SHARDS} shards). "
