@@ -132,14 +132,16 @@ def torch_forward_seconds(forward, batch: int, length: int, reps: int) -> float:
     forward(ids)
     times = []
     for _ in range(reps):
+        torch_decoders.synchronize(forward.device)
         start = time.perf_counter()
         forward(ids)
+        torch_decoders.synchronize(forward.device)
         times.append(time.perf_counter() - start)
     return min(times)
 
 
 def run_dlmjax(lm, prompt: np.ndarray, name: str, knobs: dict, common: dict, repeats: int) -> dict:
-    kwargs = dict(method=name, temperature=0.0, prompt_bucket=PROMPT_LENGTH, **common)
+    kwargs = dict(method=name, temperature=0.0, prompt_bucket=prompt.shape[1], **common)  # no padding
     kwargs.update({k: v for k, v in knobs.items() if v is not None})
     if knobs.get("block_length", 0) is None:
         kwargs["block_length"] = common["gen_length"]
@@ -148,16 +150,16 @@ def run_dlmjax(lm, prompt: np.ndarray, name: str, knobs: dict, common: dict, rep
     warm = lm.generate(prompt, **kwargs)
     runs = [lm.generate(prompt, **kwargs) for _ in range(repeats)]
     best = min(runs, key=lambda r: r.seconds)
-    for r in runs:  # the program is deterministic: every call must give the same result
-        assert np.array_equal(r.tokens, warm.tokens) and np.array_equal(r.nfe, warm.nfe)
+    # the program is deterministic on the CPU: every call should give the same result
+    repeatable = all(np.array_equal(r.tokens, warm.tokens) and np.array_equal(r.nfe, warm.nfe) for r in runs)
     return dict(tokens=best.tokens, nfe=best.nfe, forwards=best.steps, seconds=best.seconds,
-                compile_seconds=warm.compile_seconds, first_seconds=warm.seconds)
+                compile_seconds=warm.compile_seconds, first_seconds=warm.seconds, repeatable=repeatable)
 
 
 def run_torch(forward, prompt: np.ndarray, name: str, knobs: dict, common: dict, mask_id: int, repeats: int) -> dict:
     kwargs = dict(common)
     kwargs["block_length"] = knobs["block_length"] or common["gen_length"]
-    for key in ("threshold", "tau_high", "tau_low", "exit_k"):
+    for key in ("threshold", "tau_high", "tau_low", "exit_k", "cache"):
         if knobs.get(key) is not None:
             kwargs[key] = knobs[key]
     x = torch.as_tensor(prompt, dtype=torch.long)
@@ -287,6 +289,7 @@ def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> Non
             other = OtherLoad().start()
             jax_call, jax_fwd = jax_forward_seconds(lm, b, length, forward_reps, forward_loop)
             jx = run_dlmjax(lm, prompt, name, knobs, common, args.repeats)
+            assert jx["repeatable"], f"{name} B={b}: repeated dlmjax calls gave different tokens"
             torch_fwd = torch_forward_seconds(forward, b, length, forward_reps)
             th = run_torch(forward, prompt, name, knobs, common, mask_id, args.repeats)
             fwd[b][0].append(jax_fwd)

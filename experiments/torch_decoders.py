@@ -1,4 +1,4 @@
-"""Eager PyTorch decoders for the benchmark (experiments/bench_decode.py): the PyTorch side.
+"""Eager PyTorch decoders for the benchmarks (experiments/bench_decode.py, device_check.py): the PyTorch side.
 
 Each method is written the way the official repositories write it: a Python loop over
 blocks, an inner Python loop over denoising steps, ONE eager forward of the whole batch
@@ -17,8 +17,14 @@ that at temperature 0 the tokens can be compared with dlmjax's:
   progress = the row's forwards so far / steps; on exit every mask of the generation region
   takes x0 and the row is done. Checked before committing.
 
+- cache="dual" (Fast-dLLM's dual cache, SPEC.md "Fast-dLLM KV caches"): a block's first step
+  is a refresh (one forward of the whole canvas that keeps every layer's post-RoPE K/V), its
+  later steps forward only the block's K tokens, whose fresh K/V overwrite their slots, against
+  the cached K/V of every other slot (`DualCache`).
+
 Temperature 0 only (greedy); no CFG, no EOS handling. Rows of a batch share each forward;
 a row that is done (exited, or no masks left) is not active and its NFE stops growing.
+Everything runs on the model's device (CPU or CUDA); the returned tokens and NFE are on the CPU.
 """
 
 from __future__ import annotations
@@ -40,23 +46,87 @@ METHODS = {
 
 class TorchForward:
     """One bidirectional forward of the torch reference model, as tests/torch_reference.py's
-    `reference_logits` calls it (absolute positions, all-ones key mask), but returning a
-    float32 torch tensor instead of a numpy copy."""
+    `reference_logits` calls it (absolute positions and an all-ones key mask unless given),
+    on the model's device, returning a float32 torch tensor there instead of a numpy copy."""
 
     def __init__(self, model):
         self.model = model
+        self.device = next(model.parameters()).device
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x, attention_mask=None, position_ids=None) -> torch.Tensor:
+        x = torch.as_tensor(x, dtype=torch.long).to(self.device)
         shape = tuple(x.shape)
         if shape not in self._cache:
             b, length = shape
-            pos = torch.arange(length, dtype=torch.long).expand(b, length).contiguous()
-            self._cache[shape] = (pos, torch.ones(b, length, dtype=torch.long))
+            pos = torch.arange(length, dtype=torch.long, device=self.device).expand(b, length).contiguous()
+            self._cache[shape] = (pos, torch.ones(b, length, dtype=torch.long, device=self.device))
         pos, mask = self._cache[shape]
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask, dtype=torch.long).to(self.device)
+        if position_ids is not None:
+            pos = torch.as_tensor(position_ids, dtype=torch.long).to(self.device)
         out = self.model(input_ids=x, position_ids=pos, attention_mask=mask, use_cache=False, is_causal=False)
         return out.logits.float()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a timer must not stop before it ends)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DualCache:
+    """Fast-dLLM's dual cache on a transformers Llama / Qwen2 model, written out layer by layer
+    with the model's own modules (transformers' caches append keys; this one overwrites a window
+    of slots). No padding: every slot is a valid key.
+
+    refresh(x [B, L]): the whole canvas; keeps every layer's post-RoPE K/V [B, Hkv, L, D].
+    window(x [B, T], start): the tokens of slots [start, start + T); their fresh K/V overwrite
+    those slots and the queries attend to all L slots. Both return float32 logits [B, T, V]."""
+
+    def __init__(self, model):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.rope = apply_rotary_pos_emb
+        cfg = model.config
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def refresh(self, x: torch.Tensor) -> torch.Tensor:
+        self.k, self.v = [], []
+        return self._run(x, 0, refresh=True)
+
+    @torch.no_grad()
+    def window(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        return self._run(x, start, refresh=False)
+
+    def _run(self, x: torch.Tensor, start: int, refresh: bool) -> torch.Tensor:
+        inner = self.model.model
+        b, t = x.shape
+        pos = torch.arange(start, start + t, device=self.device).expand(b, t)
+        h = inner.embed_tokens(x)
+        cos, sin = inner.rotary_emb(h, pos)
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            a = layer.input_layernorm(h)
+            q, k, v = (proj(a).view(b, t, -1, self.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k = self.rope(q, k, cos, sin)
+            if refresh:
+                self.k.append(k)
+                self.v.append(v)
+            else:
+                self.k[i][:, :, start:start + t] = k
+                self.v[i][:, :, start:start + t] = v
+            o = torch.nn.functional.scaled_dot_product_attention(q, self.k[i], self.v[i], enable_gqa=True)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(inner.norm(h)).float()
 
 
 def get_num_transfer_tokens(block_mask: torch.Tensor, steps: int) -> torch.Tensor:
@@ -65,7 +135,7 @@ def get_num_transfer_tokens(block_mask: torch.Tensor, steps: int) -> torch.Tenso
     base = n // steps
     remainder = n % steps
     out = base.expand(-1, steps).clone()
-    out += (torch.arange(steps)[None, :] < remainder).long()
+    out += (torch.arange(steps, device=n.device)[None, :] < remainder).long()
     return out
 
 
@@ -96,29 +166,37 @@ def generate(
     tau_high: float = 7.5,
     tau_low: float = 2.5,
     exit_k: float = 4.0,
+    cache: str = "none",
 ) -> dict:
     """Decode `prompt` [B, P] (no padding) with `method`; returns tokens [B, G], nfe [B],
     forwards (batch forward passes) and seconds (wall time of the whole call)."""
     rule, schedule = METHODS[method]
     if rule in ("threshold", "entropy") and threshold is None:
         raise ValueError(f"method {method!r} needs threshold")
+    if cache not in ("none", "dual"):
+        raise ValueError(f"cache must be 'none' or 'dual', not {cache!r}")
+    if cache == "dual" and schedule is not None:
+        raise ValueError("the early exits read the whole generation region; run them with cache='none'")
+    device = forward.device
+    dual = DualCache(forward.model) if cache == "dual" else None
+    synchronize(device)
     start = time.perf_counter()
+    prompt = torch.as_tensor(prompt, dtype=torch.long).to(device)
     b, p = prompt.shape
     g, k = gen_length, block_length
     nb = g // k
     assert g % k == 0 and steps % nb == 0
     spb = steps // nb
-    x = torch.full((b, p + g), mask_id, dtype=torch.long)
+    x = torch.full((b, p + g), mask_id, dtype=torch.long, device=device)
     x[:, :p] = prompt
-    nfe = torch.zeros(b, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
-    rows = torch.arange(b)
-    gen_index = torch.arange(g)
+    nfe = torch.zeros(b, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)
+    gen_index = torch.arange(g, device=device)
     forwards = 0
 
     for num_block in range(nb):
         s, e = num_block * k, (num_block + 1) * k  # relative to the generation region
-        in_block = (gen_index >= s) & (gen_index < e)
         block_mask = x[:, p + s:p + e] == mask_id
         num_transfer_tokens = get_num_transfer_tokens(block_mask, spb)
         i = 0
@@ -130,14 +208,21 @@ def generate(
             if not bool(active.any()):
                 break
 
-            logits = forward(x)[:, p:]  # ONE forward of the whole batch; [B, G, V]
+            # ONE forward of the whole batch; the logits of the window [lo, hi) of the generation region
+            if dual is None or i == 0:
+                lo, hi = 0, g
+                logits = (forward(x) if dual is None else dual.refresh(x))[:, p:]
+            else:
+                lo, hi = s, e
+                logits = dual.window(x[:, p + s:p + e], p + s)
             forwards += 1
             logits[..., mask_id] = -torch.inf
             x0 = torch.argmax(logits, dim=-1)
             probs = torch.softmax(logits, dim=-1)
             x0_p = torch.gather(probs, -1, x0[..., None])[..., 0]
-            gen = x[:, p:]
+            gen = x[:, p + lo:p + hi]
             mask_index = gen == mask_id
+            in_block = (gen_index[lo:hi] >= s) & (gen_index[lo:hi] < e)
             candidates = mask_index & in_block[None, :] & active[:, None]
             confidence = torch.where(candidates, x0_p, -torch.inf)
 
@@ -168,13 +253,14 @@ def generate(
                 done |= exited
 
             nfe += active.long()
-            x[:, p:] = torch.where(transfer_index, x0, gen)
+            x[:, p + lo:p + hi] = torch.where(transfer_index, x0, gen)
             done |= ~(x[:, p:] == mask_id).any(dim=1)
             i += 1
 
+    synchronize(device)
     return {
-        "tokens": x[:, p:].clone(),
-        "nfe": nfe,
+        "tokens": x[:, p:].cpu(),
+        "nfe": nfe.cpu(),
         "forwards": forwards,
         "seconds": time.perf_counter() - start,
     }

@@ -220,11 +220,14 @@ def _rename_qwen2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_reference(
-    hf_dir: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"
+    hf_dir: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager",
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, str]:
     """Build transformers' Llama (LLaDA) / Qwen2 (Dream, Fast-dLLM v2) from ``hf_dir``.
 
     Returns ``(model, family)`` with the model in eval mode, bidirectional, weights in ``dtype``.
+    ``tensors`` (checkpoint names -> tensors, e.g. another framework's weights shared through
+    DLPack) replaces reading ``hf_dir``'s safetensors; the model's parameters are those tensors.
     """
     from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
@@ -233,11 +236,11 @@ def load_reference(
     if family == "llada":
         config, theta = _llada_config(cfg)
         cls = LlamaForCausalLM
-        sd = _rename_llada(_load_tensors(hf_dir))
+        sd = _rename_llada(_load_tensors(hf_dir) if tensors is None else dict(tensors))
     else:
         config, theta = _qwen2_config(cfg)
         cls = Qwen2ForCausalLM
-        sd = _rename_qwen2(_load_tensors(hf_dir))
+        sd = _rename_qwen2(_load_tensors(hf_dir) if tensors is None else dict(tensors))
     config.is_causal = False
     config.use_cache = False
     config._attn_implementation = attn_implementation
