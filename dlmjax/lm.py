@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import pathlib
@@ -19,6 +20,7 @@ from dlmjax.attention import MASK_MODES, attention_mask
 from dlmjax.config import ModelConfig
 from dlmjax.errors import DlmjaxError
 from dlmjax.model import LoRAConfig, Transformer, position_ids
+from dlmjax.sharding import on_model_mesh
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -41,6 +43,46 @@ def _forward_logits(graphdef, state, input_ids, mask, prompt_length, mode, block
     return logits
 
 
+class CompiledPrograms:
+    """The decode programs one model compiled, keyed by their static structure (method, special
+    tokens, input shape, dtype, attention kernel), least recently used first.
+
+    They belong to the `LM` that compiled them, so dropping the model frees them. At most
+    `capacity` are kept (each holds device code and buffers); `clear()` drops them all."""
+
+    def __init__(self, capacity: int = 32):
+        if capacity < 1:
+            raise DlmjaxError(f"capacity {capacity} must be at least 1; it bounds how many compiled programs a model keeps")
+        self.capacity = capacity
+        self._programs: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key, build) -> tuple[Any, float]:
+        """The program for `key`, compiling it with `build()` if it is not kept: (program, compile seconds)."""
+        if key in self._programs:
+            self._programs.move_to_end(key)
+            return self._programs[key], 0.0
+        start = time.perf_counter()
+        program = build()
+        seconds = time.perf_counter() - start
+        self._programs[key] = program
+        while len(self._programs) > self.capacity:
+            self._programs.popitem(last=False)
+        return program, seconds
+
+    def last(self):
+        """The most recently used program (e.g. to read its HLO), or None."""
+        return next(reversed(self._programs.values()), None)
+
+    def clear(self) -> None:
+        self._programs.clear()
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    def __contains__(self, key) -> bool:
+        return key in self._programs
+
+
 class LM:
     """A loaded model: config, tokenizer, parameters, and the pure functions that use them."""
 
@@ -54,6 +96,7 @@ class LM:
         self.source = source
         self.dtype = model.embed[...].dtype
         self._tokenizer = None
+        self.compiled = CompiledPrograms()  # the decode programs of this model (lm.compiled.clear() frees them)
 
     @property
     def layout(self):
@@ -83,7 +126,8 @@ class LM:
 
             if self.directory is None or not (self.directory / "hf").is_dir():
                 raise DlmjaxError("this model was built in memory and has no tokenizer; load it from a checkpoint directory")
-            self._tokenizer = load_tokenizer(self.directory / "hf")
+            # model_max_length = the model's positions, not whatever the tokenizer file says
+            self._tokenizer = load_tokenizer(self.directory / "hf", positions=self.config.max_position_embeddings)
         return self._tokenizer
 
     def apply_chat_template(self, messages: Sequence[dict], tokenize: bool = True):
@@ -129,6 +173,7 @@ class LM:
             raise DlmjaxError("a row of attention_mask is all zeros; every row needs at least one real token")
         return ids.astype(np.int32), mask.astype(np.int32)
 
+    @on_model_mesh
     def logits(
         self,
         input_ids,
@@ -215,7 +260,7 @@ def restore(directory: pathlib.Path, dtype: str | None = None, source: str = "",
     else:
         from dlmjax import sharding
 
-        mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else sharding.make_mesh(mesh)
+        mesh = sharding.resolve_mesh(mesh)  # any user mesh -> the same devices, all axes Auto
         rules = sharding.fit_rules(rules or sharding.ShardingRules.preset("fsdp_tp"), mesh, cfg)
         shardings = sharding.param_shardings(abs_state, mesh, rules)
         pure = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

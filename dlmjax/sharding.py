@@ -10,16 +10,23 @@ logical name to mesh axes among data, fsdp and tensor. Presets:
     tp        heads, kv_heads, mlp and vocab over tensor
     fsdp_tp   both
 
-Meshes use `AxisType.Auto`. A `Layout` (a mesh and the rules fitted to the model) is a
-static argument of the jitted forward and decode; `constrain(x, logical_axes, layout)`
-pins an activation to its logical axes' sharding there (the residual stream, q/k/v, the
-MLP hidden, the logits, and every array of the decode's while_loop carry), and does
-nothing without a layout, so one-device programs are unchanged.
+Any mesh a user builds is accepted: `resolve_mesh` turns it, once, into the same devices
+on (data, fsdp, tensor) axes that are all `AxisType.Auto` (`jax.make_mesh` builds Explicit
+axes by default; other axes of size 1 are dropped), and `on_model_mesh` runs dlmjax's
+entry points under that mesh whatever mesh the caller set with `jax.set_mesh`. A mesh that
+cannot work raises one line naming a mesh that does (`mesh_call`).
+
+A `Layout` (a mesh and the rules fitted to the model) is a static argument of the jitted
+forward and decode; `constrain(x, logical_axes, layout)` pins an activation to its logical
+axes' sharding there (the residual stream, q/k/v, the MLP hidden, the logits, and every
+array of the decode's while_loop carry), and does nothing without a layout, so one-device
+programs are unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Mapping
@@ -158,6 +165,75 @@ def make_mesh(sizes: Mapping[str, int] | str, devices=None) -> jax.sharding.Mesh
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
+def resolve_mesh(mesh) -> jax.sharding.Mesh:
+    """The mesh dlmjax computes on, from any mesh a user hands it: the same devices at the
+    same (data, fsdp, tensor) coordinates, every axis `AxisType.Auto`.
+
+    `jax.make_mesh` builds Explicit axes by default (JAX >= 0.9), users build Auto ones with
+    `jax.sharding.Mesh` or mix the two, and dlmjax pins activations with
+    `with_sharding_constraint`, which names Auto axes only. Converting once, here, rather
+    than running in each mesh's own mode keeps one program per (mesh, rules): explicit mode
+    would need a `reshard` at every constrain site, sharding-invariant `while_loop` carries
+    built with `out_sharding=`, and `auto_axes` around the Pallas `shard_map`, in every
+    decode method, and mixed meshes are not fully supported by JAX's own `reshard` (0.10).
+    The devices and their coordinates are what the user chose, so the placement is too;
+    only the typing differs: arrays dlmjax returns are host numpy, and `lm.mesh` is the
+    converted mesh. A string or mapping ("data=2,tensor=4") goes through `make_mesh`.
+
+    Axes other than data, fsdp and tensor may be there with size 1 (an "expert" or "stage"
+    axis a larger program uses) and are dropped; missing dlmjax axes get size 1. An axis of
+    size > 1 that dlmjax does not shard over cannot be honoured: one line says which mesh to
+    build instead."""
+    if isinstance(mesh, (str, Mapping)):
+        return make_mesh(mesh)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise DlmjaxError(
+            f"mesh must be a jax.sharding.Mesh with devices or a string such as 'data=2,tensor=4', got {type(mesh).__name__}; "
+            "build one with dlmjax.sharding.make_mesh('data=2,tensor=4')"
+        )
+    sizes = dict(mesh.shape)
+    foreign = {name: size for name, size in sizes.items() if name not in MESH_AXES and size > 1}
+    if foreign:
+        name, size = next(iter(foreign.items()))
+        fits = {a: sizes.get(a, 1) for a in MESH_AXES}
+        fits["data"] *= math.prod(foreign.values())  # data parallelism fits any model
+        raise DlmjaxError(
+            f"mesh axis '{name}' has size {size}, but dlmjax shards only over data, fsdp and tensor (any other axis "
+            f"must have size 1); build {mesh_call(fits)} instead"
+        )
+    names = [name for name in mesh.axis_names if name in MESH_AXES]
+    devices = np.asarray(mesh.devices).reshape([sizes[name] for name in names])  # drops the size-1 foreign axes
+    devices = devices.transpose([names.index(a) for a in MESH_AXES if a in names])
+    devices = devices.reshape([sizes.get(a, 1) for a in MESH_AXES])  # inserts the missing axes
+    return jax.sharding.Mesh(devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def on_model_mesh(fn):
+    """`fn(lm, ...)` run with `lm.mesh` as JAX's context mesh (none for a one-device model).
+
+    A caller may have set a mesh of its own with `jax.set_mesh` (the way into explicit
+    sharding); JAX refuses to trace dlmjax's arrays, which live on `lm.mesh` (all Auto) or on
+    one device, under a context mesh of other devices or axis types. The caller's context
+    mesh is back in place when `fn` returns."""
+
+    @functools.wraps(fn)
+    def under_model_mesh(lm, *args, **kwargs):
+        with jax.set_mesh(lm.mesh):
+            return fn(lm, *args, **kwargs)
+
+    return under_model_mesh
+
+
+def mesh_call(sizes: Mapping[str, int], devices: int | None = None) -> str:
+    """The call that builds a (data, fsdp, tensor) mesh of `sizes`, for error messages; on
+    fewer than the `devices` the mesh had, the call names the first ones."""
+    text = ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes.get(a, 1) > 1) or "data=1"
+    n = math.prod(sizes.get(a, 1) for a in MESH_AXES)
+    if devices is not None and n < devices:
+        return f'dlmjax.sharding.make_mesh("{text}", devices=jax.devices()[:{n}])'
+    return f'dlmjax.sharding.make_mesh("{text}") (on the command line: --mesh {text})'
+
+
 def axis_size(mesh, axes) -> int:
     """Devices along mesh axes (a name, a tuple of names, or None = 1)."""
     if axes is None:
@@ -174,11 +250,11 @@ def fit_rules(rules: ShardingRules, mesh, cfg) -> ShardingRules:
         "vocab": cfg.vocab_size, "embed": cfg.hidden_size,
     }
     table = dict(rules.rules)
-    missing = [a for axes in table.values() for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in mesh.shape]
+    missing = [a for axes in table.values() for a in _names(axes) if a not in mesh.shape]
     if missing:
         raise DlmjaxError(
-            f"the mesh has no axis '{missing[0]}' (its axes: {', '.join(mesh.shape)}); build it with "
-            "dlmjax.sharding.make_mesh, whose axes are data, fsdp and tensor"
+            f"the mesh has no axis '{missing[0]}' (its axes: {', '.join(mesh.shape)}); pass it through "
+            "dlmjax.sharding.resolve_mesh, or build it with dlmjax.sharding.make_mesh, whose axes are data, fsdp and tensor"
         )
     for name, size in sizes.items():
         n = axis_size(mesh, table.get(name))
@@ -188,12 +264,42 @@ def fit_rules(rules: ShardingRules, mesh, cfg) -> ShardingRules:
             logger.info("kv_heads %d do not split over %d devices: key/value projections are replicated", size, n)
             table[name] = None
             continue
-        good = [d for d in range(1, n + 1) if size % d == 0 and n % d == 0]
+        fits = _mesh_that_fits(dict(mesh.shape), table, sizes)
         raise DlmjaxError(
             f"{name} size {size} does not split over the {n} devices of mesh axes {table.get(name)}; "
-            f"use a mesh where that product divides {size} (e.g. {max(good)})"
+            f"build {mesh_call(fits, math.prod(dict(mesh.shape).values()))} instead"
         )
     return ShardingRules(tuple(table.items()))
+
+
+def _names(axes) -> tuple[str, ...]:
+    """A rule's mesh axes as a tuple: 'tensor' -> ('tensor',), None -> ()."""
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def _mesh_that_fits(shape: Mapping[str, int], table: Mapping[str, Any], dims: Mapping[str, int]) -> dict[str, int]:
+    """The (data, fsdp, tensor) sizes nearest `shape` that divide every model size the rules
+    split: each axis shrinks to the largest size that divides, and the devices it frees go to
+    data, which splits the batch only (a batch it does not divide is replicated). kv_heads
+    never need it (they are replicated instead)."""
+    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    changed = True
+    while changed:  # axes only shrink, and data grows only when another axis shrinks: this ends
+        changed = False
+        for name, dim in dims.items():
+            axes = _names(table.get(name))
+            if name == "kv_heads" or dim % math.prod(sizes[a] for a in axes) == 0:
+                continue
+            left = dim
+            for a in axes:
+                keep = math.gcd(sizes[a], left)
+                left //= keep
+                if keep == sizes[a]:
+                    continue
+                if "data" not in axes:
+                    sizes["data"] *= sizes[a] // keep
+                sizes[a], changed = keep, True
+    return sizes
 
 
 def param_shardings(abstract_state: nnx.State, mesh, rules: ShardingRules):

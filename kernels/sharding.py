@@ -13,10 +13,18 @@ needs H % n == 0 and Hkv % n == 0 (n = size of `head_axis`), or Hkv == 1 (MQA: K
 replicated over `head_axis`). `key_valid` is split over batch; the block ids are
 replicated; the output is sharded like q. Either axis may be None (not split).
 
-Inputs are resharded to these layouts first (`jax.sharding.reshard` on Explicit meshes,
-a sharding constraint otherwise). Every extra keyword goes to `cached_block_attention`
-(implementation, block_k, interpret); "auto" picks the kernel for the devices' platform.
-`check_vma=False` because a pallas_call's out_shape carries no varying-manual-axes type.
+Any mesh works, whatever its axis types (`jax.make_mesh` builds Explicit axes by default).
+On an all-Explicit mesh `shard_map` only asserts that its inputs already have the in_specs,
+so traced inputs are `jax.sharding.reshard`ed to them first; on an Auto mesh they are
+constrained to them; on a mixed mesh (where `reshard` takes only Explicit axes and a
+sharding constraint only Auto ones) `shard_map` reshards them itself. A concrete mesh typed
+Manual, over which `shard_map` cannot lower, is read as Auto: its devices are what count.
+Concrete inputs are placed with `device_put`. A call from inside another `shard_map` (axes
+already Manual) is refused: call `cached_block_attention` on the per-shard arrays there.
+
+Every extra keyword goes to `cached_block_attention` (implementation, block_k, interpret);
+"auto" picks the kernel for the devices' platform. `check_vma=False` because a
+pallas_call's out_shape carries no varying-manual-axes type.
 """
 
 from __future__ import annotations
@@ -36,13 +44,30 @@ def _axis_size(mesh, axis) -> int:
     return size
 
 
+def _kernel_mesh(mesh):
+    """`mesh` with Manual axes read as Auto, after refusing a call from inside a shard_map."""
+    inside = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if inside:
+        raise ValueError(
+            f"sharded_cached_block_attention runs its own shard_map, but mesh axes {inside} are already Manual here; "
+            "call cached_block_attention on the per-shard arrays instead"
+        )
+    types = tuple(mesh.axis_types)
+    if jax.sharding.AxisType.Manual not in types:
+        return mesh
+    auto = tuple(jax.sharding.AxisType.Auto if t == jax.sharding.AxisType.Manual else t for t in types)
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
 def _place(x, mesh, spec):
     sharding = NamedSharding(mesh, spec)
-    explicit = jax.sharding.AxisType.Explicit in tuple(getattr(mesh, "axis_types", ()))
     if concrete_device(x) is not None or not isinstance(x, jax.Array):  # concrete: place it now
         return jax.device_put(x, sharding)
-    if explicit:
+    types = tuple(mesh.axis_types)
+    if all(t == jax.sharding.AxisType.Explicit for t in types):  # shard_map asserts the in_specs here
         return jax.sharding.reshard(x, sharding)
+    if jax.sharding.AxisType.Explicit in types:  # mixed: neither call takes the spec; shard_map reshards
+        return x
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
@@ -62,6 +87,7 @@ def sharded_cached_block_attention(
     """`cached_block_attention` with batch and heads split over `mesh` (see module doc)."""
     key_valid, q_block, k_block = _as_arrays(key_valid, q_block, k_block)
     _check_args(q, k, v, key_valid, q_block, k_block)
+    mesh = _kernel_mesh(mesh)
     b, h = q.shape[:2]
     hkv = k.shape[1]
     nb, nh = _axis_size(mesh, batch_axis), _axis_size(mesh, head_axis)

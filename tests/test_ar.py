@@ -190,7 +190,8 @@ import jax, numpy as np, dlmjax
 jax.config.update("jax_default_matmul_precision", "highest")
 prompts = ["What is 2+3?", "hi", "Name a colour", "x", "abc", "hello there", "1+1", "ok"]
 want = dlmjax.load(sys.argv[1]).generate(prompts, chat=True, gen_length=8)
-got = dlmjax.load(sys.argv[1], mesh="data=2,fsdp=2,tensor=2").generate(prompts, chat=True, gen_length=8)
+mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))  # Explicit axes, as JAX builds them by default
+got = dlmjax.load(sys.argv[1], mesh=mesh).generate(prompts, chat=True, gen_length=8)
 assert (got.tokens == want.tokens).all() and (got.lengths == want.lengths).all(), (got.tokens, want.tokens)
 """
 

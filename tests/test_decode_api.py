@@ -69,9 +69,9 @@ def test_bad_prompts_fail_before_compiling(lm, monkeypatch):
 
 def test_compiles_once_per_shape_bucket(lm):
     first = lm.generate([[5, 6, 7]], method="fast-dllm", gen_length=16, threshold=0.9)
-    compiled = len(api._COMPILED)
+    compiled = len(lm.compiled)
     again = lm.generate([[9, 10, 11, 12, 13]], method="fast-dllm", gen_length=16, threshold=0.3)  # same 32-token bucket
-    assert again.compile_seconds == 0.0 and len(api._COMPILED) == compiled
+    assert again.compile_seconds == 0.0 and len(lm.compiled) == compiled
     sched = lm.generate([[5, 6, 7]], method="sched", gen_length=16, tau_high=9.0, tau_low=0.0)
     sched_again = lm.generate([[8, 6, 7]], method="sched", gen_length=16, tau_high=5.0, tau_low=1.0, exit_k=8.0, temperature=0.7)
     assert sched.compile_seconds > 0 and sched_again.compile_seconds == 0.0
@@ -118,3 +118,35 @@ def test_float64_gumbel_is_scoped(lm):
     assert not (sampled.tokens == lm.config.mask_token_id).any()
     assert not (sampled.tokens == greedy.tokens).all()  # high-temperature sampling departs from greedy
     assert not jax.config.jax_enable_x64 and jnp.zeros(1).dtype == jnp.float32
+
+
+def test_compiled_programs_belong_to_the_model(converted):
+    """Programs are kept on the LM, bounded least-recently-used, cleared on request and freed with it."""
+    import gc
+    import weakref
+
+    from dlmjax.lm import CompiledPrograms
+
+    lm = dlmjax.load(converted("llada"))
+    lm.compiled.capacity = 2
+    lm.generate([[5, 6, 7]], gen_length=8, steps=8)
+    first = weakref.ref(lm.compiled.last())
+    lm.generate([[5, 6, 7]], method="fast-dllm", gen_length=8)
+    lm.generate([[5, 6, 7]], gen_length=8, steps=8)  # reused: now the most recent
+    assert len(lm.compiled) == 2 and lm.compiled.last() is first()
+    lm.generate([[5, 6, 7]], method="dparallel", gen_length=8)  # evicts fast-dllm, the least recently used
+    assert len(lm.compiled) == 2
+    again = lm.generate([[5, 6, 7]], method="fast-dllm", gen_length=8)
+    assert again.compile_seconds > 0  # it had been evicted
+    other = dlmjax.load(converted("llada"))
+    assert len(other.compiled) == 0  # another model shares none of them
+    lm.compiled.clear()
+    assert len(lm.compiled) == 0 and lm.compiled.last() is None
+    kept = lm.generate([[5, 6, 7]], gen_length=8, steps=8)
+    assert kept.compile_seconds > 0
+    program = weakref.ref(lm.compiled.last())
+    del lm
+    gc.collect()
+    assert program() is None and first() is None  # dropping the model freed its programs
+    with pytest.raises(DlmjaxError, match="capacity 0 must be at least 1"):
+        CompiledPrograms(0)

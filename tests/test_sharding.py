@@ -25,67 +25,146 @@ SCRIPT = textwrap.dedent(
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np, dlmjax
     jax.config.update("jax_default_matmul_precision", "highest")
-    from dlmjax.decode import api
-    from dlmjax.sharding import ShardingRules
+    from jax.sharding import AxisType, Mesh
+    from dlmjax.errors import DlmjaxError
+    from dlmjax.sharding import ShardingRules, fit_rules, make_mesh, resolve_mesh
 
-    def carried_cache():
+    def carried_cache(lm):
         # Per-device shapes of the float [B, Hkv, S, D] arrays (the KV cache) that the while
-        # loops of the program generate compiled last carry, after partitioning.
-        text = list(api._COMPILED.values())[-1].as_text()
+        # loops of the program lm.generate compiled last carry, after partitioning.
+        text = lm.compiled.last().as_text()
         carries = [line.split(" while(")[0] for line in text.splitlines() if " while(" in line]
         return sorted({shape for c in carries for shape in re.findall(r"f32\\[(\\d+,\\d+,\\d+,\\d+)\\]", c)})
 
-    results = []
+    devices = np.asarray(jax.devices())
+    Auto, Explicit, Manual = AxisType.Auto, AxisType.Explicit, AxisType.Manual
+    fast = dict(method="fast-dllm", threshold=0.3, gen_length=16, block_length=8)
+    quota = dict(gen_length=16, block_length=8, steps=8)
+    METHODS = {
+        "fast-dllm": fast, "llada": dict(method="llada", **quota), "sched": dict(method="sched", **quota),
+        "dream": dict(method="dream", gen_length=16, steps=8), "prefix": dict(fast, cache="prefix"),
+        "block": dict(method="llada", attention="prompt_block_causal", cache="block", **quota),
+    }
+    # preset -> (the mesh as a user builds it, the uncached or non-dual runs compared with one device);
+    # fast-dllm with the dual cache runs last on every mesh. jax.make_mesh's axes are Explicit.
+    def runs(family):
+        return {
+            # typed Manual (what shard_map makes inside), with an extra size-1 axis
+            "single": (Mesh(devices.reshape(8, 1), ("data", "stage"), axis_types=(Manual, Manual)), ["fast-dllm"]),
+            "dp": (jax.make_mesh((8,), ("data",)), ["llada" if family == "llada" else "dream", "sched"]),
+            "fsdp": (jax.make_mesh((8,), ("fsdp",)), ["fast-dllm"]),
+            # mixed Auto/Explicit, an extra axis of size 1, the devices in reverse order
+            "tp": (Mesh(devices[::-1].reshape(2, 1, 4), ("data", "expert", "tensor"), axis_types=(Auto, Explicit, Explicit)),
+                   ["fast-dllm"]),
+            # the issue's mesh, also set as JAX's context mesh (explicit sharding's way in)
+            "fsdp_tp": (jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor")), ["prefix", "block"]),
+        }
+
+    results, errors = [], {}
     for family, path in json.loads(sys.argv[1]).items():
         single = dlmjax.load(path)
         ids = np.random.default_rng(0).integers(0, 96, (8, 20))
         mask = np.ones_like(ids); mask[:3, :5] = 0
         want = single.logits(ids, mask)
-        args = dict(method="fast-dllm", threshold=0.3, gen_length=16, block_length=8)
-        tokens = single.generate(ids, mask, **args)
-        cached = single.generate(ids, mask, cache="dual", **args)
-        for preset, mesh in [("single", "data=8"), ("dp", "data=8"), ("fsdp", "fsdp=8"), ("tp", "data=2,tensor=4"),
-                             ("fsdp_tp", "data=2,fsdp=2,tensor=2")]:
-            lm = dlmjax.load(path, mesh=mesh, rules=ShardingRules.preset(preset))
-            got = lm.logits(ids, mask)
-            out = lm.generate(ids, mask, **args)
-            compiled = len(api._COMPILED)
-            out_cached = lm.generate(ids, mask, cache="dual", **args)
-            assert len(api._COMPILED) == compiled + 1
+        names = sorted({m for _, used in runs(family).values() for m in used})
+        reference = {m: single.generate(ids, mask, **METHODS[m]) for m in names}
+        cached = single.generate(ids, mask, cache="dual", **fast)
+        for preset, (mesh, used) in runs(family).items():
+            context = jax.set_mesh(mesh) if preset == "fsdp_tp" else jax.set_mesh(None)
+            with context:
+                lm = dlmjax.load(path, mesh=mesh, rules=ShardingRules.preset(preset))
+                got = lm.logits(ids, mask)
+                same = {}
+                for m in used:
+                    out = lm.generate(ids, mask, **METHODS[m])
+                    same[m] = bool((out.tokens == reference[m].tokens).all() and (out.nfe == reference[m].nfe).all())
+                compiled = len(lm.compiled)
+                out_cached = lm.generate(ids, mask, cache="dual", **fast)
+                assert len(lm.compiled) == compiled + 1
+                one_device = bool((single.logits(ids, mask) == want).all())  # one device under the caller's mesh too
             real = mask.astype(bool)
             q = lm.state["layers"][0]["q_proj"]["weight"][...]
+            # the user's devices at the same (data, fsdp, tensor) coordinates, every axis Auto
+            user = {a: i for i, a in enumerate(mesh.axis_names)}
+            order = [user[a] for a in ("data", "fsdp", "tensor") if a in user]
+            placed = np.asarray(mesh.devices).transpose(order + [i for i in range(mesh.devices.ndim) if i not in order])
             results.append(dict(
-                family=family, preset=preset, mesh=mesh, logits=float(np.abs(got - want)[real].max()),
-                tokens=bool((out.tokens == tokens.tokens).all() and (out.nfe == tokens.nfe).all()),
-                cached=bool((out_cached.tokens == cached.tokens).all()),
+                family=family, preset=preset, logits=float(np.abs(got - want)[real].max()), tokens=same,
+                cached=bool((out_cached.tokens == cached.tokens).all()), one_device=one_device,
+                same_devices=bool(np.array_equal(lm.mesh.devices.ravel(), placed.ravel())),
+                axes=[str(lm.mesh.axis_names), str(lm.mesh.axis_types)],
                 devices=len(q.sharding.device_set), spec=str(q.sharding.spec),
-                shards=len({s.data.shape for s in q.addressable_shards}),
-                shard_shape=list(q.addressable_shards[0].data.shape), shape=list(q.shape), cache=carried_cache(),
+                shard_shape=list(q.addressable_shards[0].data.shape), shape=list(q.shape), cache=carried_cache(lm),
             ))
-        # the Pallas kernel (interpret mode on CPU) per shard under shard_map, in the cached steps
-        os.environ["DLMJAX_ATTENTION"] = "pallas"
-        lm = dlmjax.load(path, mesh="data=2,tensor=4", rules=ShardingRules.preset("tp"))
-        kernel = lm.generate(ids, mask, cache="dual", **args)
-        os.environ.pop("DLMJAX_ATTENTION")
-        results.append(dict(family=family, preset="tp-pallas", kernel=bool((kernel.tokens == cached.tokens).all())))
-    print(json.dumps(results))
+            if preset == "tp":  # the Pallas kernel (interpret mode on CPU) per shard under shard_map
+                os.environ["DLMJAX_ATTENTION"] = "pallas"
+                kernel = lm.generate(ids, mask, cache="dual", **fast)
+                os.environ.pop("DLMJAX_ATTENTION")
+                results[-1]["kernel"] = bool((kernel.tokens == cached.tokens).all())
+
+        # meshes that cannot work: one line naming a mesh that does, before anything is read
+        bad = {
+            "foreign": jax.make_mesh((2, 4), ("data", "expert")),
+            "divide": jax.make_mesh((1, 8), ("data", "tensor")),  # 4 heads over tensor=8
+            "abstract": jax.make_mesh((8,), ("data",)).abstract_mesh,
+            "devices": "data=16",
+        }
+        for case, mesh in bad.items():
+            try:
+                dlmjax.load(path, mesh=mesh, rules=ShardingRules.preset("tp"))
+                errors[family, case] = dict(message=None)
+                continue
+            except DlmjaxError as e:
+                message = str(e)
+            suggested = re.search(r'make_mesh\\("([^"]+)"\\)', message)
+            fits = suggested is not None and bool(fit_rules(ShardingRules.preset("tp"), make_mesh(suggested[1]), single.config))
+            errors[family, case] = dict(message=message, suggested=suggested and suggested[1], fits=fits)
+
+    # the kernel alone under meshes of every axis type (jit; batch over data, heads over tensor)
+    from dlmjax.kernels import reference_attention, sharded_cached_block_attention
+    rng = np.random.default_rng(0)
+    q, k, v = (jax.numpy.asarray(rng.standard_normal(s, np.float32)) for s in [(2, 8, 8, 64), (2, 4, 128, 64), (2, 4, 128, 64)])
+    key_valid = jax.numpy.asarray(np.arange(128)[None] < np.array([[128], [50]]))
+    want = np.asarray(reference_attention(q, k, v, key_valid=key_valid))
+    kernel = {}
+    for types in [(Auto, Explicit), (Explicit, Auto), (Manual, Manual)]:
+        mesh = Mesh(devices.reshape(2, 4), ("data", "tensor"), axis_types=types)
+        run = jax.jit(lambda q, k, v, mesh=mesh: sharded_cached_block_attention(
+            q, k, v, key_valid=key_valid, mesh=mesh, implementation="pallas_tpu", interpret=True))
+        kernel[str(types)] = float(np.abs(np.asarray(run(q, k, v)) - want).max())
+    mesh = Mesh(devices.reshape(2, 4), ("data", "tensor"))
+    inner = jax.shard_map(lambda q, k, v: sharded_cached_block_attention(q, k, v, mesh=mesh, implementation="xla"),
+                          mesh=mesh, in_specs=jax.P("data"), out_specs=jax.P("data"))
+    try:
+        jax.jit(inner)(q, k, v)
+        kernel["inside shard_map"] = None
+    except ValueError as e:
+        kernel["inside shard_map"] = str(e)
+    print(json.dumps(dict(results=results, errors={f"{f}/{c}": r for (f, c), r in errors.items()}, kernel=kernel)))
     """
 )
 
 
-def test_every_preset_matches_one_device(converted):
+def test_any_mesh_matches_one_device(converted):
+    """LLaDA and Dream on 8 devices, every preset, on the meshes users build: jax.make_mesh's
+    (Explicit axes), mixed Auto/Explicit, typed Manual, with extra size-1 axes and devices in
+    another order. Logits within 1e-4 and the tokens of one device for every method and cache;
+    the decode carry keeps its sharding; a mesh that cannot work says which one does."""
     paths = {"llada": str(converted("llada")), "dream": str(converted("dream"))}  # dream: GQA, 2 kv heads
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(paths)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 12
-    assert all(r["kernel"] for r in results if r["preset"] == "tp-pallas")
-    results = [r for r in results if r["preset"] != "tp-pallas"]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    results = out["results"]
+    assert len(results) == 10
+    assert all(r["kernel"] for r in results if r["preset"] == "tp")
     for r in results:
         assert r["logits"] <= 1e-4, r
-        assert r["tokens"] and r["cached"], r
-        assert r["devices"] == 8
+        assert all(r["tokens"].values()) and r["cached"] and r["one_device"], r
+        assert r["devices"] == 8 and r["same_devices"], r
+        assert r["axes"] == ["('data', 'fsdp', 'tensor')", "(Auto, Auto, Auto)"], r
+    tried = {m for r in results for m in r["tokens"]}
+    assert tried == {"fast-dllm", "llada", "dream", "sched", "prefix", "block"}, tried
     by = {(r["family"], r["preset"]): r for r in results}
     # single replicates the parameters; tp splits q_proj's heads over 4 devices, fsdp its embed dim over 8
     assert by["llada", "single"]["shard_shape"] == by["llada", "single"]["shape"]
@@ -102,6 +181,20 @@ def test_every_preset_matches_one_device(converted):
     }
     for (family, preset), r in by.items():
         assert r["cache"] == [f"{rows[preset]},{kv_heads[family][preset]},48,16"], r
+
+    errors = out["errors"]
+    for family in ("llada", "dream"):
+        foreign, divide = errors[f"{family}/foreign"], errors[f"{family}/divide"]
+        assert "mesh axis 'expert' has size 4" in foreign["message"] and foreign["suggested"] == "data=8", foreign
+        assert "heads size 4 does not split over the 8 devices" in divide["message"], divide
+        assert divide["suggested"] == "data=2,tensor=4" and divide["fits"], divide
+        assert "must be a jax.sharding.Mesh" in errors[f"{family}/abstract"]["message"]
+        assert "needs 16 devices but 8 are available" in errors[f"{family}/devices"]["message"]
+        assert all("\n" not in e["message"] for e in errors.values())
+
+    kernel = out["kernel"]
+    assert "already Manual" in (kernel.pop("inside shard_map") or ""), kernel
+    assert len(kernel) == 3 and all(err < 1e-5 for err in kernel.values()), kernel
 
 
 def _cfg(**kwargs):
@@ -130,6 +223,22 @@ def test_mesh_errors():
     with pytest.raises(DlmjaxError, match="the mesh has no axis 'data'"):
         sharding.fit_rules(sharding.ShardingRules.preset("tp"), foreign, _cfg())
     assert sharding.make_mesh("data=1", devices=one).shape == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(DlmjaxError, match="mesh must be a jax.sharding.Mesh"):
+        sharding.resolve_mesh(foreign.abstract_mesh)
+
+
+def test_resolve_mesh_types_and_axes():
+    """Any mesh -> (data, fsdp, tensor), all Auto: size-1 axes of other names dropped, missing
+    ones added, Explicit and Manual read as Auto (the 8-device test checks the devices' order)."""
+    types = jax.sharding.AxisType
+    one = np.asarray(jax.devices()[:1])
+    for axis_types in [(types.Explicit,) * 3, (types.Auto, types.Explicit, types.Manual)]:
+        user = jax.sharding.Mesh(one.reshape(1, 1, 1), ("stage", "tensor", "data"), axis_types=axis_types)
+        mesh = sharding.resolve_mesh(user)
+        assert mesh.axis_names == sharding.MESH_AXES and mesh.axis_types == (types.Auto,) * 3
+        assert mesh == sharding.make_mesh("data=1", devices=list(one))  # the same program as a string mesh
+    assert sharding.resolve_mesh("data=1").axis_types == (types.Auto,) * 3
+    assert sharding.resolve_mesh(jax.make_mesh((1,), ("data",))) == sharding.resolve_mesh({"data": 1})
 
 
 def test_activation_specs():
@@ -164,8 +273,23 @@ def test_sizes_must_divide_the_mesh():
         shape = {"data": 1, "fsdp": 1, "tensor": 3}
 
     rules = sharding.ShardingRules.preset("tp")
-    with pytest.raises(DlmjaxError, match="heads size 4 does not split over the 3 devices"):
+    # the devices an axis cannot use go to data, which splits only the batch
+    with pytest.raises(DlmjaxError, match=r'heads size 4 does not split over the 3 devices.*make_mesh\("data=3"\)'):
         sharding.fit_rules(rules, FakeMesh(), _cfg(num_heads=4, num_kv_heads=2))
+
+    class Wide:
+        shape = {"data": 1, "fsdp": 3, "tensor": 8}
+
+    wide = r'heads size 4 does not split over the 8 devices.*make_mesh\("data=6,tensor=4"\) \(on the command line: --mesh'
+    with pytest.raises(DlmjaxError, match=wide):
+        sharding.fit_rules(sharding.ShardingRules.preset("fsdp_tp"), Wide(), _cfg(num_heads=4, num_kv_heads=2))
+    class ThreeData:
+        shape = {"data": 3, "fsdp": 1, "tensor": 1}
+
+    # a rule that splits the model over data: the devices it cannot use are left out
+    on_data = sharding.ShardingRules((("batch", "data"), ("embed", "data")))
+    with pytest.raises(DlmjaxError, match=r'make_mesh\("data=1", devices=jax.devices\(\)\[:1\]\)'):
+        sharding.fit_rules(on_data, ThreeData(), _cfg())
 
     class TwoWay:
         shape = {"data": 1, "fsdp": 1, "tensor": 4}

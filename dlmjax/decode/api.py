@@ -17,6 +17,8 @@ from dlmjax.decode import exits, rules
 from dlmjax.decode.ar import ARKnobs, ARMethod, ARTokens, decode_ar
 from dlmjax.decode.engine import Knobs, Method, Tokens, decode
 from dlmjax.errors import DlmjaxError
+from dlmjax.sharding import on_model_mesh
+from dlmjax.tokenizer import check_vocabulary
 
 # preset -> defaults. Every knob can also be set on its own.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -52,18 +54,20 @@ class GenerateOutput:
     lengths: np.ndarray | None = None  # [B] tokens each row produced, its stop token included (method "ar")
 
 
-_COMPILED: dict[tuple, Any] = {}
-
-
 def _prepare_prompts(lm, prompts, attention_mask, chat: bool) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [B, P] left-padded with the pad id, and their mask."""
     cfg = lm.config
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str)):
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        if blank:  # with chat=True the template alone would be decoded
+            raise DlmjaxError(f"a prompt is empty (prompt {blank[0]} has no text); give every prompt some text to answer")
+        check_vocabulary(lm.tokenizer, texts, lm.directory / "hf" if lm.directory is not None else None)
         if chat:
             rows = [lm.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
         else:
-            rows = [lm.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+            # verbose=False: a prompt longer than the model gets dlmjax's error (with gen_length), not transformers' warning
+            rows = [lm.tokenizer.encode(t, add_special_tokens=False, verbose=False) for t in texts]
         attention_mask = None
     else:
         if chat:
@@ -192,13 +196,14 @@ def build_method(method: str, *, gen_length: int, block_length: int | None, step
     return m, settings
 
 
+@on_model_mesh
 def generate(
     lm,
     prompts_or_ids,
     attention_mask=None,
     *,
     method: str | None = None,
-    gen_length: int = 128,
+    gen_length: int | None = None,
     block_length: int | None = None,
     steps: int | None = None,
     temperature: float = 0.0,
@@ -238,6 +243,8 @@ def generate(
     """
     if method is None:
         method = "ar" if lm.config.is_autoregressive else "llada"
+    if gen_length is None:  # the canvas the checkpoint was made for (generation_config.json), else 128
+        gen_length = lm.default_gen_length
     if method == "ar" or lm.config.is_autoregressive:
         diffusion_only = dict(
             block_length=block_length, steps=steps, threshold=threshold, factor=factor, rule=rule, remasking=remasking,
@@ -369,17 +376,13 @@ def _compile_and_run(lm, program: tuple, lower, args: tuple):
     """Run a decode program, compiling it once per key: (outputs, seconds, compile_seconds).
 
     `program` holds the static structure (method, tokens, input shape); `lower(kernel)` builds
-    and compiles it. DLMJAX_ATTENTION picks the attention kernel at trace time, so its value is
-    part of the key and is passed to `lower`."""
+    and compiles it. The programs are kept on the model (`lm.compiled`). DLMJAX_ATTENTION picks
+    the attention kernel at trace time, so its value is part of the key and is passed to `lower`."""
     kernel = os.environ.get("DLMJAX_ATTENTION", "")
     key = (lm.graphdef, *program, str(lm.dtype), kernel, lm.mesh, lm.rules)
-    compile_seconds = 0.0
-    if key not in _COMPILED:
-        start = time.perf_counter()
-        _COMPILED[key] = lower(kernel)
-        compile_seconds = time.perf_counter() - start
+    compiled, compile_seconds = lm.compiled.get(key, lambda: lower(kernel))
     start = time.perf_counter()
-    outputs = jax.block_until_ready(_COMPILED[key](*args))
+    outputs = jax.block_until_ready(compiled(*args))
     return outputs, time.perf_counter() - start, compile_seconds
 
 
