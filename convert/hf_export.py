@@ -1,7 +1,8 @@
 """dlmjax checkpoint or in-memory LM -> Hugging Face directory that PyTorch loads.
 
 The original tensor names and config.json come back; LoRA parameters are merged into the
-weights. Tensors are produced and written one at a time (one group resident at most).
+weights. Each conversion group (a block, or the embedding and head) is written to its own
+shard, so about one group is resident at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dlmjax import checkpoint
 from dlmjax.config import ModelConfig, to_hf_config
 from dlmjax.errors import DlmjaxError
 from dlmjax.model import LoRAConfig
+from dlmjax.tokenizer import pin_tokenizer_json
 
 from . import layouts, safetensors_io
 from .hf_import import _NUMPY_DTYPES, atomic_directory
@@ -42,7 +44,9 @@ def _export(
     if dtype not in _NUMPY_DTYPES:
         raise DlmjaxError(f"dtype {dtype!r} is not supported for export; use one of {sorted(_NUMPY_DTYPES)}")
     target = np.dtype(_NUMPY_DTYPES[dtype])
-    specs = layouts.tensor_specs(cfg)
+    # Group by group (the embedding, final norm and head together), so that each group is
+    # fetched once and fills shards of its own.
+    specs = [spec for _, group in layouts.iter_groups(layouts.tensor_specs(cfg)) for spec in group]
     by_name = {s.hf_name: s for s in specs}
     current: dict[str, Any] = {}
 
@@ -61,19 +65,24 @@ def _export(
             a = np.asarray(node["lora_a"], np.float32)
             b = np.asarray(node["lora_b"], np.float32)
             array = array.astype(np.float32) + lora.scale * (b @ a)
-        return array.astype(target)
+        return array.astype(target, copy=False)
 
     with atomic_directory(pathlib.Path(dst), overwrite) as tmp:
         if hf_dir is not None and hf_dir.is_dir():
             for f in hf_dir.iterdir():
                 if f.is_file() and f.name != "config.json":
                     shutil.copy2(f, tmp / f.name)
+        # A tokenizer that declares the generic class must load as declared in plain transformers
+        # too (which swaps in e.g. Qwen2Tokenizer for qwen2 otherwise): a no-op for other tokenizers.
+        pin_tokenizer_json(tmp)
         original = json.loads((hf_dir / "config.json").read_text()) if hf_dir and (hf_dir / "config.json").is_file() else {}
         exported = ModelConfig(**{**cfg.__dict__, "dtype": dtype})
         (tmp / "config.json").write_text(json.dumps(to_hf_config(exported, original), indent=2) + "\n")
+        # One conversion group per shard (split further above max_shard_bytes): writing a
+        # shard then holds one group, however large the model.
         safetensors_io.save_sharded(
             [(s.hf_name, s.shape, target) for s in specs], get_tensor, tmp, max_shard_bytes=max_shard_bytes,
-            metadata={"format": "pt"},
+            metadata={"format": "pt"}, groups={s.hf_name: s.group for s in specs},
         )
     return pathlib.Path(dst)
 

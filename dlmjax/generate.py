@@ -73,16 +73,55 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_memory_estimate(lm, args, prompt) -> None:
+    """The decode's peak bytes per device (dlmjax.memory), for one prompt row bucketed to 32 tokens."""
+    from dlmjax.decode.api import PRESETS
+    from dlmjax.memory import lm_decode_memory
+
+    gen = args.gen_length
+    if isinstance(prompt, str):
+        try:
+            tokens = len(lm.tokenizer(prompt)["input_ids"])
+        except Exception:  # no tokenizer: lm.generate says so; estimate for one bucket
+            tokens = 1
+    else:
+        tokens = len(prompt[0])
+    preset = PRESETS.get(args.method or "llada", {})
+    block = min(args.block_length or preset.get("block_length") or gen, gen)
+    if gen % block:  # lm.generate refuses it with the fix
+        return
+    est = lm_decode_memory(lm, batch=1, prompt_length=32 * max(1, -(-tokens // 32)), gen_length=gen, block_length=block,
+                           cache=args.cache or "none")
+    mib = 2**20
+    print(
+        f"per-device memory estimate: parameters {est.parameters / mib:.1f} MiB, cache {est.cache / mib:.1f} MiB, "
+        f"activations {est.activations / mib:.1f} MiB"
+        + (f", CPU weight copies {est.relayout / mib:.1f} MiB" if est.relayout else "")
+        + f"; decode peak {est.total / mib:.1f} MiB",
+        file=sys.stderr,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        # Checked before the model loads: nothing is compiled for an input that cannot work.
+        if args.gen_length is not None and args.gen_length <= 0:
+            raise DlmjaxError(
+                f"--gen-length {args.gen_length} is not a positive number of tokens; pass e.g. --gen-length 32, "
+                "or leave it out for the model's default"
+            )
         if args.prompt_ids is not None:
             try:
                 prompt = [[int(t) for t in args.prompt_ids.split(",") if t.strip()]]
             except ValueError:
                 raise DlmjaxError(f"--prompt-ids '{args.prompt_ids}' is not a comma-separated list of integers, e.g. 1,2,3") from None
+            if not prompt[0]:
+                raise DlmjaxError("--prompt-ids is empty; give at least one token id, e.g. 1,2,3")
         else:
             prompt = args.prompt
+            if not prompt.strip():
+                raise DlmjaxError("--prompt is empty; give some text to answer, e.g. --prompt \"Sort: 7 3 9 1\"")
         from dlmjax import distributed
 
         lead = True  # the process that prints
@@ -109,18 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
             mesh, rules = make_mesh(args.mesh), ShardingRules.preset(args.sharding)
         lm = dlmjax.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules)
-        args.gen_length = args.gen_length or lm.default_gen_length
+        if args.gen_length is None:
+            args.gen_length = lm.default_gen_length
         if mesh is not None and lead:
-            from dlmjax.sharding import memory_estimate
-
-            # one prompt row, its length rounded up to the 32-token bucket
-            cached = lm.config.is_autoregressive or (args.cache or "none") != "none"
-            est = memory_estimate(lm, 1, 32 + args.gen_length, args.gen_length, cached)
-            print(
-                f"per-device memory estimate: parameters {est['parameters'] / 2**20:.1f} MiB, cache {est['cache'] / 2**20:.1f} MiB, "
-                f"activations {est['activations'] / 2**20:.1f} MiB",
-                file=sys.stderr,
-            )
+            _print_memory_estimate(lm, args, prompt)
         out = lm.generate(
             prompt, method=args.method, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
             temperature=args.temperature, threshold=args.threshold, factor=args.factor, rule=args.rule,
@@ -137,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = lm.config
     stops = {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
-    produced = int(sum(t not in stops for t in out.tokens[0]))
+    # An AR row ends at its stop token; the pad ids after it were never generated.
+    row = out.tokens[0] if out.lengths is None else out.tokens[0][: int(out.lengths[0])]
+    produced = int(sum(t not in stops for t in row))
     if args.json:
         print(json.dumps({
             "text": out.texts[0] if out.texts is not None else None,

@@ -169,9 +169,12 @@ def token_ids() -> dict[str, int]:
     return {name: first + i for i, name in enumerate(SPECIALS)}
 
 
-def write_tokenizer(directory: str | pathlib.Path) -> pathlib.Path:
-    """tokenizer.json + tokenizer_config.json for the task vocabulary."""
+def write_tokenizer(directory: str | pathlib.Path, positions: int) -> pathlib.Path:
+    """tokenizer.json + tokenizer_config.json for the task vocabulary, for a model of `positions`
+    positions (its model_max_length), read alike by dlmjax and plain transformers."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from dlmjax.tokenizer import pin_tokenizer_json
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -188,10 +191,13 @@ def write_tokenizer(directory: str | pathlib.Path) -> pathlib.Path:
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
         "mask_token": MASK, "unk_token": None, "additional_special_tokens": [EOT, USER, ASSISTANT],
-        "add_bos_token": False, "add_eos_token": False, "padding_side": "left", "model_max_length": 512,
+        "add_bos_token": False, "add_eos_token": False, "padding_side": "left", "model_max_length": positions,
         "chat_template": CHAT_TEMPLATE,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # The generic class alone is not enough: transformers 5 swaps in Qwen2Tokenizer for tiny-ar's
+    # model_type, which ignores the pre-tokenizer above ("Reverse: 1 7" loses "Reverse" and the spaces).
+    pin_tokenizer_json(directory)
     return directory
 
 

@@ -38,6 +38,7 @@ from dlmjax.tokenizer import load_tokenizer  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT_LENGTH = 32  # = lm.generate's prompt bucket, so training and decoding place prompts alike
 GEN_LENGTH = 32  # the canvas the diffusion model fills: answer (<= 31 tokens), then EOS
+POSITIONS = 256  # max_position_embeddings of both tiny models (and their tokenizer's model_max_length)
 
 # name -> architecture and training recipe
 RECIPES = {
@@ -65,7 +66,7 @@ def hf_config(recipe: dict) -> dict:
         eot_token_id=ids[tasks.EOT], bos_token_id=ids[tasks.BOS],
     )
     common = dict(vocab_size=tasks.VOCAB_SIZE, hidden_size=recipe["hidden"], num_layers=recipe["layers"],
-                  num_heads=recipe["heads"], intermediate_size=recipe["mlp"], max_positions=256)
+                  num_heads=recipe["heads"], intermediate_size=recipe["mlp"], max_positions=POSITIONS)
     if recipe["family"] == "llada":
         config = tiny_hf_config("llada", **common)
     else:
@@ -76,7 +77,7 @@ def hf_config(recipe: dict) -> dict:
 
 def write_template(directory: pathlib.Path, recipe: dict) -> pathlib.Path:
     """config.json + tokenizer files: everything of the HF directory but the weights."""
-    tasks.write_tokenizer(directory)
+    tasks.write_tokenizer(directory, POSITIONS)
     config = hf_config(recipe)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # max_new_tokens: the canvas the model was trained to fill; `python -m dlmjax.generate` defaults to it.
