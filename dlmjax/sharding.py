@@ -339,20 +339,3 @@ def to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def memory_estimate(lm, batch: int, length: int, gen_length: int, cache: bool) -> dict[str, float]:
-    """Rough bytes per device: parameters (as sharded), the KV cache, and the largest
-    activations of a decode step (the logits of the generation region and one MLP)."""
-    def per_device(x) -> int:
-        shards = len({tuple((s.start, s.stop) for s in idx) for idx in x.sharding.devices_indices_map(x.shape).values()})
-        return x.nbytes // max(shards, 1)
-
-    params = sum(per_device(x) for x in jax.tree.leaves(nnx.to_pure_dict(lm.state)))
-    cfg, itemsize = lm.config, np.dtype(lm.dtype).itemsize
-    batch_split = 1 if lm.mesh is None else axis_size(lm.mesh, batch_axes(lm.mesh, lm.rules, batch))
-    kv_split = 1 if lm.mesh is None else axis_size(lm.mesh, lm.rules.axes_for("kv_heads"))
-    rows = batch / batch_split
-    kv_cache = 2 * cfg.num_layers * rows * cfg.num_kv_heads * length * cfg.head_dim * itemsize / kv_split if cache else 0
-    activations = rows * (gen_length * cfg.vocab_size * 4 * 3 + length * cfg.intermediate_size * itemsize * 3)
-    return {"parameters": params, "cache": kv_cache, "activations": activations}

@@ -4,7 +4,10 @@ It follows the section "Fast-dLLM KV caches" of dlmjax/decode/SPEC.md on top of 
 rules that tests/decode_reference.py implements (its helpers are reused). One model call
 per forward through the cache API (`model(x_window, positions, mask, cache=, cache_index=,
 cache_keep=)`), then numpy and per-row Python loops. Clarity over speed; nothing is shared with
-the engine. Temperature 0 and low-confidence remasking only.
+the engine. Low-confidence remasking only; temperature > 0 samples x0 of the current block with the
+noise of SPEC.md's "Randomness" (position j of the block: [B, V] from fold_in(sample_key, j), where
+sample_key comes from the count t of the batch's forwards so far; float64 with gumbel_x64), and every
+other position carries the argmax.
 
 Choices where SPEC.md leaves room (the parity tests rely on them):
 - Everything the uncached reference chose carries over: "masked" is a per-position state (a
@@ -109,7 +112,8 @@ def _margin64(row_logits):
 def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen_length, block_length, steps,
                               rule="quota", threshold=None, factor=None, exit=None, tau_high=7.5, tau_low=2.5,
                               exit_k=4.0, stop_at_eos=False, logits_eos_inf=False, confidence_eos_eot_inf=False,
-                              cache_dtype=jnp.float32, trace=None, jit=True) -> dict:
+                              temperature=0.0, seed=0, gumbel_x64=False, cache_dtype=jnp.float32, trace=None,
+                              jit=True) -> dict:
     """Decode per SPEC.md with a prefix or dual KV cache. Returns {"tokens", "nfe", "trajectory"} (numpy int).
 
     `lm` needs `.config` and `.model` (the cache-aware module); any object with both works."""
@@ -152,6 +156,8 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
     c_ent = [[np.float32(0)] * G for _ in range(batch)]
     c_margin = [[0.0] * G for _ in range(batch)]
     kv = KVCache.zeros(cfg, batch, L, cache_dtype)
+    key = jax.random.key(seed)
+    forwards = 0  # t of SPEC's randomness section: forwards of the batch before this one
 
     def set_token(r, j, token, t):
         x[r, plen + j] = int(token)
@@ -166,9 +172,29 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
             v[eos_id] = -np.inf
         return v
 
-    def carry(r, j, v):
+    def block_noise(sample_key, s, e):
+        """{j: Gumbel noise [B, V]} for the block's positions, each from its own key."""
+        noise = {}
+        for j in range(s, e):
+            position_key = jax.random.fold_in(sample_key, j)
+            if gumbel_x64:
+                with jax.enable_x64(True):
+                    u = jax.random.uniform(position_key, (batch, cfg.vocab_size), jnp.float64,
+                                           minval=np.finfo(np.float64).tiny)
+                    noise[j] = np.asarray(-jnp.log(-jnp.log(u)), dtype=np.float64)
+            else:
+                noise[j] = np.asarray(jax.random.gumbel(position_key, (batch, cfg.vocab_size), jnp.float32))
+        return noise
+
+    def carry(r, j, v, noise):
         v = clean_logits(v)
-        c_x0[r][j] = int(np.argmax(v))
+        if j in noise:  # sampled: a position of the current block at temperature > 0
+            if gumbel_x64:
+                c_x0[r][j] = int(np.argmax(v.astype(np.float64) + np.float64(np.float32(temperature)) * noise[j][r]))
+            else:
+                c_x0[r][j] = int(np.argmax((v + np.float32(temperature) * noise[j][r]).astype(np.float32)))
+        else:
+            c_x0[r][j] = int(np.argmax(v))
         c_conf[r][j] = softmax32(v)[c_x0[r][j]]
         c_ent[r][j] = entropy32(v)
         c_margin[r][j] = _margin64(v)
@@ -206,6 +232,9 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
                 record = dict(block=b, step=i, kind=kind, w0=w0, T=T, keep=None if keep is None else np.array(keep),
                               canvas=x.copy(), active=list(active), cache_before=cache_to_numpy(kv))
             raw, kv = cached_forward(model, cfg, x, full_mask, kv, w0, T, keep)  # ONE forward of the whole batch
+            sample_key = jax.random.split(jax.random.fold_in(key, forwards))[0]
+            forwards += 1
+            noise = block_noise(sample_key, s, e) if temperature > 0 else {}
             if record is not None:
                 record["raw"] = raw
                 record["cache_after"] = cache_to_numpy(kv)
@@ -226,7 +255,7 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
                 nfe[r] += 1
                 t = nfe[r]
                 for j, k in reads:
-                    carry(r, j, raw[r, k])
+                    carry(r, j, raw[r, k], noise)
 
                 # 1. early exit on the carried margins, before committing
                 if exit is not None:

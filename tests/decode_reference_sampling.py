@@ -8,8 +8,10 @@ alg_temp, eps). It is written independently of the jitted engine, for parity tes
 * the random streams are the ones SPEC.md fixes: ``key = jax.random.key(seed)``; before a step whose
   batch forward count is t (0-based over the whole decode, one count per step, CFG included),
   ``sample_key, select_key = jax.random.split(jax.random.fold_in(key, t))``; Gumbel sampling noise
-  [B, G, V] from sample_key, uniform [B, G] (random remasking, Dream origin) or Gumbel [B, G]
-  (Dream alg_temp > 0) selection noise from select_key. Only the draws use JAX; the rest is numpy;
+  of generation position j (only the current block's are ever read) is [B, V] from
+  ``jax.random.fold_in(sample_key, j)``; uniform [B, G] (random remasking, Dream origin) or
+  Gumbel [B, G] (Dream alg_temp > 0) selection noise from select_key. Only the draws use JAX;
+  the rest is numpy;
 * every row is handled in a Python loop, float32 math, ties go to the lower position (stable sorts
   of the negated score) and to the lower token id (argmax).
 
@@ -172,7 +174,9 @@ def reference_generate(lm, prompt_ids, attention_mask=None, *, gen_length, block
             logits = gen_logits(x)
             sample_key, select_key = jax.random.split(jax.random.fold_in(key, forwards))
             forwards += 1
-            g = np.asarray(jax.random.gumbel(sample_key, (B, G, V), jnp.float32), dtype=F32)
+            # sampling noise of block position j: [B, V] from its own key (drawn only when sampling)
+            g = {j: np.asarray(jax.random.gumbel(jax.random.fold_in(sample_key, j), (B, V), jnp.float32), dtype=F32)
+                 for j in range(lo, hi)} if temperature > 0 else None
             needs_u = (rule == "quota" and remasking == "random") or (rule == "dream" and alg == "origin")
             needs_h = rule == "dream" and alg != "origin" and alg_temp > 0
             u = np.asarray(jax.random.uniform(select_key, (B, G), jnp.float32), dtype=F32) if needs_u else None
@@ -200,7 +204,7 @@ def reference_generate(lm, prompt_ids, attention_mask=None, *, gen_length, block
                     for j in cands:
                         lj = logits[r, j]
                         if temperature > 0:
-                            x0[j] = int(np.argmax((lj + F32(temperature) * g[r, j]).astype(F32)))
+                            x0[j] = int(np.argmax((lj + F32(temperature) * g[j][r]).astype(F32)))
                         else:
                             x0[j] = int(np.argmax(lj))
                         if remasking == "low_confidence":
@@ -213,7 +217,7 @@ def reference_generate(lm, prompt_ids, attention_mask=None, *, gen_length, block
                     for j in cands:
                         l, probs = dream_process(logits[r, j], temperature, top_p, top_k)
                         if temperature > 0:
-                            x0[j] = int(np.argmax((l + g[r, j]).astype(F32)))
+                            x0[j] = int(np.argmax((l + g[j][r]).astype(F32)))
                         else:
                             x0[j] = int(np.argmax(probs))
                         if alg != "origin":

@@ -531,3 +531,42 @@ def test_argument_checks(models):
     # one step per block is fine without a shift: the refresh commits the whole block
     out = reference_generate_cached(llada, prompt, cache="dual", steps=NB, **kw)
     np.testing.assert_array_equal(out["trajectory"][0], np.repeat(np.arange(1, NB + 1), K))
+
+
+# ----------------------------------------------------------------------------- sampled, engine vs reference
+# SPEC.md, Randomness: only the current block is sampled, each position j from fold_in(sample_key, j),
+# so the prefix window (the whole region) and the dual window (the block) read the same noise, and an
+# early exit fills the other positions with the argmax. (engine cache, reference cache, engine, reference)
+SAMPLED = {
+    "prefix-sched": ("prefix", "prefix", dict(method="sched", schedule="cosine", tau_high=6.0, tau_low=0.0),
+                     dict(rule="quota", exit="cosine", tau_high=6.0, tau_low=0.0)),
+    "dual-sched": ("dual", "dual", dict(method="sched", schedule="cosine", tau_high=6.0, tau_low=0.0),
+                   dict(rule="quota", exit="cosine", tau_high=6.0, tau_low=0.0)),
+    "prefix-threshold-x64": ("prefix", "prefix", dict(method="fast-dllm", threshold=0.2, gumbel_x64=True),
+                             dict(rule="threshold", threshold=0.2, gumbel_x64=True)),
+    # an exit at the first step: the refresh is the uncached forward, so the uncached engine must agree
+    "none-exit-at-once": ("none", "dual", dict(method="sched", schedule="linear", tau_high=-1.0, tau_low=-1.0),
+                          dict(rule="quota", exit="linear", tau_high=-1.0, tau_low=-1.0)),
+}
+
+
+@pytest.mark.parametrize("family,case", [("llada", c) for c in sorted(SAMPLED)] + [("dream", "prefix-sched"), ("dream", "dual-sched")])
+def test_engine_samples_like_the_cached_reference(models, family, case):
+    lm = models[family]
+    engine_cache, ref_cache, engine_kwargs, ref_kwargs = SAMPLED[case]
+    ids = _prompt(16, batch=2)
+    ids[0, :2] = lm.config.pad_token_id
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0
+    shape = dict(gen_length=G, block_length=K, steps=8)
+    ref = reference_generate_cached(lm, ids, mask, cache=ref_cache, temperature=2.0, seed=5, **shape, **ref_kwargs)
+    out = lm.generate(ids, mask, cache=engine_cache, prompt_bucket=1, temperature=2.0, seed=5, **shape, **engine_kwargs)
+    for key in ("tokens", "nfe", "trajectory"):
+        np.testing.assert_array_equal(getattr(out, key), ref[key], err_msg=key)
+    # the noise mattered (temperature is traced: the greedy run reuses the program)
+    greedy = lm.generate(ids, mask, cache=engine_cache, prompt_bucket=1, temperature=0.0, **shape, **engine_kwargs)
+    assert not np.array_equal(greedy.tokens, out.tokens)
+    if case == "none-exit-at-once":  # block 0 sampled, the rest of the region is the first step's argmax
+        np.testing.assert_array_equal(out.nfe, [1, 1])
+        np.testing.assert_array_equal(out.tokens[:, K:], greedy.tokens[:, K:])
+        assert not np.array_equal(out.tokens[:, :K], greedy.tokens[:, :K])

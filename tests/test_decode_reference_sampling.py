@@ -370,7 +370,9 @@ def _replay(lm, ids, mask, out, *, steps, rule, remasking="low_confidence", temp
         gen = np.where((traj > 0) & (traj < per * k), tokens, M)
         logits = _logits_of(lm, ids, mask, gen, cfg_scale)[:, b * K:(b + 1) * K]
         sample_key, select_key = _keys(seed, k - 1)
-        g = np.asarray(jax.random.gumbel(sample_key, (B, G, V), jnp.float32))[:, b * K:(b + 1) * K]
+        # the block's noise: position j draws [B, V] from fold_in(sample_key, j)
+        g = np.stack([np.asarray(jax.random.gumbel(jax.random.fold_in(sample_key, j), (B, V), jnp.float32))
+                      for j in range(b * K, (b + 1) * K)], axis=1)
         masked = gen[:, b * K:(b + 1) * K] == M
         if rule == "quota":
             x0 = (logits + np.float32(temperature) * g).argmax(-1) if temperature > 0 else logits.argmax(-1)

@@ -298,19 +298,6 @@ def test_sizes_must_divide_the_mesh():
     assert fitted.axes_for("kv_heads") is None and fitted.axes_for("heads") == "tensor"  # kv heads replicated
 
 
-def test_memory_estimate_single_device(converted):
-    from flax import nnx
-
-    import dlmjax
-
-    lm = dlmjax.load(converted("llada"))
-    est = sharding.memory_estimate(lm, batch=2, length=64, gen_length=32, cache=True)
-    cfg = lm.config
-    assert est["parameters"] == sum(x.nbytes for x in jax.tree.leaves(nnx.to_pure_dict(lm.state)))
-    assert est["cache"] == 2 * cfg.num_layers * 2 * cfg.num_kv_heads * 64 * cfg.head_dim * np.dtype(lm.dtype).itemsize
-    assert sharding.memory_estimate(lm, batch=2, length=64, gen_length=32, cache=False)["cache"] == 0
-
-
 def test_cli_mesh(converted):
     base = [sys.executable, "-m", "dlmjax.generate", "--model", str(converted("llada")), "--prompt-ids", "5,6,7", "--gen-length", "8"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}

@@ -136,49 +136,86 @@ def _filter_logits(logits, temperature, top_p, top_k: int | None):
     return logits
 
 
-def _gumbel_argmax(logits, temperature, key, x64: bool, offset, gen_length: int):
-    """x0 = argmax(logits + T g) with g ~ Gumbel drawn for the whole generation region [B, G, V]
-    (so a window reads the same noise as a full pass); argmax at T = 0. LLaDA's exp(l) / (-log u)^T."""
-    b, w, v = logits.shape
+def _position_gumbel(key, positions, batch: int, vocab: int, x64: bool):
+    """Gumbel noise [B, n, V] for the generation positions `positions` [n]: position j draws its own
+    [B, V] from fold_in(key, j), so its noise is the same whatever window or block it is read in and
+    only the positions a step can commit are ever drawn (SPEC.md, Randomness)."""
 
-    def noisy(_):
-        if x64:
-            u = jax.random.uniform(key, (b, gen_length, v), jnp.float64, minval=jnp.finfo(jnp.float64).tiny)
-            g = jax.lax.dynamic_slice_in_dim(-jnp.log(-jnp.log(u)), offset, w, axis=1)
-            return jnp.argmax(logits.astype(jnp.float64) + temperature.astype(jnp.float64) * g, axis=-1)
-        g = jax.lax.dynamic_slice_in_dim(jax.random.gumbel(key, (b, gen_length, v), jnp.float32), offset, w, axis=1)
-        return jnp.argmax(logits + temperature * g, axis=-1)
+    def one(j):
+        position_key = jax.random.fold_in(key, j)
+        if x64:  # LLaDA's float64 form: -log(-log u), u uniform in (tiny, 1)
+            u = jax.random.uniform(position_key, (batch, vocab), jnp.float64, minval=jnp.finfo(jnp.float64).tiny)
+            return -jnp.log(-jnp.log(u))
+        return jax.random.gumbel(position_key, (batch, vocab), jnp.float32)
 
-    x0 = jax.lax.cond(temperature > 0, noisy, lambda _: jnp.argmax(logits, axis=-1), None)
-    return x0.astype(jnp.int32)
+    return jax.vmap(one, out_axes=1)(positions)
 
 
-def _dream_step(logits, candidates, masked_in_block, i, knobs: Knobs, method: Method, sample_key, select_key):
-    """Dream's samplers on one block: returns (x0, commit)."""
-    spb = method.steps_per_block
-    filtered = _filter_logits(logits, knobs.temperature, knobs.top_p, method.top_k)
+def _gumbel_argmax(logits, temperature, key, x64: bool, offset, block_start, block_length: int):
+    """x0 [B, W] of a window of logits [B, W, V] whose first position is generation index `offset`:
+    argmax everywhere, and at T > 0 argmax(logits + T g) over the block [block_start, block_start + K)
+    (LLaDA's exp(l) / (-log u)^T). Positions outside the block cannot be committed by a rule this
+    step, so they get no noise: drawing [B, G, V] every step was 1 GB (fp32) for LLaDA-8B at B = 8."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def noisy(greedy):
+        b, _, v = logits.shape
+        local = block_start - offset
+        block_logits = jax.lax.dynamic_slice_in_dim(logits, local, block_length, axis=1)
+        g = _position_gumbel(key, block_start + jnp.arange(block_length), b, v, x64)
+        sampled = jnp.argmax(block_logits.astype(g.dtype) + temperature.astype(g.dtype) * g, axis=-1)
+        return jax.lax.dynamic_update_slice_in_dim(greedy, sampled.astype(jnp.int32), local, axis=1)
+
+    return jax.lax.cond(temperature > 0, noisy, lambda greedy: greedy, greedy)
+
+
+def _dream_step(logits, candidates, masked_in_block, block_start, i, knobs: Knobs, method: Method, sample_key, select_key):
+    """Dream's samplers on one block: returns (x0 [B, G], commit [B, G]).
+
+    Only the block's logits [B, K, V] are filtered, softmaxed and sampled (the block holds every
+    candidate); the rest of the region takes the plain argmax of the logits (read only by an
+    early exit's fill)."""
+    spb, k = method.steps_per_block, method.block_length
+    b, _, v = logits.shape
+    block_logits = jax.lax.dynamic_slice_in_dim(logits, block_start, k, axis=1)
+    filtered = _filter_logits(block_logits, knobs.temperature, knobs.top_p, method.top_k)
     probs = jax.nn.softmax(filtered, axis=-1)
-    sampled = jnp.argmax(filtered + jax.random.gumbel(sample_key, logits.shape, jnp.float32), axis=-1)
-    x0 = jnp.where(knobs.temperature > 0, sampled, jnp.argmax(probs, axis=-1)).astype(jnp.int32)
+
+    def sampled(_):
+        g = _position_gumbel(sample_key, block_start + jnp.arange(k), b, v, False)
+        return jnp.argmax(filtered + g, axis=-1)
+
+    block_x0 = jax.lax.cond(knobs.temperature > 0, sampled, lambda _: jnp.argmax(probs, axis=-1), None)
+    x0 = jax.lax.dynamic_update_slice_in_dim(
+        jnp.argmax(logits, axis=-1).astype(jnp.int32), block_x0.astype(jnp.int32), block_start, axis=1
+    )
+
+    def in_block(a):
+        return jax.lax.dynamic_slice_in_dim(a, block_start, k, axis=1)
+
+    def to_region(block_commit):
+        return jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(candidates), block_commit, block_start, axis=1)
+
+    block_candidates = in_block(candidates)
     ts = jnp.linspace(1.0, knobs.eps, spb + 1, dtype=jnp.float32)
     t, s = ts[i], ts[i + 1]
     last = i == spb - 1
     if method.alg == "origin":
         p_transfer = jnp.where(last, 1.0, 1.0 - s / t)
-        u = jax.random.uniform(select_key, candidates.shape, jnp.float32)
-        return x0, candidates & (u < p_transfer)
+        u = in_block(jax.random.uniform(select_key, candidates.shape, jnp.float32))  # [B, G]: small, stream unchanged
+        return x0, to_region(block_candidates & (u < p_transfer))
     if method.alg == "maskgit_plus":
-        confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+        confidence = jnp.take_along_axis(probs, block_x0[..., None], axis=-1)[..., 0]
     elif method.alg == "topk_margin":
         confidence = exits.margins(probs)  # p1 - p2
     else:
         confidence = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
     mean_masks = jnp.mean(jnp.sum(masked_in_block, axis=-1).astype(jnp.float32))
     n = jnp.floor(jnp.where(last, mean_masks, mean_masks * (1.0 - s / t))).astype(jnp.int32)
-    noise = jax.random.gumbel(select_key, candidates.shape, jnp.float32)
+    noise = in_block(jax.random.gumbel(select_key, candidates.shape, jnp.float32))
     score = jnp.where(knobs.alg_temp > 0, confidence / jnp.maximum(knobs.alg_temp, 1e-30) + noise, confidence)
-    score = jnp.where(candidates, score, rules.NEG_INF)
-    return x0, rules.quota_commit(score, candidates, jnp.broadcast_to(n, candidates.shape[:1]))
+    score = jnp.where(block_candidates, score, rules.NEG_INF)
+    return x0, to_region(rules.quota_commit(score, block_candidates, jnp.broadcast_to(n, (b,))))
 
 
 def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: Method, tokens: Tokens, shard=None,
@@ -263,10 +300,11 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
             logits = shift_right(logits)  # the window's first prediction has no left neighbour: not used
         return clean(logits), start - p, cache
 
-    def predictions(s: State, logits, offset, sample_key, skip_first: bool) -> State:
-        """Write the window's x0, confidence, entropy and margin into the carried [B, G] arrays."""
+    def predictions(s: State, logits, offset, block, sample_key, skip_first: bool) -> State:
+        """Write the window's x0, confidence, entropy and margin into the carried [B, G] arrays.
+        Every window holds the whole block, the only positions sampled (the others take the argmax)."""
         width = logits.shape[1]
-        x0 = _gumbel_argmax(logits, knobs.temperature, sample_key, method.gumbel_x64, offset, g)
+        x0 = _gumbel_argmax(logits, knobs.temperature, sample_key, method.gumbel_x64, offset, block * k, k)
         probs = jax.nn.softmax(logits, axis=-1)
         confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
         if method.confidence_eos_eot_inf:
@@ -303,21 +341,24 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
 
         if method.rule == "dream":
             logits, _ = full_forward(s.x, None)
-            x0, commit = _dream_step(logits, candidates, masked & block_span(block), i, knobs, method, sample_key, select_key)
+            x0, commit = _dream_step(
+                logits, candidates, masked & block_span(block), block * k, i, knobs, method, sample_key, select_key
+            )
             s = dataclasses.replace(s, x0=x0)
             if method.exit is not None:
                 s = dataclasses.replace(s, margin=exits.margins(logits))
         else:
             if not cached:
                 logits, _ = full_forward(s.x, None)
-                s = predictions(s, logits, 0, sample_key, skip_first=False)
+                s = predictions(s, logits, 0, block, sample_key, skip_first=False)
             elif exact:
                 shift = 1 if cfg.shifted_logits else 0
 
                 def step_with(width):
                     def run(s):
                         logits, offset, cache = exact_window_forward(s.x, s.cache, block, width)
-                        return predictions(dataclasses.replace(s, cache=cache), logits, offset, sample_key, skip_first=False)
+                        s = dataclasses.replace(s, cache=cache)
+                        return predictions(s, logits, offset, block, sample_key, skip_first=False)
 
                     return run
 
@@ -325,12 +366,12 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
             else:
                 def refresh(s):
                     logits, cache = full_forward(s.x, s.cache)
-                    return predictions(dataclasses.replace(s, cache=cache), logits, 0, sample_key, skip_first=False)
+                    return predictions(dataclasses.replace(s, cache=cache), logits, 0, block, sample_key, skip_first=False)
 
                 def cached_step(s):
                     logits, offset, cache = window_forward(s.x, s.cache, block)
                     s = dataclasses.replace(s, cache=cache)
-                    return predictions(s, logits, offset, sample_key, skip_first=cfg.shifted_logits)
+                    return predictions(s, logits, offset, block, sample_key, skip_first=cfg.shifted_logits)
 
                 s = jax.lax.cond(i == 0, refresh, cached_step, s)
             x0 = s.x0
