@@ -41,7 +41,6 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # a script: import dlmjax from this checkout
 sys.path.insert(0, str(ROOT / "tests"))  # torch_reference
 sys.path.insert(0, str(ROOT / "experiments"))  # torch_decoders
 

@@ -48,9 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from dlmjax.kernels import cached_block_attention, reference_attention  # noqa: E402
+from dlmjax.kernels import cached_block_attention, reference_attention
 
 # (substring of the lower-cased device kind, peak HBM GB/s, peak dense bf16 TFLOP/s), first match wins.
 # Vendor datasheet figures (SXM parts unless named); "gh200" must come before "h200".

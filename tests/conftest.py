@@ -7,7 +7,10 @@ per-session cache directory, never to the user's.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# Level 0 skips LLVM's optimisation of the compiled CPU code: the tests' programs are tiny and
+# compile-bound, and this takes about a third off the suite (the subprocess tests that fake
+# several devices pass it too). It changes how fast the code runs, not what it computes.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -64,5 +67,22 @@ def converted(hf_checkpoint, tmp_path_factory):
         if name not in done:
             done[name] = convert(hf_checkpoint(name), tmp_path_factory.mktemp(f"jax-{name}") / "ckpt", progress=False)
         return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded(converted):
+    """loaded(name) -> one `dlmjax.LM` per converted checkpoint for the whole session. Compiled
+    decode programs are kept on the LM, so every test that decodes with the same structure and
+    shapes reuses one program. Tests must not change the LM; those that do load their own."""
+    import dlmjax
+
+    lms = {}
+
+    def get(name):
+        if name not in lms:
+            lms[name] = dlmjax.load(converted(name))
+        return lms[name]
 
     return get

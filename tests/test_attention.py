@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import dlmjax
 from dlmjax.attention import attention_mask
 from dlmjax.cache import KVCache
 from dlmjax.model import position_ids
@@ -53,8 +52,8 @@ def test_mask_builder_with_query_window():
         ("dream", "prompt_block_causal", dict(block_size=4, prompt_length=7)),
     ],
 )
-def test_block_causal_logits_match_pytorch(name, mode, kwargs, hf_checkpoint, converted):
-    lm = dlmjax.load(converted(name))
+def test_block_causal_logits_match_pytorch(name, mode, kwargs, hf_checkpoint, loaded):
+    lm = loaded(name)
     ids = np.random.default_rng(7).integers(0, 96, (2, 27))
     q = np.arange(27)
     mask4d = np.array([[_allowed(mode, i, j, True, kwargs["block_size"], kwargs.get("prompt_length")) for j in q] for i in q])
@@ -70,9 +69,9 @@ def test_block_causal_logits_match_pytorch(name, mode, kwargs, hf_checkpoint, co
 @pytest.mark.parametrize(
     "name,mode,prompt", [("fast_dllm_v2", "block_causal", 0), ("llada", "prompt_block_causal", 8), ("dream", "prompt_block_causal", 5)]
 )
-def test_exact_block_cache_equals_full_forward(name, mode, prompt, converted):
+def test_exact_block_cache_equals_full_forward(name, mode, prompt, loaded):
     """Blocks appended to the cache one at a time give the logits of one full block-causal pass."""
-    lm = dlmjax.load(converted(name))
+    lm = loaded(name)
     model, block, total = lm.model, 4, prompt + 12
     ids = jnp.asarray(np.random.default_rng(8).integers(0, 96, (2, total)), jnp.int32)
     valid = jnp.ones((2, total), jnp.int32)
@@ -90,9 +89,9 @@ def test_exact_block_cache_equals_full_forward(name, mode, prompt, converted):
         np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, start:end]), atol=1e-5, rtol=0)
 
 
-def test_cache_write_and_attend_bidirectional(converted):
+def test_cache_write_and_attend_bidirectional(loaded):
     """A bidirectional pass through a longer cache with the extra slots masked equals the plain pass."""
-    lm = dlmjax.load(converted("dream"))
+    lm = loaded("dream")
     model = lm.model
     ids = jnp.asarray(np.random.default_rng(9).integers(0, 96, (1, 10)), jnp.int32)
     valid = jnp.ones((1, 10), jnp.int32)
@@ -106,9 +105,9 @@ def test_cache_write_and_attend_bidirectional(converted):
     assert float(jnp.abs(cache.k[0][:, :, :10]).sum()) > 0 and float(jnp.abs(cache.k[0][:, :, 10:]).sum()) == 0
 
 
-def test_unwritten_cache_slots_are_never_attended(converted):
+def test_unwritten_cache_slots_are_never_attended(loaded):
     """Slots nothing was written to are masked even when the caller's mask allows them."""
-    lm = dlmjax.load(converted("llada"))
+    lm = loaded("llada")
     model = lm.model
     ids = jnp.asarray(np.random.default_rng(10).integers(0, 96, (1, 6)), jnp.int32)
     valid = jnp.ones((1, 6), jnp.int32)

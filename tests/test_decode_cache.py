@@ -4,7 +4,6 @@ Fast-dLLM's prefix and dual caches follow a Python loop of the cached algorithm.
 import numpy as np
 import pytest
 
-import dlmjax
 import decode_reference_cache
 from dlmjax.errors import DlmjaxError
 
@@ -29,8 +28,8 @@ def _batch(lm):
 @pytest.mark.parametrize("attention", ["prompt_block_causal", "block_causal"])
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_exact_block_cache_gives_the_uncached_tokens(rule, family, attention, converted):
-    lm = dlmjax.load(converted(family))
+def test_exact_block_cache_gives_the_uncached_tokens(rule, family, attention, loaded):
+    lm = loaded(family)
     ids, mask = _batch(lm)
     args = dict(gen_length=24, block_length=8, steps=24, attention=attention, **RULES[rule])
     plain = lm.generate(ids, mask, **args)
@@ -53,14 +52,14 @@ def test_exact_block_cache_gives_the_uncached_tokens(rule, family, attention, co
         (dict(cache="prefix", method="dream"), "cache='prefix' works with"),
     ],
 )
-def test_bad_cache_arguments(kwargs, message, converted):
-    lm = dlmjax.load(converted("llada"))
+def test_bad_cache_arguments(kwargs, message, loaded):
+    lm = loaded("llada")
     with pytest.raises(DlmjaxError, match=message):
         lm.generate([[5, 6, 7]], gen_length=16, **kwargs)
 
 
-def test_dream_dual_cache_needs_two_steps_per_block(converted):
-    lm = dlmjax.load(converted("dream"))
+def test_dream_dual_cache_needs_two_steps_per_block(loaded):
+    lm = loaded("dream")
     with pytest.raises(DlmjaxError, match="needs at least 2 steps per block"):
         lm.generate([[5, 6, 7]], gen_length=16, block_length=8, steps=2, cache="dual")
 
@@ -81,8 +80,8 @@ APPROXIMATE = {
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("case", sorted(APPROXIMATE))
-def test_fast_dllm_caches_match_the_cached_python_loop(case, family, cache, converted):
-    lm = dlmjax.load(converted(family))
+def test_fast_dllm_caches_match_the_cached_python_loop(case, family, cache, loaded):
+    lm = loaded(family)
     engine_kwargs, ref_kwargs = APPROXIMATE[case]
     ids, mask = _batch(lm)
     shape = dict(gen_length=24, block_length=8, steps=24)
@@ -94,9 +93,9 @@ def test_fast_dllm_caches_match_the_cached_python_loop(case, family, cache, conv
 
 
 @pytest.mark.parametrize("cache,attention", [("dual", "bidirectional"), ("block", "prompt_block_causal")])
-def test_cached_steps_through_the_pallas_kernel(cache, attention, converted, monkeypatch):
+def test_cached_steps_through_the_pallas_kernel(cache, attention, loaded, monkeypatch):
     """Forcing the Pallas cached-block kernel (interpret mode on CPU) gives the XLA path's tokens."""
-    lm = dlmjax.load(converted("dream"))
+    lm = loaded("dream")
     ids, mask = _batch(lm)
     args = dict(method="fast-dllm", threshold=0.3, gen_length=16, block_length=8, cache=cache, attention=attention)
     monkeypatch.setenv("DLMJAX_ATTENTION", "xla")

@@ -58,8 +58,8 @@ GREEDY = {
 @pytest.mark.parametrize("padded", [False, True], ids=["single", "padded-batch"])
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("case", sorted(GREEDY))
-def test_greedy_methods_match_the_python_loop(case, family, padded, converted):
-    lm = dlmjax.load(converted(family))
+def test_greedy_methods_match_the_python_loop(case, family, padded, loaded):
+    lm = loaded(family)
     engine_kwargs, ref_kwargs = GREEDY[case]
     ids, mask = _prompts(lm, padded)
     shape = dict(gen_length=16, block_length=16, steps=16)
@@ -72,7 +72,7 @@ def test_greedy_methods_match_the_python_loop(case, family, padded, converted):
 
 def test_stop_at_eos_really_stops(converted, monkeypatch):
     """A model that strongly predicts EOS at one position: the row ends early in both loops."""
-    loaded = dlmjax.load(converted("llada"))
+    loaded = dlmjax.load(converted("llada"))  # its own copy: the test edits the weights
     eos = loaded.config.eos_token_id
     model = loaded.model
     model.lm_head.value = model.lm_head.value.at[eos].multiply(20.0)  # EOS wins wherever h . w_eos > 0
@@ -105,9 +105,9 @@ SAMPLED = {
 @pytest.mark.parametrize("padded", [False, True], ids=["single", "padded-batch"])
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("case", sorted(SAMPLED))
-def test_sampled_methods_match_the_python_loop(case, family, padded, converted):
+def test_sampled_methods_match_the_python_loop(case, family, padded, loaded):
     """Sampling uses the documented random streams, so an independent loop reproduces it."""
-    lm = dlmjax.load(converted(family))
+    lm = loaded(family)
     engine_kwargs, ref_kwargs = SAMPLED[case]
     ids, mask = _prompts(lm, padded)
     shape = dict(gen_length=16, block_length=16, steps=16)

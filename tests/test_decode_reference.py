@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 
-import dlmjax
 from decode_reference import entropy32, exit_tau, reference_generate, softmax32, step_logits
 
 G, K, P = 16, 8, 6  # generation length, block length, prompt length
@@ -20,8 +19,8 @@ NB = G // K
 
 
 @pytest.fixture(scope="module")
-def models(converted):
-    return {name: dlmjax.load(converted(name)) for name in ("llada", "dream")}
+def models(loaded):
+    return {name: loaded(name) for name in ("llada", "dream")}
 
 
 def _prompt(seed, batch=1, length=P):

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import dlmjax
 from dlmjax.attention import attention_mask
 from dlmjax.cache import KVCache
 from dlmjax.model import position_ids
@@ -25,8 +24,8 @@ CACHE_KINDS = ("prefix", "dual")
 
 
 @pytest.fixture(scope="module")
-def models(converted):
-    return {name: dlmjax.load(converted(name)) for name in ("llada", "dream")}
+def models(loaded):
+    return {name: loaded(name) for name in ("llada", "dream")}
 
 
 def _prompt(seed, batch=2, length=P):

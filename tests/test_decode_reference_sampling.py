@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import dlmjax
 from decode_reference_sampling import dream_process, reference_generate
 
 G, K, P = 16, 8, 6  # generation length, block length, prompt length
@@ -21,8 +20,8 @@ NB = G // K
 
 
 @pytest.fixture(scope="module")
-def models(converted):
-    return {name: dlmjax.load(converted(name)) for name in ("llada", "dream")}
+def models(loaded):
+    return {name: loaded(name) for name in ("llada", "dream")}
 
 
 def _prompt(seed, batch=2, length=P):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import dlmjax
 from dlmjax import memory
 from dlmjax.config import ModelConfig
 from dlmjax.errors import DlmjaxError
@@ -67,8 +66,8 @@ def test_sharded_parameters_and_cache():
     assert odd.cache == pytest.approx(memory.decode_memory(cfg, cache="dual", **{**SHAPE, "batch": 3}).cache / 4)
 
 
-def test_loaded_model(converted):
-    lm = dlmjax.load(converted("llada"))
+def test_loaded_model(loaded):
+    lm = loaded("llada")
     est = memory.lm_decode_memory(lm, batch=2, prompt_length=32, gen_length=32, block_length=8, cache="dual")
     assert est.parameters == sum(x.nbytes for x in jax.tree.leaves(nnx.to_pure_dict(lm.state)))
     assert memory.parameter_bytes(lm.config, lm.dtype) == est.parameters  # the abstract count agrees

@@ -147,7 +147,7 @@ def test_model_max_length_is_the_models_positions_and_long_prompts_get_dlmjax_er
         logging.getLogger("transformers").removeHandler(records)
 
 
-def test_prompts_the_vocabulary_lacks_are_refused_before_compiling(tiny_llada, converted, monkeypatch):
+def test_prompts_the_vocabulary_lacks_are_refused_before_compiling(tiny_llada, loaded, monkeypatch):
     monkeypatch.setattr(api, "decode", None)
     for chat in (True, False):
         with pytest.raises(DlmjaxError, match=r"lacks \('What', 'is'\).*task suite's prompts.*Tiny models and training"):
@@ -158,7 +158,7 @@ def test_prompts_the_vocabulary_lacks_are_refused_before_compiling(tiny_llada, c
         assert unknown_pieces(tiny_llada.tokenizer, example.prompt) == [], example.prompt
         assert unknown_pieces(tiny_llada.tokenizer, example.answer) == [], example.answer
     # A character-level test checkpoint knows printable ASCII only: the hint is its vocabulary.
-    ascii_only = dlmjax.load(converted("llada"))
+    ascii_only = loaded("llada")
     assert unknown_pieces(ascii_only.tokenizer, "What is 2+3? {ok} ~") == []
     with pytest.raises(DlmjaxError, match=r"lacks \('é'\).*get_vocab"):
         ascii_only.generate("café", gen_length=16)
