@@ -7,10 +7,7 @@ per-session cache directory, never to the user's.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Level 0 skips LLVM's optimisation of the compiled CPU code: the tests' programs are tiny and
-# compile-bound, and this takes about a third off the suite (the subprocess tests that fake
-# several devices pass it too). It changes how fast the code runs, not what it computes.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -21,7 +21,7 @@ from dlmjax.testing import tiny_hf_config
 SCRIPT = textwrap.dedent(
     """
     import json, os, re, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np, dlmjax
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -300,7 +300,7 @@ def test_sizes_must_divide_the_mesh():
 
 def test_cli_mesh(converted):
     base = [sys.executable, "-m", "dlmjax.generate", "--model", str(converted("llada")), "--prompt-ids", "5,6,7", "--gen-length", "8"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     run = subprocess.run(base + ["--mesh", "data=1,tensor=4", "--sharding", "tp", "--cache", "dual"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "per-device memory estimate: parameters" in run.stderr
@@ -384,7 +384,7 @@ def test_two_processes_match_one(converted, tmp_path):
     mask = np.ones_like(ids)
     mask[:1, :5] = 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLMJAX_") or k == "DLMJAX_CACHE"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                DLMJAX_COORDINATOR=f"127.0.0.1:{_free_port()}", DLMJAX_NUM_PROCESSES="2")
     args = [sys.executable, "-c", WORKER, path, str(tmp_path / "p%d.npz"), json.dumps(ids.tolist()), json.dumps(mask.tolist())]
     procs = [
