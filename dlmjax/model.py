@@ -106,7 +106,7 @@ class Block(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_index, cache_keep=None,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, kv=None):
         b, t, _ = x.shape
         h = self.attn_norm(x)
         heads, kv_heads = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
@@ -117,6 +117,9 @@ class Block(nnx.Module):
         if cache is not None:
             cache = cache.write(layer, k, v, cache_index, cache_keep)
             k, v = cache.k[layer].astype(x.dtype), cache.v[layer].astype(x.dtype)
+        elif kv is not None:
+            k, v = kv(layer, k, v)
+            k, v = k.astype(x.dtype), v.astype(x.dtype)
         a = attend(q, k, v, mask, cache.shard if cache is not None else None).reshape(b, t, -1)
         x = constrain(x + self.o_proj(a), RESIDUAL, layout)
         h = self.mlp_norm(x)
@@ -151,6 +154,7 @@ class Transformer(nnx.Module):
         logits_from: int = 0,
         cache_keep: jax.Array | None = None,
         layout: Layout | None = None,
+        kv=None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Raw per-position logits (float32 [B, T, V], before any shift) and the cache.
 
@@ -161,7 +165,13 @@ class Transformer(nnx.Module):
         fresh ones (the queries still attend to the cache as a whole).
         `logits_from` (static) skips the head for positions before it: the logits are [B, T - logits_from, V].
         `layout` (static; None on one device) pins the activations to their shardings over a mesh.
+        `kv` (no cache; for callers that keep K/V themselves, such as the tests' independent cache
+        reference): a function (layer, k, v) -> (k_all, v_all) given each layer's fresh post-RoPE
+        keys and values [B, Hkv, T, D] and returning the [B, Hkv, Tk, D] the queries attend to under
+        `mask` [B, T, Tk]. The second output is then the tuple of what it returned, one per layer.
         """
+        if kv is not None and cache is not None:
+            raise ValueError("pass either cache or kv, not both")
         # The table's embed dim is gathered whole first (fsdp): the rows come out split over the
         # batch axes like the ids, instead of over fsdp twice (batch and embed).
         table = constrain(self.embed[...], ("vocab", None), layout)
@@ -170,12 +180,21 @@ class Transformer(nnx.Module):
         if cache is not None:  # keys come from the cache: never attend to a slot nothing was written to
             cache = cache.mark_written(cache_index, input_ids.shape[1], cache_keep)
             mask = restrict_keys(mask, cache.written)
+        attended = []
+        if kv is not None:
+            inner = kv
+
+            def kv(layer, k, v):
+                attended.append(inner(layer, k, v))
+                return attended[-1]
+
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep, layout)
+            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep, layout, kv)
         x = self.final_norm(x[:, logits_from:])
         head = self.embed if self.lm_head is None else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x, head[...], preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab"), layout), cache
+        logits = constrain(logits, ("batch", "length", "vocab"), layout)
+        return logits, (tuple(attended) if kv is not None else cache)
 
 
 def position_ids(cfg: ModelConfig, attention_mask: jax.Array) -> jax.Array:

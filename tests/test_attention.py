@@ -121,3 +121,32 @@ def test_unwritten_cache_slots_are_never_attended(loaded):
     np.testing.assert_allclose(np.asarray(cached), np.asarray(plain), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(cache.written), (np.arange(16) >= 4) & (np.arange(16) < 10))
     assert int(cache.lengths) == 10
+
+
+def test_forward_on_explicit_keys_and_values(loaded):
+    """`kv=`: the caller supplies the keys and values each layer attends to. Returning the fresh
+    ones gives the plain forward; the cache's own K/V, passed this way, give the cached forward."""
+    lm = loaded("dream")
+    model = lm.model
+    ids = jnp.asarray(np.random.default_rng(12).integers(0, 96, (2, 10)), jnp.int32)
+    valid = jnp.ones((2, 10), jnp.int32)
+    pos = position_ids(lm.config, valid)
+    mask = attention_mask("bidirectional", valid)
+    plain, _ = model(ids, pos, mask)
+    seen = []
+    same, attended = model(ids, pos, mask, kv=lambda layer, k, v: seen.append((layer, k.shape)) or (k, v))
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(plain))
+    assert seen == [(i, (2, lm.config.num_kv_heads, 10, lm.config.head_dim)) for i in range(lm.config.num_layers)]
+    assert len(attended) == lm.config.num_layers and attended[0][0].shape == seen[0][1]
+    # the last 4 positions as queries over the 10 keys of the plain pass (its K/V of the first 6
+    # slots, the fresh K/V of the window for the rest): the plain logits of those positions
+    window = attention_mask("bidirectional", valid, query_index=jnp.arange(6, 10))
+
+    def explicit(layer, k, v):
+        full_k, full_v = attended[layer]
+        return full_k.at[:, :, 6:].set(k), full_v.at[:, :, 6:].set(v)
+
+    tail, _ = model(ids[:, 6:], pos[:, 6:], window, kv=explicit)
+    np.testing.assert_allclose(np.asarray(tail), np.asarray(plain[:, 6:]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="either cache or kv"):
+        model(ids, pos, mask, cache=KVCache.zeros(lm.config, 2, 10, jnp.float32), kv=explicit)

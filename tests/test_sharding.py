@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent(
     # preset -> (the mesh as a user builds it, the uncached or non-dual runs compared with one device);
     # fast-dllm with the dual cache runs last on every mesh. jax.make_mesh's axes are Explicit.
     def runs(family):
-        return {
+        every = {
             # typed Manual (what shard_map makes inside), with an extra size-1 axis
             "single": (Mesh(devices.reshape(8, 1), ("data", "stage"), axis_types=(Manual, Manual)), ["fast-dllm"]),
             "dp": (jax.make_mesh((8,), ("data",)), ["llada" if family == "llada" else "dream", "sched"]),
@@ -59,6 +59,9 @@ SCRIPT = textwrap.dedent(
             # the mesh, also set as JAX's context mesh (explicit sharding's way in)
             "fsdp_tp": (jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor")), ["prefix", "block"]),
         }
+        # Dream (shifted logits, positions from the mask, 2 KV heads that tensor=4 cannot split) on
+        # the two jax.make_mesh meshes and tp; the Manual and fsdp-only meshes do not depend on the family
+        return every if family == "llada" else {p: every[p] for p in ("dp", "tp", "fsdp_tp")}
 
     results, errors = [], {}
     for family, path in json.loads(sys.argv[1]).items():
@@ -156,7 +159,7 @@ def test_any_mesh_matches_one_device(converted):
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     results = out["results"]
-    assert len(results) == 10
+    assert len(results) == 8
     assert all(r["kernel"] for r in results if r["preset"] == "tp")
     for r in results:
         assert r["logits"] <= 1e-4, r
@@ -177,7 +180,7 @@ def test_any_mesh_matches_one_device(converted):
     rows = {"single": 8, "dp": 1, "fsdp": 1, "tp": 4, "fsdp_tp": 2}
     kv_heads = {
         "llada": {"single": 4, "dp": 4, "fsdp": 4, "tp": 1, "fsdp_tp": 2},
-        "dream": {"single": 2, "dp": 2, "fsdp": 2, "tp": 2, "fsdp_tp": 1},
+        "dream": {"dp": 2, "tp": 2, "fsdp_tp": 1},
     }
     for (family, preset), r in by.items():
         assert r["cache"] == [f"{rows[preset]},{kv_heads[family][preset]},48,16"], r
