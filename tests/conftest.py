@@ -4,15 +4,38 @@ JAX runs on the CPU with full-precision matmuls; converted checkpoints go to a
 per-session cache directory, never to the user's.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# One on-disk compilation cache for the whole run: the process that starts pytest makes it, and the
+# xdist workers and the tests' subprocesses inherit it, so a program one process compiled (a decode
+# two test files share, a CLI call's) is read back by the others instead of compiled again. It is
+# removed when that process exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="dlmjax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# The slowest files first, so that the two xdist workers (one file at a time each) finish together.
+SLOW_FIRST = ("test_sharding.py", "test_decode_cache.py", "test_train.py", "test_tiny_models.py", "test_decode_parity.py",
+              "test_report.py", "test_device_check.py", "test_decode_confident.py", "test_decode_reference_cache.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
 @pytest.fixture(autouse=True)

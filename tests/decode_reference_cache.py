@@ -2,9 +2,11 @@
 
 It follows the section "Fast-dLLM KV caches" of dlmjax/decode/SPEC.md on top of the uncached
 rules that tests/decode_reference.py implements (its helpers are reused). One model call
-per forward through the cache API (`model(x_window, positions, mask, cache=, cache_index=,
-cache_keep=)`), then numpy and per-row Python loops. Clarity over speed; nothing is shared with
-the engine. Low-confidence remasking only; temperature > 0 samples x0 of the current block with the
+per forward, then numpy and per-row Python loops. Clarity over speed; nothing is shared with the
+engine or its plumbing: the positions, the attention mask and the KV cache (a dict of arrays) are
+built here, and the model's forward is called on keys and values this file keeps itself
+(`model(window, positions, mask, kv=...)`), so a bug in dlmjax's cache, mask or position code
+cannot show up identically here. Low-confidence remasking only; temperature > 0 samples x0 of the current block with the
 noise of SPEC.md's "Randomness" (position j of the block: [B, V] from fold_in(sample_key, j), where
 sample_key comes from the count t of the batch's forwards so far; float64 with gumbel_x64), and every
 other position carries the argmax.
@@ -31,8 +33,9 @@ Choices where SPEC.md leaves room (the parity tests rely on them):
   after the early-exit check and followed by the usual done / stop_at_eos check. With the quota rule
   the quotas of cached steps i = 1 .. spb-1 are quota_schedule(masks of the block left after the
   refresh, spb - 1)[i - 1]; spb < 2 is refused (ValueError).
-- The cache is float32 (`cache_dtype` may change it) and starts as zeros; the first refresh writes
-  every slot, so its initial content never matters.
+- The cache is float32 (`cache_dtype` may change it) and starts as zeros with no slot written; the
+  first refresh writes every slot, so its initial content never matters. A window's queries attend
+  to every real key of a written slot (the window's own slots included, fresh or kept).
 - `trace` (optional list): one dict per forward is appended, with keys block, step (i), kind
   ("refresh" | "cached"), w0, T, keep, canvas (before the forward), active (rows), cache_before and
   cache_after ((k, v) lists of numpy [B, Hkv, L, D] per layer) and raw (the window's raw logits).
@@ -53,54 +56,109 @@ CACHED_RULES = ("quota", "threshold", "factor", "entropy")
 CACHES = ("prefix", "dual")
 
 
-def _run_module(graphdef, state, ids, positions, mask, cache, cache_index, cache_keep):
+# ------------------------------------------------------------------ the reference's own plumbing
+# Nothing below comes from dlmjax: the positions, the attention mask and the cache (a dict of
+# arrays) are built here from SPEC.md; only the model's forward is called, on keys and values this
+# file keeps itself (`kv=`, see dlmjax.model.Transformer.__call__).
+
+POSITIONS_FROM_MASK = {"llada": False, "dream": True, "fast_dllm_v2": True}  # Dream: cumsum(mask) - 1, padding at 1
+SHIFTED = {"llada": False, "dream": True, "fast_dllm_v2": True}  # the prediction for slot i is the output at i - 1
+
+
+def own_positions(family, full_mask):
+    """RoPE positions [B, L]: absolute 0..L-1 (LLaDA), or the real tokens numbered from 0 with
+    padding at position 1 (Dream, as its generation_utils does)."""
+    full_mask = np.asarray(full_mask, np.int64)
+    b, length = full_mask.shape
+    if not POSITIONS_FROM_MASK[family]:
+        return np.broadcast_to(np.arange(length), (b, length)).copy()
+    return np.where(full_mask > 0, np.cumsum(full_mask, axis=1) - 1, 1)
+
+
+def own_mask(full_mask, T, written):
+    """[B, T, L] bool: every query attends to every real (unpadded) key in a written slot."""
+    keys = np.asarray(full_mask, bool) & np.asarray(written, bool)[None, :]
+    return np.broadcast_to(keys[:, None, :], (keys.shape[0], T, keys.shape[1])).copy()
+
+
+def empty_cache(cfg, batch, length, dtype=np.float32):
+    """{"k": [per layer [B, Hkv, L, D]], "v": [...], "written": [L] bool}, all zeros / False."""
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+            "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+            "written": np.zeros(length, bool)}
+
+
+def _window_merge(old, fresh, w0, keep):
+    """old [B, H, L, D] with slots [w0, w0 + T) replaced by fresh [B, H, T, D], except the kept ones."""
+    t = fresh.shape[2]
+    if keep is not None:
+        stale = jax.lax.dynamic_slice_in_dim(old, w0, t, axis=2)
+        fresh = jnp.where(keep[None, None, :, None], stale, fresh.astype(old.dtype))
+    return jax.lax.dynamic_update_slice_in_dim(old, fresh.astype(old.dtype), w0, axis=2)
+
+
+def _forward(graphdef, state, ids, positions, mask, cache_k, cache_v, w0, keep):
     from flax import nnx
 
     module = nnx.merge(graphdef, state)
-    return module(ids, positions, mask, cache=cache, cache_index=cache_index, cache_keep=cache_keep)
+
+    def kv(layer, k, v):
+        return _window_merge(cache_k[layer], k, w0, keep), _window_merge(cache_v[layer], v, w0, keep)
+
+    logits, attended = module(ids, positions, mask, kv=kv)
+    return logits, [k for k, _ in attended], [v for _, v in attended]
 
 
-_run_module_jit = jax.jit(_run_module, static_argnums=(0,))
+_forward_jit = jax.jit(_forward, static_argnums=(0,))
 
 
-def jitted_module(model):
-    """The module's call (same signature) with its forward compiled by jax.jit, one compile per shape.
-
-    Still one model call per forward, made from the Python loop; only the op-by-op dispatch is gone
-    (tiny test models spend most eager time compiling single ops). The window start is passed as a
-    traced int32 so the dual cache's blocks share one compile. A non-module callable is returned as is."""
+def jitted_forward(model):
+    """forward(ids, positions, mask, cache_k, cache_v, w0, keep) -> (logits, k list, v list) of the
+    module `model`, compiled with jax.jit (one compile per shape; the window start is traced, so the
+    dual cache's blocks share one compile). It is still one model call per forward, made from the
+    Python loop; jit only removes op-by-op dispatch. A non-module callable is returned as is (it
+    must follow the same protocol)."""
     from flax import nnx
 
     if not isinstance(model, nnx.Module):
         return model
     graphdef, state = nnx.split(model)
 
-    def call(ids, positions, mask, cache=None, cache_index=0, cache_keep=None):
-        return _run_module_jit(graphdef, state, ids, positions, mask, cache, jnp.asarray(cache_index, jnp.int32),
-                               cache_keep)
+    def call(ids, positions, mask, cache_k, cache_v, w0, keep):
+        return _forward_jit(graphdef, state, ids, positions, mask, cache_k, cache_v, jnp.asarray(w0, jnp.int32), keep)
 
     return call
 
 
-def cached_forward(model, cfg, canvas, full_mask, cache, w0, T, keep=None):
-    """One eager forward of the window canvas[:, w0:w0+T] through the cache.
+def eager_forward(model):
+    """The same protocol as `jitted_forward`, called op by op (no jax.jit)."""
+    from flax import nnx
 
-    Returns (raw float32 logits [B, T, V] as numpy, the new cache)."""
-    from dlmjax.attention import attention_mask
-    from dlmjax.model import position_ids
+    if not isinstance(model, nnx.Module):
+        return model
+    graphdef, state = nnx.split(model)
+    return lambda ids, positions, mask, k, v, w0, keep: _forward(graphdef, state, ids, positions, mask, k, v, w0, keep)
 
-    fm = jnp.asarray(full_mask, dtype=jnp.int32)
-    positions = position_ids(cfg, fm)
+
+def cached_forward(forward, cfg, canvas, full_mask, cache, w0, T, keep=None):
+    """One forward of the window canvas[:, w0:w0+T]: its fresh K/V go to slots [w0, w0+T) except
+    the kept ones, and its queries attend to every written slot. Returns (raw float32 logits
+    [B, T, V] as numpy, the new cache)."""
+    keep_arr = None if keep is None else np.asarray(keep, bool)
+    written = cache["written"].copy()
+    written[w0:w0 + T] |= True if keep_arr is None else ~keep_arr
+    positions = own_positions(cfg.family, full_mask)[:, w0:w0 + T]
+    mask = own_mask(full_mask, T, written)
     ids = jnp.asarray(np.asarray(canvas)[:, w0:w0 + T], dtype=jnp.int32)
-    mask = attention_mask("bidirectional", fm, query_index=jnp.arange(w0, w0 + T))
-    keep_arr = None if keep is None else jnp.asarray(np.asarray(keep, dtype=bool))
-    logits, cache = model(ids, positions[:, w0:w0 + T], mask, cache=cache, cache_index=w0, cache_keep=keep_arr)
-    return np.array(logits, dtype=np.float32), cache
+    logits, k, v = forward(ids, jnp.asarray(positions, jnp.int32), jnp.asarray(mask), cache["k"], cache["v"], w0,
+                           None if keep_arr is None else jnp.asarray(keep_arr))
+    return np.array(logits, dtype=np.float32), {"k": list(k), "v": list(v), "written": written}
 
 
 def cache_to_numpy(cache):
     """(k, v): lists over layers of numpy [B, Hkv, L, D]."""
-    return [np.array(k) for k in cache.k], [np.array(v) for v in cache.v]
+    return [np.array(k) for k in cache["k"]], [np.array(v) for v in cache["v"]]
 
 
 def _margin64(row_logits):
@@ -117,10 +175,10 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
     """Decode per SPEC.md with a prefix or dual KV cache. Returns {"tokens", "nfe", "trajectory"} (numpy int).
 
     `lm` needs `.config` and `.model` (the cache-aware module); any object with both works."""
-    from dlmjax.cache import KVCache
-
     cfg = lm.config
-    model = jitted_module(lm.model) if jit else lm.model
+    if cfg.family not in SHIFTED:
+        raise ValueError(f"no reference plumbing for family {cfg.family!r}")
+    model = jitted_forward(lm.model) if jit else eager_forward(lm.model)
     prompt, pmask, (G, K, S, nb, spb) = prepare(prompt_ids, attention_mask, gen_length, block_length, steps)
     batch, plen = prompt.shape
     if cache not in CACHES:
@@ -135,7 +193,7 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
         raise ValueError("rule 'factor' needs factor")
     if (stop_at_eos or logits_eos_inf or confidence_eos_eot_inf) and cfg.eos_token_id is None:
         raise ValueError("stop_at_eos, logits_eos_inf and confidence_eos_eot_inf need the model's eos_token_id")
-    shifted = bool(cfg.shifted_logits)
+    shifted = SHIFTED[cfg.family]
     if shifted and rule == "quota" and spb < 2:
         raise ValueError("the quota rule with a cache on a shifted-logit model needs at least 2 steps per block")
     if plen < 1:
@@ -155,7 +213,7 @@ def reference_generate_cached(lm, prompt_ids, attention_mask=None, *, cache, gen
     c_conf = [[np.float32(0)] * G for _ in range(batch)]
     c_ent = [[np.float32(0)] * G for _ in range(batch)]
     c_margin = [[0.0] * G for _ in range(batch)]
-    kv = KVCache.zeros(cfg, batch, L, cache_dtype)
+    kv = empty_cache(cfg, batch, L, cache_dtype)
     key = jax.random.key(seed)
     forwards = 0  # t of SPEC's randomness section: forwards of the batch before this one
 

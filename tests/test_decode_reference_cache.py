@@ -8,6 +8,7 @@ outputs depend only on those two canvases); the carried predictions are tracked,
 of each step are checked against the rule of SPEC.md.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from dlmjax.attention import attention_mask
 from dlmjax.cache import KVCache
 from dlmjax.model import position_ids
 from decode_reference import exit_tau, reference_generate, step_logits
-from decode_reference_cache import jitted_module, reference_generate_cached
+from decode_reference_cache import jitted_forward, reference_generate_cached
 
 G, K, P = 16, 8, 6  # generation length, block length, prompt length
 NB = G // K
@@ -40,7 +41,8 @@ class Edited:
 
     def __init__(self, lm, scale=1.0, boosts=()):
         self.config = lm.config
-        self._model = jitted_module(lm.model)
+        self._model = jitted_forward(lm.model)
+        self._cache_api = _cache_api_module(lm.model)
         self.scale = scale
         self.boosts = boosts
         self.calls = 0
@@ -49,15 +51,23 @@ class Edited:
     def model(self):
         return self._call
 
-    def _call(self, ids, positions, mask, cache=None, cache_index=0, cache_keep=None):
+    def _call(self, ids, positions, mask, cache_k, cache_v, cache_index, keep):
         self.calls += 1
-        logits, cache = self._model(ids, positions, mask, cache=cache, cache_index=cache_index, cache_keep=cache_keep)
+        logits, k_new, v_new = self._model(ids, positions, mask, cache_k, cache_v, cache_index, keep)
+        return self._edit(logits, ids.shape[1], cache_index), k_new, v_new
+
+    def _edit(self, logits, width, cache_index):
         logits = logits * jnp.float32(self.scale)
         for row, slot, col, amount in self.boosts:
             k = slot - int(cache_index)
-            if 0 <= k < ids.shape[1]:
+            if 0 <= k < width:
                 logits = logits.at[row, k, col].add(amount)
-        return logits, cache
+        return logits
+
+    def cache_api(self, ids, positions, mask, cache=None, cache_index=0, cache_keep=None):
+        """The same edits on a forward through dlmjax's cache API (for the replays below)."""
+        logits, cache = self._cache_api(ids, positions, mask, cache=cache, cache_index=cache_index, cache_keep=cache_keep)
+        return self._edit(logits, ids.shape[1], cache_index), cache
 
 
 # --------------------------------------------------------------------------- independent forwards
@@ -71,6 +81,28 @@ def _pair(a):
     """Single rows are run as a batch of two copies, so that every forward here reuses the compiled
     batch-2 shapes of the decodes (a row's outputs do not depend on the other rows)."""
     return np.repeat(a, 2, axis=0) if a.shape[0] == 1 else a
+
+
+def _cache_api_module(model):
+    """The module's call through dlmjax's own cache API (model(..., cache=, cache_index=, cache_keep=)),
+    compiled with jax.jit: the tests here check the reference's own cache against it."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def call(ids, positions, mask, cache=None, cache_index=0, cache_keep=None):
+        return _cache_api_jit(graphdef, state, ids, positions, mask, cache, jnp.asarray(cache_index, jnp.int32), cache_keep)
+
+    return call
+
+
+def _cache_api_call(graphdef, state, ids, positions, mask, cache, cache_index, cache_keep):
+    from flax import nnx
+
+    return nnx.merge(graphdef, state)(ids, positions, mask, cache=cache, cache_index=cache_index, cache_keep=cache_keep)
+
+
+_cache_api_jit = jax.jit(_cache_api_call, static_argnums=(0,))
 
 
 def _fwd(model, cfg, canvas, w0=0, T=None, cache=None, keep=None):
@@ -126,7 +158,7 @@ def _replay(lm, prompt, out, kind, spb=None, row=0, eos_inf=False):
     """Per forward t of row `row`: dict(t, block, refresh, x0, conf, ent, margin, masked, committed).
 
     The carried predictions are those the step's rule reads (after this forward's update)."""
-    cfg, model = lm.config, jitted_module(lm.model)
+    cfg, model = lm.config, (lm.cache_api if isinstance(lm, Edited) else _cache_api_module(lm.model))
     traj, tokens, n = out["trajectory"][row], out["tokens"][row], int(out["nfe"][row])
     shifted = cfg.shifted_logits
     carried = None
@@ -276,7 +308,7 @@ def test_exit_at_the_refresh_equals_the_uncached_exit(models, family, kind):
 @pytest.mark.parametrize("kind", CACHE_KINDS)
 def test_cached_logits_equal_uncached_only_on_the_refresh_canvas(models, family, kind):
     lm = models[family]
-    cfg, model = lm.config, jitted_module(lm.model)
+    cfg, model = lm.config, (lm.cache_api if isinstance(lm, Edited) else _cache_api_module(lm.model))
     rng = np.random.default_rng(5)
     prompt = _prompt(5, batch=1)
     tokens = rng.integers(0, 96, G)
