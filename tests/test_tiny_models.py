@@ -47,12 +47,13 @@ def test_tiny_llada_is_a_llada_checkpoint_with_the_task_tokenizer(tiny_llada):
 
 
 def test_tiny_llada_accuracy_on_the_test_split(tiny_llada):
-    """The LLaDA baseline (one token per step, one block) on the whole 512-problem test split.
+    """The LLaDA baseline (one token per step, one block) on the first 256 problems of the test split.
 
-    The issue's bar is >= 90% overall; the embedded model measures 92.8% (arithmetic 86.1%,
-    sort and reverse 100%). A broken loader, tokenizer or decoder drops far below this.
+    The bar is >= 90% overall; the embedded model measures 93.0% here (arithmetic 86.3%, sort and
+    reverse 100%) and 92.8% on the whole 512-problem split (experiments/report.py). A broken
+    loader, tokenizer or decoder drops far below this.
     """
-    test = tasks.make_split("test", 512)
+    test = tasks.make_split("test", 512)[:256]
     by_kind = {kind: [e for e in test if e.kind == kind] for kind in tasks.KINDS}
     kwargs = train_tiny.baseline_kwargs("llada")
     accuracy = {kind: train_tiny.evaluate(tiny_llada, tiny_llada.tokenizer, examples, **kwargs)["accuracy"]
