@@ -25,9 +25,11 @@ def _batch(lm):
     return ids, mask
 
 
-# Every rule under the prompt-block-causal mask; the block-causal one (the prompt split into
-# blocks too) with two rules. The cache path does not depend on the rule beyond its commits.
-EXACT = [(rule, family, "prompt_block_causal") for rule in sorted(RULES) for family in ("llada", "dream")]
+# A fixed-quota and a dynamic rule under the prompt-block-causal mask for both families, the
+# factor and entropy rules once each, and the block-causal mask (the prompt split into blocks too)
+# with two rules. The cache path does not depend on the rule beyond its commits.
+EXACT = [(rule, family, "prompt_block_causal") for rule in ("quota", "threshold") for family in ("llada", "dream")]
+EXACT += [("factor", "dream", "prompt_block_causal"), ("entropy", "llada", "prompt_block_causal")]
 EXACT += [("quota", "dream", "block_causal"), ("threshold", "llada", "block_causal")]
 
 
