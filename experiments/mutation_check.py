@@ -140,7 +140,9 @@ def run_tests(scratch: pathlib.Path, tests, timeout: int) -> tuple[str, float, s
     if not tests:
         return "error", 0.0, "none of its test files exist in this revision"
     pkg = package_tree(scratch)
-    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    # PYTHONSAFEPATH: no process (pytest, the tests' subprocesses) puts the working directory, which
+    # holds the unmapped dlmjax/ folder, on sys.path; the package comes from pkg/ only
+    env = {**os.environ, "PYTHONPATH": str(pkg), "PYTHONSAFEPATH": "1"}
     check = subprocess.run([sys.executable, "-c", "import dlmjax, dlmjax.kernels; print(dlmjax.__file__)"], env=env,
                            capture_output=True, text=True, cwd=scratch)
     if not check.stdout.strip().startswith(str(pkg)):

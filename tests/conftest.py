@@ -34,6 +34,8 @@ SLOW_FIRST = ("test_sharding.py", "test_decode_cache.py", "test_train.py", "test
 
 
 def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # only xdist workers: a plain run keeps the given order
+        return
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
