@@ -76,6 +76,23 @@ def constant_logits(lm, row) -> dlmjax.LM:
     return dlmjax.LM(model, directory=lm.directory)
 
 
+def padded_prompts(lm):
+    """The engine tests' batch: 3 rows of 12 random ids, rows 0 and 2 left-padded by 5 and 2."""
+    ids = np.random.default_rng(11).integers(0, 96, (3, 12))
+    mask = np.ones_like(ids)
+    for row, pad in ((0, 5), (2, 2)):
+        ids[row, :pad] = lm.config.pad_token_id
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def assert_same_decode(out, ref):
+    """The engine's output equals a reference loop's dict: tokens, NFE and trajectory."""
+    np.testing.assert_array_equal(out.tokens, ref["tokens"])
+    np.testing.assert_array_equal(out.nfe, ref["nfe"])
+    np.testing.assert_array_equal(out.trajectory, ref["trajectory"])
+
+
 def two_way_tie(vocab: int, first: int = 0, second: int = 1, low: float = -1.0e4) -> np.ndarray:
     """Logits with two tokens tied on top (softmax exactly 0.5 each) and the rest at `low`
     (exp underflows to exactly 0)."""

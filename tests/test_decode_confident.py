@@ -19,20 +19,8 @@ import decode_reference_cache
 import engine_models
 
 
-def _prompts(lm):
-    rng = np.random.default_rng(11)
-    ids = rng.integers(0, 96, (3, 12))
-    mask = np.ones_like(ids)
-    for row, pad in ((0, 5), (2, 2)):
-        ids[row, :pad] = lm.config.pad_token_id
-        mask[row, :pad] = 0
-    return ids, mask
-
-
-def _check(out, ref):
-    np.testing.assert_array_equal(out.tokens, ref["tokens"])
-    np.testing.assert_array_equal(out.nfe, ref["nfe"])
-    np.testing.assert_array_equal(out.trajectory, ref["trajectory"])
+_prompts = engine_models.padded_prompts
+_check = engine_models.assert_same_decode
 
 
 def most_in_one_step(out) -> int:

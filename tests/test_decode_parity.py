@@ -9,24 +9,16 @@ import pytest
 import dlmjax
 import decode_reference
 import decode_reference_sampling
+import engine_models
 
 
 def _prompts(lm, padded: bool):
-    rng = np.random.default_rng(11)
     if not padded:
-        return rng.integers(0, 96, (1, 9)), None
-    ids = rng.integers(0, 96, (3, 12))
-    mask = np.ones_like(ids)
-    for row, pad in ((0, 5), (2, 2)):
-        ids[row, :pad] = lm.config.pad_token_id
-        mask[row, :pad] = 0
-    return ids, mask
+        return np.random.default_rng(11).integers(0, 96, (1, 9)), None
+    return engine_models.padded_prompts(lm)
 
 
-def _check(out, ref):
-    np.testing.assert_array_equal(out.tokens, ref["tokens"])
-    np.testing.assert_array_equal(out.nfe, ref["nfe"])
-    np.testing.assert_array_equal(out.trajectory, ref["trajectory"])
+_check = engine_models.assert_same_decode
 
 
 # (engine kwargs, reference kwargs); shapes are added below.

@@ -62,9 +62,7 @@ def _margin_model(loaded, margin):
 def _run(lm, engine_kwargs, ref_kwargs, shape):
     out = lm.generate(PROMPT, prompt_bucket=1, **shape, **engine_kwargs)
     ref = decode_reference.reference_generate(lm, PROMPT, None, **shape, **ref_kwargs)
-    np.testing.assert_array_equal(out.tokens, ref["tokens"])
-    np.testing.assert_array_equal(out.nfe, ref["nfe"])
-    np.testing.assert_array_equal(out.trajectory, ref["trajectory"])
+    engine_models.assert_same_decode(out, ref)
     return out
 
 
