@@ -22,10 +22,23 @@ import sys
 from dlmjax.errors import DlmjaxError
 
 
+def knob_flags() -> dict[str, tuple[type, tuple | None, str]]:
+    """knob -> (type, choices, help) for every knob of every method part (dlmjax.decode.method),
+    in the order the parts define them: the CLI's decode flags, generated, so none can be missing."""
+    from dlmjax.decode.method import SELECTORS, knob_table
+
+    flags: dict[str, tuple[type, tuple | None, str]] = {
+        name: (str, choices, f"override the method's {what}") for name, (what, choices) in SELECTORS.items()
+    }
+    for name, field in knob_table().items():
+        kind = str(field.type)
+        kind = bool if kind.startswith("bool") else int if kind.startswith("int") else float if kind.startswith("float") else str
+        flags[name] = (kind, field.metadata.get("choices"), field.metadata["help"])
+    return flags
+
+
 def _parser() -> argparse.ArgumentParser:
     from dlmjax.decode.api import PRESETS
-    from dlmjax.decode.exits import EXITS
-    from dlmjax.decode.rules import RULES
 
     p = argparse.ArgumentParser(prog="python -m dlmjax.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-llada",
@@ -36,30 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--method", help=f"preset: {', '.join(PRESETS)} (default llada), or ar for autoregressive models (their default)")
-    p.add_argument("--gen-length", type=int,
-                   help="tokens to generate (default: max_new_tokens of the model's generation_config.json, else 128)")
-    p.add_argument("--block-length", type=int, help="default: the preset's (llada: gen-length)")
-    p.add_argument("--steps", type=int, help="default: gen-length")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--threshold", type=float, help="confidence threshold (fast-dllm) or entropy bound in nats (dparallel)")
-    p.add_argument("--factor", type=float, help="Fast-dLLM factor rule (with --rule factor)")
-    p.add_argument("--rule", choices=RULES, help="override the preset's commit rule")
-    p.add_argument("--remasking", choices=("low_confidence", "random"))
-    p.add_argument("--schedule", choices=EXITS, help="early-exit schedule (SchED / Prophet)")
-    p.add_argument("--tau-high", type=float)
-    p.add_argument("--tau-low", type=float)
-    p.add_argument("--exit-k", type=float, help="rate of the exponential schedule")
-    p.add_argument("--stop-at-eos", action="store_true", default=None, help="a row is done once everything up to its first EOS is committed")
-    p.add_argument("--logits-eos-inf", action="store_true", default=None)
-    p.add_argument("--confidence-eos-eot-inf", action="store_true", default=None)
-    p.add_argument("--cache", choices=("none", "prefix", "dual"), help="Fast-dLLM KV cache (default none)")
-    p.add_argument("--cfg-scale", type=float, help="LLaDA classifier-free guidance scale (0 = off)")
-    p.add_argument("--gumbel-x64", action="store_true", default=None, help="LLaDA's exact float64 Gumbel noise")
-    p.add_argument("--alg", choices=("origin", "maskgit_plus", "topk_margin", "entropy"), help="Dream sampler")
-    p.add_argument("--alg-temp", type=float, help="Dream: > 0 samples positions instead of taking the top ones")
-    p.add_argument("--top-p", type=float, help="Dream and ar: nucleus filtering")
-    p.add_argument("--top-k", type=int, help="Dream and ar: keep the k largest logits")
-    p.add_argument("--eps", type=float, help="Dream: last timestep of linspace(1, eps, steps + 1)")
+    for name, (kind, choices, help) in knob_flags().items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help)
+        else:
+            p.add_argument(flag, type=kind, choices=choices, help=help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
     p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (axes data, fsdp, tensor)")
@@ -75,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_memory_estimate(lm, args, prompt) -> None:
     """The decode's peak bytes per device (dlmjax.memory), for one prompt row bucketed to 32 tokens."""
-    from dlmjax.decode.api import PRESETS
+    from dlmjax.decode.api import build_method
     from dlmjax.memory import lm_decode_memory
 
     gen = args.gen_length
@@ -86,9 +81,9 @@ def _print_memory_estimate(lm, args, prompt) -> None:
             tokens = 1
     else:
         tokens = len(prompt[0])
-    preset = PRESETS.get(args.method or "llada", {})
-    block = min(args.block_length or preset.get("block_length") or gen, gen)
-    if gen % block:  # lm.generate refuses it with the fix
+    try:  # the method's block length; a method lm.generate refuses gets no estimate (it says why)
+        block = build_method(args.method or "llada", gen_length=gen, block_length=args.block_length).block_length
+    except DlmjaxError:
         return
     est = lm_decode_memory(lm, batch=1, prompt_length=32 * max(1, -(-tokens // 32)), gen_length=gen, block_length=block,
                            cache=args.cache or "none")
@@ -152,15 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             args.gen_length = lm.default_gen_length
         if mesh is not None and lead:
             _print_memory_estimate(lm, args, prompt)
-        out = lm.generate(
-            prompt, method=args.method, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-            temperature=args.temperature, threshold=args.threshold, factor=args.factor, rule=args.rule,
-            remasking=args.remasking, schedule=args.schedule, tau_high=args.tau_high, tau_low=args.tau_low,
-            exit_k=args.exit_k, stop_at_eos=args.stop_at_eos, logits_eos_inf=args.logits_eos_inf,
-            confidence_eos_eot_inf=args.confidence_eos_eot_inf, cfg_scale=args.cfg_scale, gumbel_x64=args.gumbel_x64,
-            cache=args.cache, alg=args.alg, alg_temp=args.alg_temp, top_p=args.top_p, top_k=args.top_k, eps=args.eps,
-            chat=args.chat, seed=args.seed,
-        )
+        knobs = {name: getattr(args, name) for name in knob_flags() if getattr(args, name) is not None}
+        out = lm.generate(prompt, method=args.method, chat=args.chat, seed=args.seed, **knobs)
     except DlmjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

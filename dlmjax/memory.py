@@ -223,18 +223,17 @@ def compile_abstract_decode(cfg: ModelConfig, *, dtype="bfloat16", batch: int, p
     (the block cache under prompt-block-causal attention)."""
     from flax import nnx
 
-    from dlmjax.decode.engine import Knobs, Method, Tokens, decode
+    from dlmjax.decode.engine import Tokens, decode
+    from dlmjax.decode.presets import fast_dllm
     from dlmjax.model import Transformer
 
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, dtype=jnp.dtype(dtype))))
     if method is None:
         attention = "prompt_block_causal" if cache == "block" else "bidirectional"
-        method = Method(rule="threshold", gen_length=gen_length, block_length=block_length, steps=gen_length, cache=cache,
-                        attention=attention)
+        method = fast_dllm(gen_length, block_length=block_length, cache=cache, attention=attention)
     prompt = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32)
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id)
-    return decode.lower(graphdef, state, prompt, prompt, Knobs.make(), jax.random.key(0), method=method,
-                        tokens=tokens).compile()
+    return decode.lower(graphdef, state, prompt, prompt, method.traced(), jax.random.key(0), tokens=tokens).compile()
 
 
 def compiled_bytes(compiled) -> float:

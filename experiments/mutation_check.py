@@ -45,7 +45,7 @@ def _m(name, path, old, new, tests):
     return Mutation(name, path, old, new, tuple(tests))
 
 
-RULES, EXITS, ENGINE, API = "dlmjax/decode/rules.py", "dlmjax/decode/exits.py", "dlmjax/decode/engine.py", "dlmjax/decode/api.py"
+RULES, EXITS, ENGINE, API = "dlmjax/decode/rules.py", "dlmjax/decode/exits.py", "dlmjax/decode/engine.py", "dlmjax/decode/presets.py"
 MUTATIONS = [
     # every comparison of the commit rules
     _m("threshold >= becomes >", RULES, "(confidence >= threshold)", "(confidence > threshold)", ENGINE_TESTS),
@@ -78,8 +78,8 @@ MUTATIONS = [
     _m("prophet blocks 32 become 16", API, 'schedule="prophet", block_length=32', 'schedule="prophet", block_length=16', ["tests/test_presets.py"]),
     _m("dream alg origin becomes entropy", API, 'rule="dream", alg="origin"', 'rule="dream", alg="entropy"', ["tests/test_presets.py"]),
     _m("dream eps 1e-3 becomes 1e-2", API, 'alg="origin", eps=1e-3', 'alg="origin", eps=1e-2', ["tests/test_presets.py"]),
-    _m("llada remasking becomes random", API, 'rule="quota", remasking="low_confidence", block_length=None',
-       'rule="quota", remasking="random", block_length=None', ["tests/test_presets.py"]),
+    _m("llada remasking becomes random", API, 'rule="quota", remasking="low_confidence")',
+       'rule="quota", remasking="random")', ["tests/test_presets.py"]),
     # the KV cache: write position and the keep mask
     _m("cache write one slot late", "dlmjax/cache.py", "new_k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k, index, axis=2)",
        "new_k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k, index + 1, axis=2)", CACHE_TESTS),

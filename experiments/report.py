@@ -74,7 +74,7 @@ ROWS = [
         dict(threshold=0.9, block_length=16, cache="prefix")),
     Row("fast-dllm-0.9-dual", "Fast-dLLM, dual cache", "fast-dllm", dict(threshold=0.9, block_length=16, cache="dual")),
     Row("fast-dllm-0.5", "Fast-dLLM, aggressive", "fast-dllm", dict(threshold=0.5, block_length=16, cache="none")),
-    # factor 1.0: Fast-dLLM's evaluation setting (and dlmjax's Knobs default).
+    # factor 1.0: Fast-dLLM's evaluation setting (and the default of dlmjax's Factor rule).
     Row("fast-dllm-factor", "Fast-dLLM factor rule", "fast-dllm", dict(rule="factor", factor=1.0, block_length=16)),
     Row("dparallel-0.5", "dParallel entropy rule (undistilled)", "dparallel", dict(threshold=0.5, block_length=16)),
     *(_sched(schedule, tau_low) for schedule in ("linear", "cosine", "exp") for tau_low in (0.0, 2.5)),

@@ -28,6 +28,11 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+from cpu_compile import unrolled_threefry_on_cpu  # noqa: E402
+
+unrolled_threefry_on_cpu()
+
+
 # The slowest files first, so that the two xdist workers (one file at a time each) finish together.
 SLOW_FIRST = ("test_sharding.py", "test_decode_cache.py", "test_train.py", "test_tiny_models.py", "test_decode_parity.py",
               "test_report.py", "test_device_check.py", "test_decode_confident.py", "test_decode_reference_cache.py")

@@ -187,6 +187,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, numpy as np, dlmjax
 jax.config.update("jax_default_matmul_precision", "highest")
+import cpu_compile; cpu_compile.unrolled_threefry_on_cpu()  # tests/ is on PYTHONPATH
 prompts = ["What is 2+3?", "hi", "Name a colour", "x", "abc", "hello there", "1+1", "ok"]
 want = dlmjax.load(sys.argv[1]).generate(prompts, chat=True, gen_length=8)
 mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))  # Explicit axes, as JAX builds them by default
@@ -203,6 +204,7 @@ def test_sharded_decode_matches_one_device(converted):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, "-c", SHARDED, str(converted("qwen2"))], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
 

@@ -167,3 +167,22 @@ def test_exact_block_cache_slots(spy):
         k_block = np.where(slots < P, 0, 1 + (slots - P) // K)
         want = key_valid[:, None, :] & (k_block[None, None, :] <= q_block[None, :, None]) & (slots < high)[None, None, :]
         np.testing.assert_array_equal(f["mask"], want)
+
+
+def test_kept_slots_are_neither_overwritten_nor_marked_written():
+    """KVCache.write / mark_written with `keep`: the kept slots hold their old K/V and their
+    written flag (a slot never written is never attended to), the others take the new ones."""
+    from dlmjax.cache import KVCache
+    from dlmjax.config import from_hf_config
+    from dlmjax.testing import tiny_hf_config
+
+    cfg = from_hf_config(tiny_hf_config("llada", num_layers=1))
+    cache = KVCache.zeros(cfg, 1, 8, jnp.float32)
+    first = jnp.ones((1, cfg.num_kv_heads, 2, cfg.head_dim))
+    cache = cache.write(0, first, first, 0).mark_written(0, 2)  # slots 0, 1 written
+    new = jnp.full((1, cfg.num_kv_heads, 4, cfg.head_dim), 2.0)
+    keep = jnp.array([True, False, True, False])  # slots 0 (written) and 2 (never written) are kept
+    cache = cache.write(0, new, new, 0, keep=keep).mark_written(0, 4, keep=keep)
+    np.testing.assert_array_equal(np.asarray(cache.k[0][0, 0, :5, 0]), [1.0, 2.0, 0.0, 2.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(cache.written), [True, True, False, True] + [False] * 4)
+    assert int(cache.lengths) == 4

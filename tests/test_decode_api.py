@@ -12,7 +12,7 @@ import pytest
 
 import dlmjax
 from dlmjax.decode import api
-from dlmjax.decode.engine import Knobs, Tokens, decode
+from dlmjax.decode.engine import Tokens, decode
 from dlmjax.errors import DlmjaxError
 
 
@@ -45,7 +45,10 @@ def test_output_contract(lm):
         (dict(method="dream", alg="fastest"), "unknown Dream alg 'fastest'"),
         (dict(method="dream", top_p=1.5), r"top_p 1.5 is outside \(0, 1\]"),
         (dict(temperature=-1.0), "temperature -1.0 is negative"),
-        (dict(method="fast-dllm", remasking="random"), "random remasking applies to the quota rule only"),
+        (dict(method="fast-dllm", remasking="random"), r"remasking does not apply to method 'fast-dllm' \(rule 'threshold'\); "
+                                                       r"it belongs to rule 'quota'"),
+        (dict(method="llada", threshold=2.0), "threshold does not apply to method 'llada'"),
+        (dict(method="prophet", tau_high=9.0), r"tau_high does not apply to method 'prophet' \(rule 'quota', schedule 'prophet'\)"),
     ],
 )
 def test_bad_arguments_fail_before_compiling(lm, kwargs, message, monkeypatch):
@@ -79,11 +82,11 @@ def test_compiles_once_per_shape_bucket(lm):
 
 
 def test_no_host_round_trips_in_the_compiled_loop(lm):
-    method, _ = api.build_method("sched", gen_length=16, block_length=8, steps=16)
+    method = api.build_method("sched", gen_length=16, block_length=8, steps=16)
     tokens = Tokens(mask=lm.config.mask_token_id, eos=lm.config.eos_token_id, eot=lm.config.eot_token_id)
     prompt, mask = jnp.full((2, 8), 5, jnp.int32), jnp.ones((2, 8), jnp.int32)
-    args = (lm.state, prompt, mask, Knobs.make(), jax.random.key(0))
-    lowered = decode.lower(lm.graphdef, *args, method=method, tokens=tokens)
+    args = (lm.state, prompt, mask, method.traced(), jax.random.key(0))
+    lowered = decode.lower(lm.graphdef, *args, tokens=tokens)
     text = lowered.as_text()
     assert text.count("stablehlo.while") >= 2  # blocks outside, steps inside
     for forbidden in ("callback", "infeed", "outfeed", "send", "recv", "host"):

@@ -8,9 +8,8 @@ tests happen to exercise.
 import numpy as np
 import pytest
 
-from dlmjax.decode import exits
+from dlmjax.decode import exits, presets, rules
 from dlmjax.decode.api import build_method
-from dlmjax.decode.engine import Knobs
 
 # method -> (settings that must hold, where they come from)
 PINS = {
@@ -33,20 +32,20 @@ PINS = {
 def test_preset_defaults(method):
     pins = dict(PINS[method])
     block_length = pins.pop("block_length")
-    m, settings = build_method(method, gen_length=256, block_length=None, steps=None)
+    m = build_method(method, gen_length=256)
     assert m.block_length == (block_length or 256), m
     assert m.gen_length == 256 and m.steps == 256  # LLaDA's and the papers' steps = gen_length by default
-    for key, value in pins.items():
-        if key == "rule":
-            assert m.rule == value
-        elif key == "schedule":
-            assert m.exit == value
-        elif key == "remasking":
-            assert m.remasking == value
-        elif key == "alg":
-            assert m.alg == value
-        else:
-            assert settings[key] == value, (key, settings)
+    assert type(m.rule) is rules.RULES[pins.pop("rule")], m.rule
+    schedule = pins.pop("schedule", None)
+    assert (m.exit is None) == (schedule is None), m.exit
+    if schedule == "prophet":
+        assert isinstance(m.exit, exits.Prophet)
+    elif schedule is not None:
+        assert m.exit.schedule == schedule
+    for key, value in pins.items():  # every other pin is a field of the rule or the exit rule
+        owner = m.rule if hasattr(m.rule, key) else m.exit
+        assert getattr(owner, key) == value, (key, owner)
+    assert presets.PRESETS[method](256) == m  # the preset function is the method
 
 
 def test_prophet_stage_values():
@@ -58,9 +57,9 @@ def test_prophet_stage_values():
 
 def test_unset_knobs_fall_back_to_the_papers_values():
     """Knobs a preset leaves unset take the same paper values (a rule switched on by hand)."""
-    k = Knobs.make()
-    assert float(k.threshold) == np.float32(0.9) and float(k.factor) == 1.0  # 3.1: threshold 0.9, eval factor 1.0
-    assert (float(k.tau_high), float(k.tau_low), float(k.exit_k)) == (7.5, 2.5, 4.0)  # 7.1-7.2
-    assert float(k.eps) == np.float32(1e-3) and float(k.temperature) == 0.0  # 2.4
-    m, settings = build_method("fast-dllm", gen_length=64, block_length=None, steps=None, rule="factor")
-    assert m.rule == "factor" and settings["factor"] == 1.0  # 3.1: "eval default factor=1.0"
+    assert rules.Threshold().threshold == np.float32(0.9) and rules.Factor().factor == 1.0  # 3.1: threshold 0.9, eval factor 1.0
+    sched = exits.SchED()
+    assert (sched.tau_high, sched.tau_low, sched.exit_k) == (7.5, 2.5, 4.0)  # 7.1-7.2
+    assert rules.Dream().eps == np.float32(1e-3) and build_method("llada", gen_length=8).temperature == 0.0  # 2.4
+    m = build_method("fast-dllm", gen_length=64, rule="factor")
+    assert isinstance(m.rule, rules.Factor) and m.rule.factor == 1.0  # 3.1: "eval default factor=1.0"

@@ -3,6 +3,7 @@ carry keeps its sharding; two processes on one mesh match one device."""
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ SCRIPT = textwrap.dedent(
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np, dlmjax
     jax.config.update("jax_default_matmul_precision", "highest")
+    import cpu_compile; cpu_compile.unrolled_threefry_on_cpu()  # tests/ is on PYTHONPATH
     from jax.sharding import AxisType, Mesh
     from dlmjax.errors import DlmjaxError
     from dlmjax.sharding import ShardingRules, fit_rules, make_mesh, resolve_mesh
@@ -156,6 +158,7 @@ def test_any_mesh_matches_one_device(converted):
     the decode carry keeps its sharding; a mesh that cannot work says which one does."""
     paths = {"llada": str(converted("llada")), "dream": str(converted("dream"))}  # dream: GQA, 2 kv heads
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent), env.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(paths)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])

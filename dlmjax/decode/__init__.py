@@ -1,6 +1,6 @@
 """On-device decoding: commit rules, exit schedules, the while_loop engine and `generate`."""
 
 from dlmjax.decode.api import PRESETS, GenerateOutput, generate
-from dlmjax.decode.engine import Knobs, Method
+from dlmjax.decode.method import Method, compose
 
-__all__ = ["generate", "GenerateOutput", "Method", "Knobs", "PRESETS"]
+__all__ = ["generate", "GenerateOutput", "Method", "compose", "PRESETS"]

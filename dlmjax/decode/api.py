@@ -13,33 +13,14 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from dlmjax.decode import exits, rules
+from dlmjax.decode import rules
 from dlmjax.decode.ar import ARKnobs, ARMethod, ARTokens, decode_ar
-from dlmjax.decode.engine import Knobs, Method, Tokens, decode
+from dlmjax.decode.engine import Tokens, decode
+from dlmjax.decode.method import Method
+from dlmjax.decode.presets import PRESETS
 from dlmjax.errors import DlmjaxError
 from dlmjax.sharding import on_model_mesh
 from dlmjax.tokenizer import check_vocabulary
-
-# preset -> defaults. Every knob can also be set on its own.
-PRESETS: dict[str, dict[str, Any]] = {
-    # LLaDA generate.py: fixed per-step quotas, low-confidence remasking, one block by default.
-    "llada": dict(rule="quota", remasking="low_confidence", block_length=None),
-    # Fast-dLLM v1: commit every token with confidence >= 0.9 (and the best one), blocks of 32.
-    "fast-dllm": dict(rule="threshold", threshold=0.9, block_length=32),
-    # dParallel: commit every token with entropy <= 0.5 nats (and the lowest), blocks of 32.
-    "dparallel": dict(rule="entropy", threshold=0.5, block_length=32),
-    # SchED on LLaDA's schedule: exponential schedule from 7.5 to 2.5.
-    "sched": dict(rule="quota", schedule="exp", tau_high=7.5, tau_low=2.5, exit_k=4.0, block_length=None),
-    # Prophet: staged 7.5 / 5.0 / 2.5 by progress thirds, on LLaDA's schedule with blocks of 32.
-    "prophet": dict(rule="quota", schedule="prophet", block_length=32),
-    # Dream's diffusion_generate: DreamGenerationConfig defaults (alg 'origin', eps 1e-3, one block).
-    "dream": dict(rule="dream", alg="origin", eps=1e-3, block_length=None),
-}
-DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-NOT_YET: dict[str, str] = {}
-CACHES = ("none", "prefix", "dual", "block")
-ATTENTIONS = ("bidirectional", "block_causal", "prompt_block_causal")
-
 
 @dataclasses.dataclass
 class GenerateOutput:
@@ -116,84 +97,12 @@ def _bucket(ids, mask, bucket: int, limit: int) -> tuple[np.ndarray, np.ndarray]
     return np.pad(ids, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
 
 
-def build_method(method: str, *, gen_length: int, block_length: int | None, steps: int | None, **overrides) -> tuple[Method, dict]:
-    if method in NOT_YET:
-        raise DlmjaxError(f"method '{method}' ({NOT_YET[method]}) is not implemented yet; use one of {', '.join(PRESETS)}")
+def build_method(method: str, *, gen_length: int, **knobs) -> Method:
+    """The Method of a preset with the given knobs (None = the preset's); a one-line DlmjaxError
+    for an unknown preset, a knob the method does not use, or a value it cannot take."""
     if method not in PRESETS:
         raise DlmjaxError(f"unknown method '{method}'; use one of {', '.join(PRESETS)}")
-    settings = dict(PRESETS[method])
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    if block_length is None:
-        block_length = settings.pop("block_length", None) or gen_length
-        block_length = min(block_length, gen_length)
-    else:
-        settings.pop("block_length", None)
-    steps = steps if steps is not None else gen_length
-    if gen_length <= 0 or block_length <= 0 or steps <= 0:
-        raise DlmjaxError(f"gen_length, block_length and steps must be positive, got {gen_length}, {block_length}, {steps}")
-    if gen_length % block_length:
-        raise DlmjaxError(f"gen_length {gen_length} is not divisible by block_length {block_length}; pick a block_length that divides it")
-    blocks = gen_length // block_length
-    if steps % blocks:
-        raise DlmjaxError(f"steps {steps} is not divisible by the {blocks} blocks; use a multiple of {blocks}")
-    rule = settings.get("rule", "quota")
-    if rule not in rules.RULES:
-        raise DlmjaxError(f"unknown commit rule '{rule}'; use one of {', '.join(rules.RULES)}")
-    threshold = settings.get("threshold")
-    if rule == "threshold" and not (threshold is not None and 0 < threshold <= 1):
-        raise DlmjaxError(f"confidence threshold {threshold} is outside (0, 1]; pass a threshold such as 0.9")
-    if rule == "entropy" and not (threshold is not None and threshold >= 0):
-        raise DlmjaxError(f"entropy bound {threshold} is negative or missing; pass threshold >= 0 (nats), e.g. 0.5")
-    if rule == "factor":
-        settings.setdefault("factor", 1.0)  # Fast-dLLM's evaluation default
-        if not settings["factor"] > 0:
-            raise DlmjaxError(f"factor {settings['factor']} must be positive; pass e.g. factor=1.0")
-    schedule = settings.get("schedule")
-    if schedule is not None and schedule not in exits.EXITS:
-        raise DlmjaxError(f"unknown schedule '{schedule}'; use one of {', '.join(exits.EXITS)}")
-    if rule == "dream":
-        if settings.get("alg", "maskgit_plus") not in DREAM_ALGS:
-            raise DlmjaxError(f"unknown Dream alg '{settings.get('alg')}'; use one of {', '.join(DREAM_ALGS)}")
-        if settings.get("cfg_scale") or settings.get("gumbel_x64"):
-            raise DlmjaxError("cfg_scale and gumbel_x64 belong to LLaDA's sampler; drop them for rule 'dream'")
-    top_p, top_k = settings.get("top_p"), settings.get("top_k")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise DlmjaxError(f"top_p {top_p} is outside (0, 1]; pass e.g. top_p=0.95")
-    if top_k is not None and (int(top_k) != top_k or top_k < 1):
-        raise DlmjaxError(f"top_k {top_k} must be a positive integer")
-    if (top_p is not None or top_k is not None or settings.get("alg_temp")) and rule != "dream":
-        raise DlmjaxError("top_p, top_k and alg_temp apply to Dream's samplers; use method='dream' (or rule='dream')")
-    if settings.get("alg_temp") is not None and settings["alg_temp"] < 0:
-        raise DlmjaxError(f"alg_temp {settings['alg_temp']} is negative; use 0 (top-n) or a positive temperature")
-    if settings.get("eps") is not None and not 0 < settings["eps"] < 1:
-        raise DlmjaxError(f"eps {settings['eps']} is outside (0, 1); Dream's default is 1e-3")
-    if settings.get("cfg_scale") is not None and settings["cfg_scale"] < 0:
-        raise DlmjaxError(f"cfg_scale {settings['cfg_scale']} is negative; use 0 (off) or a positive scale")
-    cache = settings.get("cache") or "none"
-    if cache not in CACHES:
-        raise DlmjaxError(f"unknown cache '{cache}'; use one of {', '.join(CACHES)}")
-    attention = settings.get("attention") or "bidirectional"
-    if attention not in ATTENTIONS:
-        raise DlmjaxError(f"unknown attention '{attention}'; use one of {', '.join(ATTENTIONS)}")
-    if cache == "block" and attention == "bidirectional":
-        raise DlmjaxError("cache='block' is exact only under block-causal attention; pass attention='prompt_block_causal' "
-                          "or 'block_causal', or use cache='prefix' or 'dual'")
-    if cache != "none" and (rule == "dream" or settings.get("cfg_scale")):
-        raise DlmjaxError(f"cache='{cache}' works with the quota, threshold, factor and entropy rules without CFG; use cache='none'")
-    remasking = settings.get("remasking", "low_confidence")
-    if remasking not in ("low_confidence", "random"):
-        raise DlmjaxError(f"unknown remasking '{remasking}'; use 'low_confidence' or 'random'")
-    if remasking == "random" and rule != "quota":
-        raise DlmjaxError("random remasking applies to the quota rule only; drop remasking='random' or use method='llada'")
-    m = Method(
-        rule=rule, remasking=remasking, exit=schedule, gen_length=gen_length, block_length=block_length, steps=steps,
-        stop_at_eos=bool(settings.get("stop_at_eos", False)), logits_eos_inf=bool(settings.get("logits_eos_inf", False)),
-        confidence_eos_eot_inf=bool(settings.get("confidence_eos_eot_inf", False)),
-        alg=settings.get("alg", "maskgit_plus"), top_k=None if top_k is None else int(top_k),
-        cfg=bool(settings.get("cfg_scale")), gumbel_x64=bool(settings.get("gumbel_x64", False)), cache=cache,
-        attention=attention,
-    )
-    return m, settings
+    return PRESETS[method](gen_length, **knobs)
 
 
 @on_model_mesh
@@ -202,11 +111,11 @@ def generate(
     prompts_or_ids,
     attention_mask=None,
     *,
-    method: str | None = None,
+    method: str | Method | None = None,
     gen_length: int | None = None,
     block_length: int | None = None,
     steps: int | None = None,
-    temperature: float = 0.0,
+    temperature: float | None = None,
     threshold: float | None = None,
     factor: float | None = None,
     rule: str | None = None,
@@ -233,6 +142,8 @@ def generate(
 ) -> GenerateOutput:
     """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet";
     default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
+    `method` may also be a composed `dlmjax.decode.Method` (e.g. `presets.fast_dllm(256, threshold=0.8)`
+    or `compose(...)`), which carries its own knobs.
     Autoregressive models (family qwen2) decode with method "ar" (their default and only method),
     which takes temperature, top_k, top_p and seed; see `dlmjax.decode.ar`.
 
@@ -241,10 +152,28 @@ def generate(
     17 instead of unbounded) and scores round to float32, so rare near-ties can resolve differently.
     gumbel_x64=True reproduces the float64 form (jax_enable_x64 is switched on for that trace only).
     """
+    knobs = dict(
+        block_length=block_length, steps=steps, threshold=threshold, factor=factor, rule=rule, remasking=remasking,
+        schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k, stop_at_eos=stop_at_eos,
+        logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf, alg=alg, alg_temp=alg_temp, top_p=top_p,
+        top_k=top_k, eps=eps, cfg_scale=cfg_scale, gumbel_x64=gumbel_x64, cache=cache, attention=attention,
+        temperature=temperature,
+    )
+    if isinstance(method, Method):
+        given = [name for name, value in knobs.items() if value is not None]
+        if given or (gen_length is not None and gen_length != method.gen_length):
+            extra = given or ["gen_length"]
+            raise DlmjaxError(f"a composed Method carries its own knobs; set {', '.join(extra)} in it "
+                              "(dataclasses.replace or its preset function) instead of passing them here")
+        if lm.config.is_autoregressive:
+            raise DlmjaxError(f"{lm.config.family} is an autoregressive model, which decodes with method='ar' only")
+        method.check()
+        return _generate_diffusion(lm, prompts_or_ids, attention_mask, method, chat, seed, prompt_bucket)
     if method is None:
         method = "ar" if lm.config.is_autoregressive else "llada"
     if gen_length is None:  # the canvas the checkpoint was made for (generation_config.json), else 128
         gen_length = lm.default_gen_length
+    temperature = 0.0 if temperature is None else temperature
     if method == "ar" or lm.config.is_autoregressive:
         diffusion_only = dict(
             block_length=block_length, steps=steps, threshold=threshold, factor=factor, rule=rule, remasking=remasking,
@@ -257,20 +186,18 @@ def generate(
             top_p=top_p, top_k=top_k, chat=chat, seed=seed, prompt_bucket=prompt_bucket,
             diffusion_only=[name for name, value in diffusion_only.items() if value is not None],
         )
-    m, settings = build_method(
-        method, gen_length=gen_length, block_length=block_length, steps=steps, rule=rule, threshold=threshold,
-        factor=factor, remasking=remasking, schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k,
-        stop_at_eos=stop_at_eos, logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-        alg=alg, alg_temp=alg_temp, top_p=top_p, top_k=top_k, eps=eps, cfg_scale=cfg_scale, gumbel_x64=gumbel_x64,
-        cache=cache, attention=attention,
-    )
-    if m.cache != "none" and m.rule == "quota" and lm.config.shifted_logits and m.steps_per_block < 2:
+    m = build_method(method, gen_length=gen_length, **knobs)
+    return _generate_diffusion(lm, prompts_or_ids, attention_mask, m, chat, seed, prompt_bucket)
+
+
+def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: bool, seed: int, prompt_bucket: int):
+    """Checks that need the model, then tokenize -> pad -> bucket -> place -> run -> gather -> detokenize."""
+    gen_length = m.gen_length
+    if m.cache.stores and isinstance(m.rule, rules.Quota) and lm.config.shifted_logits and m.steps_per_block < 2:
         raise DlmjaxError(
-            f"cache='{m.cache}' with {lm.config.family}'s shifted logits needs at least 2 steps per block "
+            f"cache='{m.cache.name}' with {lm.config.family}'s shifted logits needs at least 2 steps per block "
             f"(the refresh commits only the first token); raise steps to {2 * m.num_blocks} or more"
         )
-    if temperature < 0:
-        raise DlmjaxError(f"temperature {temperature} is negative; use 0 for greedy decoding or a positive value")
     cfg = lm.config
     if (m.stop_at_eos or m.logits_eos_inf or m.confidence_eos_eot_inf) and cfg.eos_token_id is None:
         raise DlmjaxError("this model's config has no eos_token_id; set it in config.json or drop the EOS options")
@@ -283,23 +210,17 @@ def generate(
                 f"room for gen_length {gen_length}; shorten the prompt or gen_length"
             )
     ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
-    knobs = Knobs.make(
-        temperature=temperature, threshold=settings.get("threshold", 0.9), factor=settings.get("factor", 1.0),
-        tau_high=settings.get("tau_high", 7.5), tau_low=settings.get("tau_low", 2.5), exit_k=settings.get("exit_k", 4.0),
-        top_p=settings.get("top_p", 1.0), alg_temp=settings.get("alg_temp", 0.0), eps=settings.get("eps", 1e-3),
-        cfg_scale=settings.get("cfg_scale", 0.0),
-    )
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id)
-    args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), knobs, jax.random.key(seed))
+    args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), m.traced(), jax.random.key(seed))
 
     def lower(kernel):
         with jax.enable_x64(m.gumbel_x64):  # scoped: only LLaDA's exact Gumbel noise is float64
             return decode.lower(
-                lm.graphdef, *args, method=m, tokens=tokens, shard=kernel_shard(lm, ids.shape[0]), layout=lm.layout,
-                kernel=kernel,
+                lm.graphdef, *args, tokens=tokens, shard=kernel_shard(lm, ids.shape[0]), layout=lm.layout, kernel=kernel,
             ).compile()
 
-    (out, nfe, trajectory, steps_run), seconds, compile_seconds = _compile_and_run(lm, (m, tokens, ids.shape), lower, args)
+    program = (m.structure(), tokens, ids.shape)
+    (out, nfe, trajectory, steps_run), seconds, compile_seconds = _compile_and_run(lm, program, lower, args)
     out, nfe, trajectory = _gather(lm, out, nfe, trajectory)
     texts = _texts(lm, out)
     return GenerateOutput(

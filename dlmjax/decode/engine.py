@@ -1,10 +1,10 @@
 """The decode engine: any method compiles into one jitted pair of nested `lax.while_loop`s.
 
 Blocks run in the outer loop and denoising steps in the inner one; termination, commits,
-early exits and EOS handling are all computed on the device. A method is a static
-`Method` (the structure: rule, exit schedule, shapes); the numbers a user tunes per call
-(thresholds, temperature, schedule ends) are traced `Knobs`, so changing them does not
-recompile. The exact rules are in dlmjax/decode/SPEC.md.
+early exits and EOS handling are all computed on the device. A method is a `Method` pytree
+(dlmjax.decode.method): its part classes and static fields are the program's structure, the
+numbers a user tunes per call (thresholds, temperature, schedule ends) are traced leaves, so
+changing them does not recompile. The exact rules are in dlmjax/decode/SPEC.md.
 """
 
 from __future__ import annotations
@@ -17,62 +17,13 @@ from flax import nnx
 
 from dlmjax.attention import attention_mask, mask_spec
 from dlmjax.cache import KVCache
-from dlmjax.decode import exits, rules
+from dlmjax.decode import rules
+from dlmjax.decode.caches import Dual
+from dlmjax.decode.exits import margins
+from dlmjax.decode.method import Method
+from dlmjax.decode.sampling import block_noise, gumbel_argmax
 from dlmjax.model import position_ids, shift_right
 from dlmjax.sharding import Layout, constrain
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """The static structure of a decode: changing any field compiles a new program."""
-
-    rule: str = "quota"  # one of rules.RULES
-    remasking: str = "low_confidence"  # quota rule: "low_confidence" | "random"
-    exit: str | None = None  # None or one of exits.EXITS
-    gen_length: int = 128
-    block_length: int = 128
-    steps: int = 128
-    stop_at_eos: bool = False
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
-    alg: str = "maskgit_plus"  # rule "dream": origin | maskgit_plus | topk_margin | entropy
-    top_k: int | None = None  # rule "dream": keep the k largest logits
-    cfg: bool = False  # LLaDA's unsupervised classifier-free guidance (a second, prompt-masked pass)
-    gumbel_x64: bool = False  # LLaDA's exact float64 Gumbel-max (traced with jax_enable_x64)
-    cache: str = "none"  # "none" | "prefix" | "dual" (Fast-dLLM, approximate) | "block" (exact, block-causal attention)
-    attention: str = "bidirectional"  # or "block_causal" (blocks from position 0) | "prompt_block_causal" (D2F)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-    @property
-    def steps_per_block(self) -> int:
-        return self.steps // self.num_blocks
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Knobs:
-    """Traced per-call numbers."""
-
-    temperature: jax.Array
-    threshold: jax.Array  # confidence bound (threshold rule) or entropy bound in nats (entropy rule)
-    factor: jax.Array
-    tau_high: jax.Array
-    tau_low: jax.Array
-    exit_k: jax.Array
-    top_p: jax.Array  # rule "dream": nucleus filtering (1 = off)
-    alg_temp: jax.Array  # rule "dream": 0 = top-n positions, > 0 = sampled without replacement
-    eps: jax.Array  # rule "dream": last timestep of linspace(1, eps, steps + 1)
-    cfg_scale: jax.Array
-
-    @classmethod
-    def make(cls, temperature=0.0, threshold=0.9, factor=1.0, tau_high=7.5, tau_low=2.5, exit_k=4.0, top_p=1.0,
-             alg_temp=0.0, eps=1e-3, cfg_scale=0.0) -> "Knobs":
-        f = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-        return cls(f(temperature), f(threshold), f(factor), f(tau_high), f(tau_low), f(exit_k), f(top_p), f(alg_temp),
-                   f(eps), f(cfg_scale))
 
 
 @jax.tree_util.register_dataclass
@@ -114,111 +65,7 @@ class Tokens:
     eot: int | None
 
 
-def _filter_logits(logits, temperature, top_p, top_k: int | None):
-    """Dream's sample_tokens processing: temperature, then nucleus, then top-k."""
-    logits = jnp.where(temperature > 0, logits / jnp.maximum(temperature, 1e-30), logits)
-
-    def nucleus(lg):
-        order = jnp.argsort(-lg, axis=-1)
-        ordered = jnp.take_along_axis(lg, order, axis=-1)
-        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
-        drop = cumulative > top_p
-        drop = jnp.concatenate([jnp.zeros_like(drop[..., :1]), drop[..., :-1]], axis=-1)  # keep the first past top_p
-        drop_here = jnp.zeros_like(drop).at[
-            jnp.arange(lg.shape[0])[:, None, None], jnp.arange(lg.shape[1])[None, :, None], order
-        ].set(drop)
-        return jnp.where(drop_here, -jnp.inf, lg)
-
-    logits = jax.lax.cond(top_p < 1.0, nucleus, lambda lg: lg, logits)
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return logits
-
-
-def _position_gumbel(key, positions, batch: int, vocab: int, x64: bool):
-    """Gumbel noise [B, n, V] for the generation positions `positions` [n]: position j draws its own
-    [B, V] from fold_in(key, j), so its noise is the same whatever window or block it is read in and
-    only the positions a step can commit are ever drawn (SPEC.md, Randomness)."""
-
-    def one(j):
-        position_key = jax.random.fold_in(key, j)
-        if x64:  # LLaDA's float64 form: -log(-log u), u uniform in (tiny, 1)
-            u = jax.random.uniform(position_key, (batch, vocab), jnp.float64, minval=jnp.finfo(jnp.float64).tiny)
-            return -jnp.log(-jnp.log(u))
-        return jax.random.gumbel(position_key, (batch, vocab), jnp.float32)
-
-    return jax.vmap(one, out_axes=1)(positions)
-
-
-def _gumbel_argmax(logits, temperature, key, x64: bool, offset, block_start, block_length: int):
-    """x0 [B, W] of a window of logits [B, W, V] whose first position is generation index `offset`:
-    argmax everywhere, and at T > 0 argmax(logits + T g) over the block [block_start, block_start + K)
-    (LLaDA's exp(l) / (-log u)^T). Positions outside the block cannot be committed by a rule this
-    step, so they get no noise: drawing [B, G, V] every step was 1 GB (fp32) for LLaDA-8B at B = 8."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def noisy(greedy):
-        b, _, v = logits.shape
-        local = block_start - offset
-        block_logits = jax.lax.dynamic_slice_in_dim(logits, local, block_length, axis=1)
-        g = _position_gumbel(key, block_start + jnp.arange(block_length), b, v, x64)
-        sampled = jnp.argmax(block_logits.astype(g.dtype) + temperature.astype(g.dtype) * g, axis=-1)
-        return jax.lax.dynamic_update_slice_in_dim(greedy, sampled.astype(jnp.int32), local, axis=1)
-
-    return jax.lax.cond(temperature > 0, noisy, lambda greedy: greedy, greedy)
-
-
-def _dream_step(logits, candidates, masked_in_block, block_start, i, knobs: Knobs, method: Method, sample_key, select_key):
-    """Dream's samplers on one block: returns (x0 [B, G], commit [B, G]).
-
-    Only the block's logits [B, K, V] are filtered, softmaxed and sampled (the block holds every
-    candidate); the rest of the region takes the plain argmax of the logits (read only by an
-    early exit's fill)."""
-    spb, k = method.steps_per_block, method.block_length
-    b, _, v = logits.shape
-    block_logits = jax.lax.dynamic_slice_in_dim(logits, block_start, k, axis=1)
-    filtered = _filter_logits(block_logits, knobs.temperature, knobs.top_p, method.top_k)
-    probs = jax.nn.softmax(filtered, axis=-1)
-
-    def sampled(_):
-        g = _position_gumbel(sample_key, block_start + jnp.arange(k), b, v, False)
-        return jnp.argmax(filtered + g, axis=-1)
-
-    block_x0 = jax.lax.cond(knobs.temperature > 0, sampled, lambda _: jnp.argmax(probs, axis=-1), None)
-    x0 = jax.lax.dynamic_update_slice_in_dim(
-        jnp.argmax(logits, axis=-1).astype(jnp.int32), block_x0.astype(jnp.int32), block_start, axis=1
-    )
-
-    def in_block(a):
-        return jax.lax.dynamic_slice_in_dim(a, block_start, k, axis=1)
-
-    def to_region(block_commit):
-        return jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(candidates), block_commit, block_start, axis=1)
-
-    block_candidates = in_block(candidates)
-    ts = jnp.linspace(1.0, knobs.eps, spb + 1, dtype=jnp.float32)
-    t, s = ts[i], ts[i + 1]
-    last = i == spb - 1
-    if method.alg == "origin":
-        p_transfer = jnp.where(last, 1.0, 1.0 - s / t)
-        u = in_block(jax.random.uniform(select_key, candidates.shape, jnp.float32))  # [B, G]: small, stream unchanged
-        return x0, to_region(block_candidates & (u < p_transfer))
-    if method.alg == "maskgit_plus":
-        confidence = jnp.take_along_axis(probs, block_x0[..., None], axis=-1)[..., 0]
-    elif method.alg == "topk_margin":
-        confidence = exits.margins(probs)  # p1 - p2
-    else:
-        confidence = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
-    mean_masks = jnp.mean(jnp.sum(masked_in_block, axis=-1).astype(jnp.float32))
-    n = jnp.floor(jnp.where(last, mean_masks, mean_masks * (1.0 - s / t))).astype(jnp.int32)
-    noise = in_block(jax.random.gumbel(select_key, candidates.shape, jnp.float32))
-    score = jnp.where(knobs.alg_temp > 0, confidence / jnp.maximum(knobs.alg_temp, 1e-30) + noise, confidence)
-    score = jnp.where(block_candidates, score, rules.NEG_INF)
-    return x0, to_region(rules.quota_commit(score, block_candidates, jnp.broadcast_to(n, (b,))))
-
-
-def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: Method, tokens: Tokens, shard=None,
+def _decode(graphdef, state, prompt, prompt_mask, method: Method, key, *, tokens: Tokens, shard=None,
             layout: Layout | None = None, kernel: str = ""):
     # `kernel` is DLMJAX_ATTENTION's value. The attention kernel is picked while tracing and jit's
     # trace cache does not see the environment, so it is a static argument: another value retraces.
@@ -232,9 +79,11 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
     positions = position_ids(cfg, full_mask)
     attn = attention_mask(method.attention, full_mask, block_size=k, prompt_length=p)
     gen_index = jnp.arange(g)
-    passes = 2 if method.cfg else 1
-    cached = method.cache != "none"
-    exact = method.cache == "block"  # block-causal: finished blocks' K/V are final, appended once
+    passes = 2 if method.guidance is not None else 1
+    cached = method.cache.stores
+    exact = method.cache.exact  # block-causal: finished blocks' K/V are final, appended once
+    rule = method.rule
+    fixed_steps = rule.fixed_steps  # quota and dream: exactly steps_per_block steps a block
     # The head runs only where predictions are read: the generation region, and for shifted
     # logits the position before it.
     head_from = max(p - 1, 0) if cfg.shifted_logits else p
@@ -249,14 +98,14 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
 
     def full_forward(x, cache):
         """Logits [B, G, V] of the whole generation region (and, with a cache, a refresh of every slot)."""
-        if method.cfg:
+        if method.guidance is not None:
             unconditional = x.at[:, :p].set(tokens.mask)
             both, _ = model(
                 jnp.concatenate([x, unconditional]), jnp.concatenate([positions, positions]),
                 jnp.concatenate([attn, attn]), logits_from=head_from, layout=layout,
             )
             cond, uncond = both[:b], both[b:]
-            logits = uncond + (knobs.cfg_scale + 1.0) * (cond - uncond)
+            logits = uncond + (method.guidance.cfg_scale + 1.0) * (cond - uncond)
         else:
             logits, cache = model(x, positions, attn, cache=cache, cache_index=0, logits_from=head_from, layout=layout)
         if cfg.shifted_logits:
@@ -286,7 +135,7 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
 
     def window_forward(x, cache, block):
         """A cached step: logits of the window's generation positions, their offset, and the cache."""
-        if method.cache == "dual":
+        if isinstance(method.cache, Dual):
             start, width, keep = p + block * k, k, None
         else:  # prefix: the whole region as queries; slots before the block keep the refresh's K/V
             start, width, keep = p, g, gen_index < block * k
@@ -300,11 +149,11 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
             logits = shift_right(logits)  # the window's first prediction has no left neighbour: not used
         return clean(logits), start - p, cache
 
-    def predictions(s: State, logits, offset, block, sample_key, skip_first: bool) -> State:
+    def predictions(s: State, logits, offset, block, noise, skip_first: bool) -> State:
         """Write the window's x0, confidence, entropy and margin into the carried [B, G] arrays.
         Every window holds the whole block, the only positions sampled (the others take the argmax)."""
         width = logits.shape[1]
-        x0 = _gumbel_argmax(logits, knobs.temperature, sample_key, method.gumbel_x64, offset, block * k, k)
+        x0 = gumbel_argmax(logits, method.temperature, noise, offset, block * k, k)
         probs = jax.nn.softmax(logits, axis=-1)
         confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
         if method.confidence_eos_eot_inf:
@@ -313,10 +162,10 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
                 special = special | (x0 == tokens.eot)
             confidence = jnp.where(special, -jnp.inf, confidence)
         fresh = dict(x0=x0, confidence=confidence)
-        if method.rule == "entropy":
+        if "entropy" in rule.needs:
             fresh["entropy"] = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
         if method.exit is not None:
-            fresh["margin"] = exits.margins(logits)
+            fresh["margin"] = margins(logits)
         use = jnp.arange(width) > 0 if skip_first else jnp.ones((width,), bool)
         out = {}
         for name, value in fresh.items():
@@ -328,7 +177,7 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         return (gen_index >= block * k) & (gen_index < (block + 1) * k)
 
     def active_rows(s: State, block, i) -> jax.Array:
-        if method.rule in ("quota", "dream"):
+        if fixed_steps:
             return ~s.done & (i < method.steps_per_block)
         return ~s.done & jnp.any((s.x[:, p:] == tokens.mask) & block_span(block), axis=-1)
 
@@ -339,18 +188,20 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         masked = x_gen == tokens.mask
         candidates = masked & block_span(block) & active[:, None]
 
-        if method.rule == "dream":
+        if "logits" in rule.needs:  # Dream's samplers draw from the block's logits themselves
             logits, _ = full_forward(s.x, None)
-            x0, commit = _dream_step(
-                logits, candidates, masked & block_span(block), block * k, i, knobs, method, sample_key, select_key
+            x0, commit = rule.decide(
+                logits, candidates, masked & block_span(block), block * k, k, i, method.steps_per_block, method.temperature,
+                sample_key, select_key,
             )
             s = dataclasses.replace(s, x0=x0)
             if method.exit is not None:
-                s = dataclasses.replace(s, margin=exits.margins(logits))
+                s = dataclasses.replace(s, margin=margins(logits))
         else:
+            noise = block_noise(sample_key, method.temperature, block * k, k, b, cfg.vocab_size, method.gumbel_x64)
             if not cached:
                 logits, _ = full_forward(s.x, None)
-                s = predictions(s, logits, 0, block, sample_key, skip_first=False)
+                s = predictions(s, logits, 0, block, noise, skip_first=False)
             elif exact:
                 shift = 1 if cfg.shifted_logits else 0
 
@@ -358,7 +209,7 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
                     def run(s):
                         logits, offset, cache = exact_window_forward(s.x, s.cache, block, width)
                         s = dataclasses.replace(s, cache=cache)
-                        return predictions(s, logits, offset, block, sample_key, skip_first=False)
+                        return predictions(s, logits, offset, block, noise, skip_first=False)
 
                     return run
 
@@ -366,31 +217,23 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
             else:
                 def refresh(s):
                     logits, cache = full_forward(s.x, s.cache)
-                    return predictions(dataclasses.replace(s, cache=cache), logits, 0, block, sample_key, skip_first=False)
+                    return predictions(dataclasses.replace(s, cache=cache), logits, 0, block, noise, skip_first=False)
 
                 def cached_step(s):
                     logits, offset, cache = window_forward(s.x, s.cache, block)
                     s = dataclasses.replace(s, cache=cache)
-                    return predictions(s, logits, offset, block, sample_key, skip_first=cfg.shifted_logits)
+                    return predictions(s, logits, offset, block, noise, skip_first=cfg.shifted_logits)
 
                 s = jax.lax.cond(i == 0, refresh, cached_step, s)
             x0 = s.x0
-            if method.rule == "quota":
+            quota = None
+            if isinstance(rule, rules.Quota):
                 spb = method.steps_per_block
                 if cached and not exact and cfg.shifted_logits:  # the refresh committed one token; the rest share spb - 1 steps
                     quota = quota_base // (spb - 1) + ((i - 1) < quota_base % (spb - 1)).astype(jnp.int32)
                 else:
                     quota = quota_base // spb + (i < quota_base % spb).astype(jnp.int32)
-                confidence = s.confidence
-                if method.remasking == "random":
-                    confidence = jax.random.uniform(select_key, confidence.shape, jnp.float32)
-                commit = rules.quota_commit(jnp.where(candidates, confidence, rules.NEG_INF), candidates, quota)
-            elif method.rule == "threshold":
-                commit = rules.threshold_commit(s.confidence, candidates, knobs.threshold)
-            elif method.rule == "factor":
-                commit = rules.factor_commit(s.confidence, candidates, knobs.factor)
-            else:
-                commit = rules.entropy_commit(s.entropy, candidates, knobs.threshold)
+            commit = rule.commit(rules.Step(candidates, s.confidence, s.entropy, quota, select_key))
             if cached and not exact and cfg.shifted_logits:  # Fast-dLLM's Dream: the refresh commits the block's first token only
                 first = candidates & (gen_index == block * k)
                 commit = jnp.where(i == 0, first, commit)
@@ -398,7 +241,7 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         exited = jnp.zeros((b,), bool)
         if method.exit is not None:
             progress = s.nfe.astype(jnp.float32) / (passes * method.steps)
-            tau = exits.threshold_at(method.exit, progress, knobs.tau_high, knobs.tau_low, knobs.exit_k)
+            tau = method.exit.threshold_at(progress)
             exited = active & (jnp.mean(s.margin, axis=-1) >= tau)
             commit = jnp.where(exited[:, None], masked, commit)
 
@@ -423,7 +266,7 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
         def masks_in_block(s):
             return jnp.sum((s.x[:, p:] == tokens.mask) & block_span(block), axis=-1).astype(jnp.int32)
 
-        cap = method.steps_per_block if method.rule in ("quota", "dream") else k
+        cap = method.steps_per_block if fixed_steps else k
 
         def cond(carry):
             i, s, _ = carry
@@ -465,4 +308,4 @@ def _decode(graphdef, state, prompt, prompt_mask, knobs: Knobs, key, *, method: 
     return final.x[:, p:], final.nfe, final.trajectory, final.steps
 
 
-decode = jax.jit(_decode, static_argnames=("graphdef", "method", "tokens", "shard", "layout", "kernel"))
+decode = jax.jit(_decode, static_argnames=("graphdef", "tokens", "shard", "layout", "kernel"))

@@ -1,17 +1,28 @@
-"""Which tokens to commit in a step: the commit rules of the seed papers.
+"""Which tokens to commit in a step: the commit rules of the seed papers, one class each.
 
-Each rule maps a step's confidences to a boolean commit mask [B, G]. They are pure, work
-on whole batches at once, and break ties by position (lower first), as `torch.topk` on
-distinct values and `argmax` do. Adding a rule means adding one function here and one name
-to `RULES`.
+A rule is a frozen pytree dataclass (`dlmjax.decode.parts`): its tuned numbers are traced
+fields, its structure static ones. `commit(step)` maps a step's statistics to a boolean
+commit mask [B, G]; it is pure, works on whole batches, and breaks ties by position (lower
+first), as `torch.topk` on distinct values and `argmax` do. `needs` names the statistics the
+engine must compute for it ("confidence", "entropy"; "logits" for a rule that samples itself).
+
+A new rule is one class here, registered in `RULES` under the name users pass as `rule=`; its
+fields become `lm.generate` knobs and CLI flags by themselves.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-RULES = ("quota", "threshold", "factor", "entropy", "dream")  # "dream": engine._dream_step
+from dlmjax.decode.exits import margins
+from dlmjax.decode.parts import Part, check_choice, part, static, traced
+from dlmjax.decode.sampling import filter_logits, position_gumbel
+from dlmjax.errors import DlmjaxError
+
 NEG_INF = -jnp.inf
 
 
@@ -28,31 +39,186 @@ def best(score: jax.Array, candidates: jax.Array) -> jax.Array:
 
 
 def quota_commit(score, candidates, quota):
-    """LLaDA: the `quota` [B] best candidates by score."""
+    """The `quota` [B] best candidates by score."""
     return candidates & (ranks(score) < quota[:, None])
 
 
-def threshold_commit(confidence, candidates, threshold):
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What a rule sees in one denoising step (built by the engine; [B, G] over the generation region)."""
+
+    candidates: jax.Array  # masked positions of the active window, in active rows
+    confidence: jax.Array  # probability of the step's prediction x0
+    entropy: jax.Array | None  # only when the rule needs it
+    quota: jax.Array | None  # [B] tokens this step must commit (the quota rule's schedule)
+    select_key: jax.Array  # randomness of the selection itself (random remasking)
+
+
+class Rule(Part):
+    needs: ClassVar[frozenset[str]] = frozenset({"confidence"})
+    fixed_steps: ClassVar[bool] = False  # True: a block runs exactly steps_per_block steps (else until no mask is left)
+
+    def commit(self, step: Step) -> jax.Array:
+        raise NotImplementedError
+
+
+@part
+class Quota(Rule):
+    """LLaDA: a fixed number of tokens per step (the block's masks spread evenly over its steps),
+    the most confident ones, or random ones."""
+
+    name: ClassVar[str] = "quota"
+    fixed_steps: ClassVar[bool] = True
+    remasking: str = static("low_confidence", "which tokens fill the quota: the most confident, or random ones",
+                            choices=("low_confidence", "random"))
+
+    def check(self) -> None:
+        check_choice("quota rule", "remasking", self.remasking, ("low_confidence", "random"))
+
+    def commit(self, step: Step) -> jax.Array:
+        score = step.confidence
+        if self.remasking == "random":
+            score = jax.random.uniform(step.select_key, score.shape, jnp.float32)
+        return quota_commit(jnp.where(step.candidates, score, NEG_INF), step.candidates, step.quota)
+
+
+@part
+class Threshold(Rule):
     """Fast-dLLM: every candidate with confidence >= tau, plus always the most confident one."""
-    score = jnp.where(candidates, confidence, NEG_INF)
-    return (candidates & (confidence >= threshold)) | best(score, candidates)
+
+    name: ClassVar[str] = "threshold"
+    threshold: float = traced(0.9, "commit every candidate whose confidence is >= this (and always the best one)")
+
+    def check(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise DlmjaxError(f"confidence threshold {self.threshold} is outside (0, 1]; pass a threshold such as 0.9")
+
+    def commit(self, step: Step) -> jax.Array:
+        confidence, candidates, threshold = step.confidence, step.candidates, self.threshold
+        score = jnp.where(candidates, confidence, NEG_INF)
+        return (candidates & (confidence >= threshold)) | best(score, candidates)
 
 
-def factor_commit(confidence, candidates, factor):
+@part
+class Factor(Rule):
     """Fast-dLLM's factor rule: the longest prefix of the descending confidences with
     c_(n) >= 1 - factor / (n + 1) at every rank n (1-based); at least one token.
 
     Upstream also accepts all n when the scan fails exactly at the last rank; we follow
     the rule as stated instead (dlmjax/decode/SPEC.md)."""
-    score = jnp.where(candidates, confidence, NEG_INF)
-    ordered = -jnp.sort(-score, axis=-1)
-    n = jnp.arange(1, score.shape[-1] + 1, dtype=jnp.float32)
-    passes = ordered >= 1.0 - factor / (n + 1.0)
-    accepted = jnp.maximum(jnp.sum(jnp.cumprod(passes, axis=-1), axis=-1), 1)
-    return candidates & (ranks(score) < accepted[:, None])
+
+    name: ClassVar[str] = "factor"
+    factor: float = traced(1.0, "commit the n most confident while the n-th has confidence >= 1 - factor / (n + 1)")
+
+    def check(self) -> None:
+        if not self.factor > 0:
+            raise DlmjaxError(f"factor {self.factor} must be positive; pass e.g. factor=1.0")
+
+    def commit(self, step: Step) -> jax.Array:
+        candidates, factor = step.candidates, self.factor
+        score = jnp.where(candidates, step.confidence, NEG_INF)
+        ordered = -jnp.sort(-score, axis=-1)
+        n = jnp.arange(1, score.shape[-1] + 1, dtype=jnp.float32)
+        passes = ordered >= 1.0 - factor / (n + 1.0)
+        accepted = jnp.maximum(jnp.sum(jnp.cumprod(passes, axis=-1), axis=-1), 1)
+        return candidates & (ranks(score) < accepted[:, None])
 
 
-def entropy_commit(entropy, candidates, threshold):
+@part
+class Entropy(Rule):
     """dParallel: every candidate with entropy <= tau (nats), plus always the lowest-entropy one."""
-    score = jnp.where(candidates, -entropy, NEG_INF)
-    return (candidates & (entropy <= threshold)) | best(score, candidates)
+
+    name: ClassVar[str] = "entropy"
+    needs: ClassVar[frozenset[str]] = frozenset({"entropy"})
+    threshold: float = traced(0.5, "commit every candidate whose entropy (nats) is <= this (and always the lowest)")
+
+    def check(self) -> None:
+        if not self.threshold >= 0:
+            raise DlmjaxError(f"entropy bound {self.threshold} is negative or missing; pass threshold >= 0 (nats), e.g. 0.5")
+
+    def commit(self, step: Step) -> jax.Array:
+        entropy, candidates, threshold = step.entropy, step.candidates, self.threshold
+        score = jnp.where(candidates, -entropy, NEG_INF)
+        return (candidates & (entropy <= threshold)) | best(score, candidates)
+
+
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+@part
+class Dream(Rule):
+    """Dream's diffusion_generate samplers (SPEC.md, Dream rules): the rule filters and samples the
+    block's logits itself, so it reads logits, not the carried confidences."""
+
+    name: ClassVar[str] = "dream"
+    needs: ClassVar[frozenset[str]] = frozenset({"logits"})
+    fixed_steps: ClassVar[bool] = True
+    alg: str = static("maskgit_plus", "Dream sampler: which positions a step commits", choices=DREAM_ALGS)
+    top_k: int | None = static(None, "Dream and ar: keep the k largest logits")
+    top_p: float = traced(1.0, "Dream and ar: nucleus filtering (1 = off)")
+    alg_temp: float = traced(0.0, "Dream: > 0 samples positions (confidence / alg_temp + Gumbel) instead of the top ones")
+    eps: float = traced(1e-3, "Dream: last timestep of linspace(1, eps, steps + 1)")
+
+    def check(self) -> None:
+        if self.alg not in DREAM_ALGS:
+            raise DlmjaxError(f"unknown Dream alg '{self.alg}'; use one of {', '.join(DREAM_ALGS)}")
+        if not 0 < self.top_p <= 1:
+            raise DlmjaxError(f"top_p {self.top_p} is outside (0, 1]; pass e.g. top_p=0.95")
+        if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
+            raise DlmjaxError(f"top_k {self.top_k} must be a positive integer")
+        if self.alg_temp < 0:
+            raise DlmjaxError(f"alg_temp {self.alg_temp} is negative; use 0 (top-n) or a positive temperature")
+        if not 0 < self.eps < 1:
+            raise DlmjaxError(f"eps {self.eps} is outside (0, 1); Dream's default is 1e-3")
+
+    def decide(self, logits, candidates, masked_in_block, block_start, block_length: int, i, steps_per_block: int,
+               temperature, sample_key, select_key):
+        """Dream's samplers on one block: (x0 [B, G], commit [B, G]).
+
+        Only the block's logits [B, K, V] are filtered, softmaxed and sampled (the block holds every
+        candidate); the rest of the region takes the plain argmax of the logits (read only by an
+        early exit's fill)."""
+        spb, k = steps_per_block, block_length
+        b, _, v = logits.shape
+        block_logits = jax.lax.dynamic_slice_in_dim(logits, block_start, k, axis=1)
+        filtered = filter_logits(block_logits, temperature, self.top_p, self.top_k)
+        probs = jax.nn.softmax(filtered, axis=-1)
+
+        def sampled(_):
+            g = position_gumbel(sample_key, block_start + jnp.arange(k), b, v, False)
+            return jnp.argmax(filtered + g, axis=-1)
+
+        block_x0 = jax.lax.cond(temperature > 0, sampled, lambda _: jnp.argmax(probs, axis=-1), None)
+        x0 = jax.lax.dynamic_update_slice_in_dim(
+            jnp.argmax(logits, axis=-1).astype(jnp.int32), block_x0.astype(jnp.int32), block_start, axis=1
+        )
+
+        def in_block(a):
+            return jax.lax.dynamic_slice_in_dim(a, block_start, k, axis=1)
+
+        def to_region(block_commit):
+            return jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(candidates), block_commit, block_start, axis=1)
+
+        block_candidates = in_block(candidates)
+        ts = jnp.linspace(1.0, self.eps, spb + 1, dtype=jnp.float32)
+        t, s = ts[i], ts[i + 1]
+        last = i == spb - 1
+        if self.alg == "origin":
+            p_transfer = jnp.where(last, 1.0, 1.0 - s / t)
+            u = in_block(jax.random.uniform(select_key, candidates.shape, jnp.float32))  # [B, G]: small, stream unchanged
+            return x0, to_region(block_candidates & (u < p_transfer))
+        if self.alg == "maskgit_plus":
+            confidence = jnp.take_along_axis(probs, block_x0[..., None], axis=-1)[..., 0]
+        elif self.alg == "topk_margin":
+            confidence = margins(probs)  # p1 - p2
+        else:
+            confidence = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+        mean_masks = jnp.mean(jnp.sum(masked_in_block, axis=-1).astype(jnp.float32))
+        n = jnp.floor(jnp.where(last, mean_masks, mean_masks * (1.0 - s / t))).astype(jnp.int32)
+        noise = in_block(jax.random.gumbel(select_key, candidates.shape, jnp.float32))
+        score = jnp.where(self.alg_temp > 0, confidence / jnp.maximum(self.alg_temp, 1e-30) + noise, confidence)
+        score = jnp.where(block_candidates, score, NEG_INF)
+        return x0, to_region(quota_commit(score, block_candidates, jnp.broadcast_to(n, (b,))))
+
+
+RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Quota, Threshold, Factor, Entropy, Dream)}

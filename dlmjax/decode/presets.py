@@ -1,0 +1,56 @@
+"""The papers' methods as presets: each a small function that composes a `Method` from the
+paper's settings, with any knob overridable (`lm.generate(method="fast-dllm", threshold=0.8)`).
+
+Every default names its source in tests/test_presets.py (dllm-algorithms.md, with the upstream
+file and line it was read from).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from dlmjax.decode.method import Method, compose
+
+
+def _preset(name: str, defaults: dict[str, Any], gen_length: int, knobs: dict[str, Any]) -> Method:
+    given = {k for k, v in knobs.items() if v is not None}
+    settings = {**defaults, **{k: v for k, v in knobs.items() if v is not None}, "gen_length": gen_length}
+    if "block_length" not in given:  # the paper's block, never longer than the canvas
+        settings["block_length"] = min(defaults.get("block_length") or gen_length, gen_length)
+    settings.setdefault("steps", gen_length)  # LLaDA's and the papers' steps = gen_length
+    return compose(settings, given, name)
+
+
+def llada(gen_length: int, **knobs) -> Method:
+    """LLaDA generate.py: fixed per-step quotas, low-confidence remasking, one block by default."""
+    return _preset("llada", dict(rule="quota", remasking="low_confidence"), gen_length, knobs)
+
+
+def fast_dllm(gen_length: int, **knobs) -> Method:
+    """Fast-dLLM v1: commit every token with confidence >= 0.9 (and the best one), blocks of 32."""
+    return _preset("fast-dllm", dict(rule="threshold", threshold=0.9, block_length=32), gen_length, knobs)
+
+
+def dparallel(gen_length: int, **knobs) -> Method:
+    """dParallel: commit every token with entropy <= 0.5 nats (and the lowest), blocks of 32."""
+    return _preset("dparallel", dict(rule="entropy", threshold=0.5, block_length=32), gen_length, knobs)
+
+
+def sched(gen_length: int, **knobs) -> Method:
+    """SchED on LLaDA's schedule: exit on the exponential schedule from 7.5 to 2.5 (k = 4)."""
+    return _preset("sched", dict(rule="quota", schedule="exp", tau_high=7.5, tau_low=2.5, exit_k=4.0), gen_length, knobs)
+
+
+def prophet(gen_length: int, **knobs) -> Method:
+    """Prophet: staged 7.5 / 5.0 / 2.5 by progress thirds, on LLaDA's schedule with blocks of 32."""
+    return _preset("prophet", dict(rule="quota", schedule="prophet", block_length=32), gen_length, knobs)
+
+
+def dream(gen_length: int, **knobs) -> Method:
+    """Dream's diffusion_generate: DreamGenerationConfig defaults (alg 'origin', eps 1e-3, one block)."""
+    return _preset("dream", dict(rule="dream", alg="origin", eps=1e-3), gen_length, knobs)
+
+
+PRESETS: dict[str, Callable[..., Method]] = {
+    "llada": llada, "fast-dllm": fast_dllm, "dparallel": dparallel, "sched": sched, "prophet": prophet, "dream": dream,
+}
