@@ -63,8 +63,12 @@ SCRIPT = textwrap.dedent(
             "fsdp_tp": (jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor")), ["prefix", "block"]),
         }
         # Dream (shifted logits, positions from the mask, 2 KV heads that tensor=4 cannot split) on
-        # the two jax.make_mesh meshes and tp; the Manual and fsdp-only meshes do not depend on the family
-        return every if family == "llada" else {p: every[p] for p in ("dp", "tp", "fsdp_tp")}
+        # the two jax.make_mesh meshes and tp, its own sampler on dp and the dual cache (the GQA
+        # replication case) everywhere; the Manual and fsdp-only meshes, and which methods and caches
+        # run sharded, do not depend on the family
+        if family == "llada":
+            return every
+        return {"dp": (every["dp"][0], ["dream"]), "tp": every["tp"], "fsdp_tp": (every["fsdp_tp"][0], [])}
 
     results, errors = [], {}
     for family, path in json.loads(sys.argv[1]).items():
