@@ -104,9 +104,10 @@ def baseline_kwargs(family: str) -> dict:
     return dict(method="llada", gen_length=GEN_LENGTH, steps=GEN_LENGTH)
 
 
-def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, **generate_kwargs) -> dict:
-    """Accuracy, mean NFE per row and tokens/s of `lm.generate` on `examples`."""
-    correct, nfe, seconds, generated = 0, 0.0, 0.0, 0
+def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, per_example: bool = False, **generate_kwargs) -> dict:
+    """Accuracy, mean NFE per row and tokens/s of `lm.generate` on `examples` (and with
+    per_example, whether each was answered right: "correct", in order)."""
+    correct, nfe, seconds, generated, right = 0, 0.0, 0.0, 0, []
     eos = tasks.token_ids()[tasks.EOS]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -116,11 +117,13 @@ def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, **generate_kwargs
             row = list(row)
             answer = row[: row.index(eos)] if eos in row else row
             generated += len(answer) + (1 if eos in row else 0)
-            correct += tasks.is_correct(example, tokenizer.decode(answer))
+            right.append(bool(tasks.is_correct(example, tokenizer.decode(answer))))
+            correct += right[-1]
         nfe += float(np.sum(out.nfe))
         seconds += out.seconds
-    return {"accuracy": correct / len(examples), "mean_nfe": nfe / len(examples), "seconds": seconds,
-            "tokens_per_s": generated / max(seconds, 1e-9), "examples": len(examples)}
+    metrics = {"accuracy": correct / len(examples), "mean_nfe": nfe / len(examples), "seconds": seconds,
+               "tokens_per_s": generated / max(seconds, 1e-9), "examples": len(examples)}
+    return {**metrics, "correct": right} if per_example else metrics
 
 
 def in_memory_lm(model):

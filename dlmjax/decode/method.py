@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from dlmjax.decode import caches, exits, rules, schedules
+from dlmjax.decode import caches, exits, rules
 from dlmjax.decode.caches import Cache, NoCache
 from dlmjax.decode.exits import Exit
 from dlmjax.decode.parts import Part, is_static, part, static, traced
