@@ -30,10 +30,10 @@ def knob_flags() -> dict[str, tuple[type, tuple | None, str]]:
     flags: dict[str, tuple[type, tuple | None, str]] = {
         name: (str, choices, f"override the method's {what}") for name, (what, choices) in SELECTORS.items()
     }
-    for name, field in knob_table().items():
+    for name, (field, help) in knob_table().items():
         kind = str(field.type)
         kind = bool if kind.startswith("bool") else int if kind.startswith("int") else float if kind.startswith("float") else str
-        flags[name] = (kind, field.metadata.get("choices"), field.metadata["help"])
+        flags[name] = (kind, field.metadata.get("choices"), help)
     return flags
 
 

@@ -62,16 +62,21 @@ def _call(graphdef, state, ids, positions, mask):
 _call_jit = jax.jit(_call, static_argnums=(0,))
 
 
-def full_logits(model, canvas: list[int], prompt_length: int, block_length: int, shifted: bool, mask_id: int) -> np.ndarray:
-    """float32 [T, V]: the prediction for every canvas position (shifted for Dream), mask id at -inf."""
+def canvas_logits(model, canvas: list[int], mask: np.ndarray) -> np.ndarray:
+    """float32 [T, V]: the model's raw output for one unpadded canvas at absolute positions 0 .. T-1,
+    under the [T, T] bool attention mask (jitted per canvas length)."""
     from flax import nnx
 
     graphdef, state = nnx.split(model)
     t = len(canvas)
-    ids = jnp.asarray([canvas], jnp.int32)
-    positions = jnp.arange(t, dtype=jnp.int32)[None]
-    mask = jnp.asarray(d2f_mask(prompt_length, t, block_length))[None]
-    raw = np.array(_call_jit(graphdef, state, ids, positions, mask)[0], dtype=np.float32)
+    out = _call_jit(graphdef, state, jnp.asarray([canvas], jnp.int32), jnp.arange(t, dtype=jnp.int32)[None],
+                    jnp.asarray(mask)[None])
+    return np.array(out[0], dtype=np.float32)
+
+
+def full_logits(model, canvas: list[int], prompt_length: int, block_length: int, shifted: bool, mask_id: int) -> np.ndarray:
+    """float32 [T, V]: the prediction for every canvas position (shifted for Dream), mask id at -inf."""
+    raw = canvas_logits(model, canvas, d2f_mask(prompt_length, len(canvas), block_length))
     if shifted:
         raw[1:] = raw[:-1].copy()  # position p reads the output at p - 1 (position 0 keeps its own; never read)
     raw[:, mask_id] = -np.inf

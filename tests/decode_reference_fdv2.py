@@ -33,9 +33,9 @@ Returns (generated tokens after the prompt, NFE: prefill + steps + commit forwar
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from decode_reference_d2f import canvas_logits  # the model call on an explicit mask (nothing D2F-specific)
 
 
 def block_causal_mask(length: int, block_length: int) -> np.ndarray:
@@ -43,25 +43,9 @@ def block_causal_mask(length: int, block_length: int) -> np.ndarray:
     return (i[None, :] // block_length) <= (i[:, None] // block_length)
 
 
-def _call(graphdef, state, ids, positions, mask):
-    from flax import nnx
-
-    logits, _ = nnx.merge(graphdef, state)(ids, positions, mask)
-    return logits
-
-
-_call_jit = jax.jit(_call, static_argnums=(0,))
-
-
 def raw_logits(model, canvas: list[int], block_length: int) -> np.ndarray:
     """float32 [T, V]: the model's output at every canvas position under the block-causal mask."""
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    t = len(canvas)
-    mask = jnp.asarray(block_causal_mask(t, block_length))[None]
-    out = _call_jit(graphdef, state, jnp.asarray([canvas], jnp.int32), jnp.arange(t, dtype=jnp.int32)[None], mask)
-    return np.array(out[0], dtype=np.float32)
+    return canvas_logits(model, canvas, block_causal_mask(len(canvas), block_length))
 
 
 def reference_fdv2(lm, prompt: list[int], *, gen_length: int, block_length: int = 32, sub_block_length: int = 8,

@@ -51,7 +51,7 @@ def test_preset_defaults(method):
 def test_prophet_stage_values():
     """7.3 (line 617-619): <1/3 of the steps -> 7.5, <2/3 -> 5.0, else 2.5; gap >= threshold exits."""
     p = np.array([0.0, 0.2, 0.34, 0.5, 0.66, 0.7, 1.0], np.float32)
-    tau = np.asarray(exits.threshold_at("prophet", p, 0.0, 0.0, 0.0))
+    tau = np.asarray(exits.Prophet().threshold_at(p))
     np.testing.assert_array_equal(tau, [7.5, 7.5, 5.0, 5.0, 5.0, 2.5, 2.5])
 
 

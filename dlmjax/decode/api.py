@@ -175,16 +175,11 @@ def generate(
         gen_length = lm.default_gen_length
     temperature = 0.0 if temperature is None else temperature
     if method == "ar" or lm.config.is_autoregressive:
-        diffusion_only = dict(
-            block_length=block_length, steps=steps, threshold=threshold, factor=factor, rule=rule, remasking=remasking,
-            schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k, stop_at_eos=stop_at_eos,
-            logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf, alg=alg, alg_temp=alg_temp,
-            eps=eps, cfg_scale=cfg_scale, gumbel_x64=gumbel_x64, cache=cache, attention=attention,
-        )
+        ar_knobs = ("temperature", "top_p", "top_k")
         return generate_ar(
             lm, prompts_or_ids, attention_mask, method=method, gen_length=gen_length, temperature=temperature,
             top_p=top_p, top_k=top_k, chat=chat, seed=seed, prompt_bucket=prompt_bucket,
-            diffusion_only=[name for name, value in diffusion_only.items() if value is not None],
+            diffusion_only=[name for name, value in knobs.items() if value is not None and name not in ar_knobs],
         )
     m = build_method(method, gen_length=gen_length, **knobs)
     return _generate_diffusion(lm, prompts_or_ids, attention_mask, m, chat, seed, prompt_bucket)

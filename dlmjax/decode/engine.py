@@ -83,6 +83,7 @@ def _decode(graphdef, state, prompt, prompt_mask, method: Method, key, *, tokens
     cached = method.cache.stores
     exact = method.cache.exact  # block-causal: finished blocks' K/V are final, appended once
     rule = method.rule
+    needs = method.needs  # the statistics the rule and the exit read
     fixed_steps = rule.fixed_steps  # quota and dream: exactly steps_per_block steps a block
     # The head runs only where predictions are read: the generation region, and for shifted
     # logits the position before it.
@@ -162,9 +163,9 @@ def _decode(graphdef, state, prompt, prompt_mask, method: Method, key, *, tokens
                 special = special | (x0 == tokens.eot)
             confidence = jnp.where(special, -jnp.inf, confidence)
         fresh = dict(x0=x0, confidence=confidence)
-        if "entropy" in rule.needs:
+        if "entropy" in needs:
             fresh["entropy"] = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
-        if method.exit is not None:
+        if "margin" in needs:
             fresh["margin"] = margins(logits)
         use = jnp.arange(width) > 0 if skip_first else jnp.ones((width,), bool)
         out = {}
@@ -188,14 +189,14 @@ def _decode(graphdef, state, prompt, prompt_mask, method: Method, key, *, tokens
         masked = x_gen == tokens.mask
         candidates = masked & block_span(block) & active[:, None]
 
-        if "logits" in rule.needs:  # Dream's samplers draw from the block's logits themselves
+        if "logits" in needs:  # Dream's samplers draw from the block's logits themselves
             logits, _ = full_forward(s.x, None)
             x0, commit = rule.decide(
                 logits, candidates, masked & block_span(block), block * k, k, i, method.steps_per_block, method.temperature,
                 sample_key, select_key,
             )
             s = dataclasses.replace(s, x0=x0)
-            if method.exit is not None:
+            if "margin" in needs:
                 s = dataclasses.replace(s, margin=margins(logits))
         else:
             noise = block_noise(sample_key, method.temperature, block * k, k, b, cfg.vocab_size, method.gumbel_x64)

@@ -81,20 +81,6 @@ EXITS: dict[str, tuple[type[Exit], dict]] = {
 }
 
 
-def make_exit(schedule: str, **knobs) -> Exit:
-    if schedule not in EXITS:
-        raise DlmjaxError(f"unknown schedule '{schedule}'; use one of {', '.join(EXITS)}")
-    cls, fixed = EXITS[schedule]
-    return cls(**fixed, **knobs)
-
-
-def threshold_at(schedule: str, progress, tau_high=7.5, tau_low=2.5, k=4.0):
-    """tau(p) of a schedule by name (the tests' and the references' entry point)."""
-    if schedule == "prophet":
-        return Prophet().threshold_at(progress)
-    return SchED(schedule, tau_high, tau_low, k).threshold_at(progress)
-
-
 def margins(logits: jax.Array) -> jax.Array:
     """Top-1 minus top-2 logit per position: [B, G, V] -> [B, G] (0 on a tie).
 

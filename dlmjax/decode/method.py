@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from dlmjax.decode import caches, exits, rules
 from dlmjax.decode.caches import Cache, NoCache
 from dlmjax.decode.exits import Exit
-from dlmjax.decode.parts import Part, is_static, part, static, traced
+from dlmjax.decode.parts import Part, part, static, traced
 from dlmjax.decode.rules import Rule
 from dlmjax.decode.schedules import SemiAR
 from dlmjax.errors import DlmjaxError
@@ -105,25 +105,10 @@ class Method(Part):
         """The same method with every traced field a float32 array (stable avals for the compiled program)."""
         return jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), self)
 
-    def structure(self) -> tuple:
-        """What compiles, as a hashable key: every part's class and static fields.
-
-        Not `jax.tree_util.tree_structure`: its PyTreeDefs of two field-less dataclasses of
-        different classes compare equal (jax 0.10), which would make Dual() and NoCache() one program."""
-        return structure_key(self)
-
-
-def structure_key(p):
-    if not isinstance(p, Part):
-        return p
-    return (type(p),) + tuple(
-        (f.name, structure_key(getattr(p, f.name)) if is_static(f) or not _is_leaf(getattr(p, f.name)) else "traced")
-        for f in dataclasses.fields(p)
-    )
-
-
-def _is_leaf(value) -> bool:
-    return not isinstance(value, Part) and value is not None
+    def structure(self):
+        """What compiles, as a hashable key: the tree structure, i.e. every part's class and static
+        fields (`parts.part` puts the class in the node data, so two cache policies never share it)."""
+        return jax.tree_util.tree_structure(self)
 
 
 # Every knob users can set, by the part kind that has it. The selectors pick the parts.
@@ -142,18 +127,17 @@ def _owners() -> list[tuple[str, type[Part]]]:
     return owners
 
 
-def knob_table() -> dict[str, dataclasses.Field]:
-    """knob name -> its field (the first class that defines it), for every knob of every part."""
-    table: dict[str, dataclasses.Field] = {}
+def knob_table() -> dict[str, tuple[dataclasses.Field, str]]:
+    """knob name -> (its field in the first class that defines it, its help), for every knob of
+    every part; a name with two meanings (threshold) gets both in its help."""
+    table: dict[str, tuple[dataclasses.Field, str]] = {}
     for who, cls in _owners():
         for f in cls.knobs():
             if f.name not in table:
-                table[f.name] = f
-            elif f.metadata["help"] not in table[f.name].metadata["help"]:  # one name, two meanings (threshold)
-                first = table[f.name]
-                merged = dict(first.metadata, help=f"{first.metadata['help']}; with {who}: {f.metadata['help']}")
-                table[f.name] = dataclasses.field(default=first.default, metadata=merged)
-                table[f.name].name, table[f.name].type = f.name, first.type
+                table[f.name] = (f, f.metadata["help"])
+            elif f.metadata["help"] not in table[f.name][1]:
+                first, help = table[f.name]
+                table[f.name] = (first, f"{help}; with {who}: {f.metadata['help']}")
     return table
 
 
@@ -193,8 +177,8 @@ def compose(settings: dict[str, Any], given: set[str], method_name: str) -> Meth
     guidance = take(CFG)
     guidance = guidance if guidance.cfg_scale else None
     blocks = take(SemiAR)
-    method = take(Method, dict(rule=rule, blocks=blocks, exit=exit_rule, cache=caches.CACHES[cache_name](), guidance=guidance))
-    method = dataclasses.replace(method, attention=attention)
+    method = take(Method, dict(rule=rule, blocks=blocks, exit=exit_rule, cache=caches.CACHES[cache_name](), guidance=guidance,
+                               attention=attention))
 
     unused = [k for k in given if k not in used and k not in SELECTORS and k != "attention"]
     if unused:

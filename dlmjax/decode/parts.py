@@ -68,9 +68,6 @@ class Part:
     def check(self) -> None:
         """Raise a one-line DlmjaxError for a value this part cannot use."""
 
-    def values(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in self.knobs()}
-
 
 def is_static(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("static"))
