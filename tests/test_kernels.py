@@ -310,3 +310,25 @@ def test_shard_map_matches_unsharded_on_a_2x2_mesh():
         [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and "SHARDED-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_checkout_does_not_shadow_a_top_level_kernels_package():
+    """Run from the checkout's root (as `python -m ...` and the README's commands are), Python finds
+    this repository's kernels/ folder as a top-level `kernels`, which would shadow Hugging Face's
+    `kernels` package that transformers >= 5.25 imports. Our folder hands the name over; with no
+    such package installed it is an empty module (transformers then sees no usable `kernels`)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import kernels, dlmjax.kernels as ours; print(kernels.__file__); "
+            "print(hasattr(kernels, 'cached_block_attention'), hasattr(ours, 'cached_block_attention'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[1] == "False True"
+    installed = importlib.util.find_spec("kernels")  # from tests/, the checkout's root is not on sys.path
+    if installed is not None and not installed.origin.startswith(root):
+        assert out[0] == installed.origin  # Hugging Face's package, not our folder
+        subprocess.run([sys.executable, "-c", "from transformers import Qwen2ForCausalLM"], cwd=root, check=True,
+                       capture_output=True)
