@@ -49,6 +49,14 @@ def block_ids(index: jax.Array, mode: MaskMode, block_size: int | None, prompt_l
     return jnp.where(index < prompt_length, 0, 1 + (index - prompt_length) // block_size)
 
 
+def position_block_causal(positions: jax.Array, key_valid: jax.Array, block_size: int) -> jax.Array:
+    """[B, T, T] bool: block-causal by RoPE position (blocks of `block_size` from each row's position
+    0, so a left-padded row's blocks start at its first real token): query q sees key k iff k is a
+    real token and block(k) <= block(q)."""
+    blocks = positions // block_size
+    return key_valid.astype(bool)[:, None, :] & (blocks[:, None, :] <= blocks[:, :, None])
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:

@@ -14,17 +14,13 @@ The peak is the program's arguments (the parameters, as sharded) plus what it al
                   cached step; first or later block step) in a new buffer, and XLA copies it into
                   the loop carry (seen in the compiled HLO; the dual cache's branches update it in
                   place);
-    state         the while_loop carry: the canvas [B, P + G] and the carried predictions [B, G],
-                  twice (a loop body's input and output);
+    state         the while_loop carry: the canvas [B, P + G] and the carried predictions and
+                  trajectory (six [B, G]), twice (a loop body's input and output);
     activations   the largest live buffers of one step: the float32 logits [B, rows, V] and the
                   softmax's exp of the same shape, the block's Gumbel noise [B, K, V] (float32,
                   with the random bits it is made from), the attention scores [B, H, W, S]
                   (float32 scores and probabilities, a copy in the parameter dtype) and the MLP's
                   [B, W, I] (two float32 projections and their product), plus the residual stream;
-    relayout      CPU only: without a cache the whole forward runs in the loop body, and XLA's
-                  CPU backend hoists a relayouted copy of every matmul weight and a float32
-                  copy of the embedding table out of the loop (measured with memory_analysis;
-                  GPU and TPU matmuls read the weights in place).
 
 W is the widest forward's queries and S its keys: the whole canvas (P + G) without a cache and
 at a prefix/dual refresh; for the exact block cache the prompt (P) once, then 2K queries per
@@ -43,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -64,18 +59,16 @@ class DecodeMemory:
     cache: float
     state: float
     activations: float
-    relayout: float
 
     @property
     def total(self) -> float:
-        return self.parameters + self.cache + self.state + self.activations + self.relayout
+        return self.parameters + self.cache + self.state + self.activations
 
     def summary(self) -> str:
         gib = 2**30
         return (
             f"parameters {self.parameters / gib:.2f} GiB, cache {self.cache / gib:.2f} GiB, "
             f"activations {self.activations / gib:.2f} GiB, state {self.state / gib:.3f} GiB"
-            + (f", CPU weight copies {self.relayout / gib:.2f} GiB" if self.relayout else "")
             + f"; peak {self.total / gib:.2f} GiB"
         )
 
@@ -129,15 +122,13 @@ def decode_memory(
     cache: str = "none",
     mesh=None,
     rules=None,
-    platform: str = "gpu",
 ) -> DecodeMemory:
     """Estimated bytes per device at the peak of a decode of `batch` prompts of `prompt_length`
     (after bucketing) generating `gen_length` tokens in blocks of `block_length`. For an
     autoregressive family it is the token-by-token decode (`cache` and `block_length` unused).
 
     mesh: None (one device), a jax Mesh, or its axis sizes ({"data": 2, "tensor": 4}); rules:
-    a `ShardingRules` (the fsdp_tp preset by default). platform: "cpu" adds the weight copies
-    XLA's CPU backend keeps (see the module docstring)."""
+    a `ShardingRules` (the fsdp_tp preset by default)."""
     from dlmjax.sharding import ShardingRules, batch_axes, fit_rules
 
     if cache not in CACHES:
@@ -168,7 +159,7 @@ def decode_memory(
 
     one_cache = 2 * cfg.num_layers * rows_of_batch * kv_heads * length * cfg.head_dim * itemsize
     kv_cache = {"none": 0.0, "prefix": 2 * one_cache, "dual": one_cache, "block": 2 * one_cache}[cache]
-    state = 2 * rows_of_batch * (length + 5 * g) * 4
+    state = 2 * rows_of_batch * (length + 6 * g) * 4
 
     def forward(queries: int, keys: int, logit_rows: int) -> float:
         scores = rows_of_batch * heads * queries * keys * (2 * F32 + itemsize)
@@ -182,7 +173,7 @@ def decode_memory(
     shift = 1 if cfg.shifted_logits else 0
     if cfg.is_autoregressive:  # method "ar": a KV cache of every slot, the prompt's prefill is the widest forward
         return DecodeMemory(parameters=parameters, cache=one_cache, state=state,
-                            activations=forward(p, length, 1), relayout=0.0)
+                            activations=forward(p, length, 1))
     if cache == "block":  # the prompt's K/V once (no head), then 2K queries per block step
         largest = max(forward(p, length, 0), forward(2 * k, length, 2 * k))
     else:  # the whole canvas: every step without a cache, the refresh of every block with one
@@ -191,25 +182,18 @@ def decode_memory(
     # counters and bits, and the noise); G / K times less than noise for the whole region.
     noise = 4 * rows_of_batch * k * vocab * F32
     activations = largest + noise
-
-    relayout = 0.0
-    if platform == "cpu" and cache == "none":
-        embedding = cfg.vocab_size * cfg.hidden_size / split("vocab")
-        relayout = (parameters - embedding * itemsize) + embedding * F32
-    return DecodeMemory(parameters=parameters, cache=kv_cache, state=state, activations=activations, relayout=relayout)
+    return DecodeMemory(parameters=parameters, cache=kv_cache, state=state, activations=activations)
 
 
-def lm_decode_memory(lm, *, batch: int, prompt_length: int, gen_length: int, block_length: int, cache: str = "none",
-                     platform: str | None = None) -> DecodeMemory:
+def lm_decode_memory(lm, *, batch: int, prompt_length: int, gen_length: int, block_length: int,
+                     cache: str = "none") -> DecodeMemory:
     """`decode_memory` for a loaded `LM`: its config, parameter dtype, mesh and rules; the
-    parameters are the bytes each device holds of `lm.state` (LoRA adapters included), and the
-    platform defaults to JAX's default backend."""
+    parameters are the bytes each device holds of `lm.state` (LoRA adapters included)."""
     from flax import nnx
 
     est = decode_memory(
         lm.config, dtype=lm.dtype, batch=batch, prompt_length=prompt_length, gen_length=gen_length,
         block_length=block_length, cache=cache, mesh=lm.mesh, rules=lm.rules,
-        platform=platform or jax.default_backend(),
     )
     held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                for x in jax.tree.leaves(nnx.to_pure_dict(lm.state)))

@@ -53,8 +53,8 @@ MUTATIONS = [
     _m("factor bound n + 1 becomes n", RULES, "factor / (n + 1.0)", "factor / n", ENGINE_TESTS),
     _m("entropy <= becomes <", RULES, "(entropy <= threshold)", "(entropy < threshold)", ENGINE_TESTS),
     _m("quota rank < becomes <=", RULES, "(ranks(score) < quota[:, None])", "(ranks(score) <= quota[:, None])", ENGINE_TESTS),
-    _m("threshold without its best-one fallback", RULES, "return (candidates & (confidence >= threshold)) | best(score, candidates)",
-       "return candidates & (confidence >= threshold)", ENGINE_TESTS),
+    _m("threshold without its best-one fallback", RULES, "return (candidates & sure) | best(score, candidates)",
+       "return candidates & sure", ENGINE_TESTS),
     # the exit rules
     _m("exit signal >= becomes >", ENGINE, "(jnp.mean(s.margin, axis=-1) >= tau)", "(jnp.mean(s.margin, axis=-1) > tau)", ENGINE_TESTS),
     _m("prophet first bound < becomes <=", EXITS, "jnp.where(p < 1.0 / 3.0, 7.5", "jnp.where(p <= 1.0 / 3.0, 7.5", ENGINE_TESTS),

@@ -26,7 +26,9 @@ Where we depart from upstream (dlmjax/decode/SPEC.md says why):
   ignores the prompt);
 * the in-block forwards use the real block size for the mask (upstream's in-block calls fall back to
   a 32-token mask, which for bs = 64 hides half the block from the other half);
-* the mask token's logit is -inf before the softmax.
+* the mask token's logit is -inf before the softmax;
+* at most gen_length tokens: upstream's last commit forward appends one token past max_new_tokens
+  when the prompt ends on a block boundary (gen_length + 1 tokens); that forward is not run here.
 
 Returns (generated tokens after the prompt, NFE: prefill + steps + commit forwards).
 """
@@ -110,6 +112,8 @@ def reference_fdv2(lm, prompt: list[int], *, gen_length: int, block_length: int 
                 break
         if done or stopped(pl):
             done = True
+            break
+        if len(x) - p0 >= gen_length:  # the next block's first token would not fit in gen_length (see above)
             break
         raw = predict(x)  # the commit forward: the block's K/V become final, its last logit starts the next block
         nfe += 1

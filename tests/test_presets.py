@@ -25,6 +25,13 @@ PINS = {
     "prophet": dict(rule="quota", schedule="prophet", block_length=32),
     # 2.4 (line 217-218): DreamGenerationConfig defaults eps 1e-3, alg 'origin'; one block (no block loop upstream)
     "dream": dict(rule="dream", alg="origin", eps=1e-3, block_length=None),
+    # d2f-fdv2-decoding.md 1.1 (lines 44-46): the eval scripts' common setting, blocks of 32 with tau_add 0.1
+    # (LLaDA math/humaneval, Dream gsm8k_cot), tau_act 0.95 and tau_conf 0.9 everywhere; line 40: fallback "default" = max prob
+    "d2f": dict(rule="d2f", blocks="d2f", tau_add=0.1, tau_act=0.95, tau_conf=0.9, alg="maskgit_plus", block_length=32,
+                attention="prompt_block_causal"),
+    # d2f-fdv2-decoding.md 2.1 (lines 176-178): bd_size 32, small_block_size 8, eval.py threshold 0.9; 2.3: `c > threshold`
+    "fast-dllm-v2": dict(rule="threshold", blocks="fdv2", threshold=0.9, strict=True, sub_block_length=8, block_length=32,
+                         attention="block_causal"),
 }
 
 
@@ -36,14 +43,17 @@ def test_preset_defaults(method):
     assert m.block_length == (block_length or 256), m
     assert m.gen_length == 256 and m.steps == 256  # LLaDA's and the papers' steps = gen_length by default
     assert type(m.rule) is rules.RULES[pins.pop("rule")], m.rule
+    blocks = pins.pop("blocks", "semi_ar")
+    assert m.blocks.name == blocks, m.blocks
+    assert m.attention == pins.pop("attention", "bidirectional")
     schedule = pins.pop("schedule", None)
     assert (m.exit is None) == (schedule is None), m.exit
     if schedule == "prophet":
         assert isinstance(m.exit, exits.Prophet)
     elif schedule is not None:
         assert m.exit.schedule == schedule
-    for key, value in pins.items():  # every other pin is a field of the rule or the exit rule
-        owner = m.rule if hasattr(m.rule, key) else m.exit
+    for key, value in pins.items():  # every other pin is a field of the rule, the block schedule or the exit rule
+        owner = m.rule if hasattr(m.rule, key) else m.blocks if hasattr(m.blocks, key) else m.exit
         assert getattr(owner, key) == value, (key, owner)
     assert presets.PRESETS[method](256) == m  # the preset function is the method
 

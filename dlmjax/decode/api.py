@@ -18,6 +18,7 @@ from dlmjax.decode.ar import ARKnobs, ARMethod, ARTokens, decode_ar
 from dlmjax.decode.engine import Tokens, decode
 from dlmjax.decode.method import Method
 from dlmjax.decode.presets import PRESETS
+from dlmjax.decode.schedules import Hierarchy
 from dlmjax.errors import DlmjaxError
 from dlmjax.sharding import on_model_mesh
 from dlmjax.tokenizer import check_vocabulary
@@ -134,14 +135,20 @@ def generate(
     eps: float | None = None,
     cfg_scale: float | None = None,
     gumbel_x64: bool | None = None,
+    tau_add: float | None = None,
+    tau_act: float | None = None,
+    tau_conf: float | None = None,
+    sub_block_length: int | None = None,
+    strict: bool | None = None,
+    blocks: str | None = None,
     cache: str | None = None,
     attention: str | None = None,
     chat: bool = False,
     seed: int = 0,
     prompt_bucket: int = 32,
 ) -> GenerateOutput:
-    """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet";
-    default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
+    """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet",
+    "d2f", "fast-dllm-v2"; default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
     `method` may also be a composed `dlmjax.decode.Method` (e.g. `presets.fast_dllm(256, threshold=0.8)`
     or `compose(...)`), which carries its own knobs.
     Autoregressive models (family qwen2) decode with method "ar" (their default and only method),
@@ -157,7 +164,8 @@ def generate(
         schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k, stop_at_eos=stop_at_eos,
         logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf, alg=alg, alg_temp=alg_temp, top_p=top_p,
         top_k=top_k, eps=eps, cfg_scale=cfg_scale, gumbel_x64=gumbel_x64, cache=cache, attention=attention,
-        temperature=temperature,
+        temperature=temperature, tau_add=tau_add, tau_act=tau_act, tau_conf=tau_conf, blocks=blocks,
+        sub_block_length=sub_block_length, strict=strict,
     )
     if isinstance(method, Method):
         given = [name for name, value in knobs.items() if value is not None]
@@ -194,6 +202,9 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
             f"(the refresh commits only the first token); raise steps to {2 * m.num_blocks} or more"
         )
     cfg = lm.config
+    if isinstance(m.blocks, Hierarchy) and cfg.bd_size is None:
+        raise DlmjaxError(f"method 'fast-dllm-v2' needs a block-diffusion model trained block-causal (family fast_dllm_v2); "
+                          f"this is {cfg.family}: use 'fast-dllm', 'd2f' or 'llada'")
     if (m.stop_at_eos or m.logits_eos_inf or m.confidence_eos_eot_inf) and cfg.eos_token_id is None:
         raise DlmjaxError("this model's config has no eos_token_id; set it in config.json or drop the EOS options")
     ids, mask, limit = _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat, gen_length)
@@ -205,7 +216,8 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
                 f"room for gen_length {gen_length}; shorten the prompt or gen_length"
             )
     ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
-    tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id)
+    stops = tuple(t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None)
+    tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id, stops=stops)
     args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), m.traced(), jax.random.key(seed))
 
     def lower(kernel):

@@ -1,10 +1,13 @@
-"""The decode engine: any method compiles into one jitted pair of nested `lax.while_loop`s.
+"""The decode engine: any method compiles into one jitted `lax.while_loop`.
 
-Blocks run in the outer loop and denoising steps in the inner one; termination, commits,
-early exits and EOS handling are all computed on the device. A method is a `Method` pytree
-(dlmjax.decode.method): its part classes and static fields are the program's structure, the
-numbers a user tunes per call (thresholds, temperature, schedule ends) are traced leaves, so
-changing them does not recompile. The exact rules are in dlmjax/decode/SPEC.md.
+Each iteration of the loop (`_iteration`) asks the method's block schedule for a `View` (which
+rows run, which positions they may commit, cut into windows), runs one forward through the
+cache policy (`_forward`), lets the commit rule decide per window (`_decide`), and writes the
+commits, the NFE, EOS handling and the early exit (`_write`), all on the device. A method is a
+`Method` pytree (dlmjax.decode.method): its part classes and static fields are the program's
+structure, the numbers a user tunes per call (thresholds, temperature, schedule ends) are
+traced leaves, so changing them does not recompile. The exact rules are in
+dlmjax/decode/SPEC.md.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dlmjax.attention import attention_mask, mask_spec
+from dlmjax.attention import attention_mask, mask_spec, position_block_causal
 from dlmjax.cache import KVCache
 from dlmjax.decode import rules
 from dlmjax.decode.caches import Dual
 from dlmjax.decode.exits import margins
 from dlmjax.decode.method import Method
 from dlmjax.decode.sampling import block_noise, gumbel_argmax
+from dlmjax.decode.schedules import Hierarchy, Pipeline, SemiAR, View
 from dlmjax.model import position_ids, shift_right
 from dlmjax.sharding import Layout, constrain
+
+STATISTICS = ("x0", "confidence", "entropy", "margin", "rank")
 
 
 @jax.tree_util.register_dataclass
@@ -39,7 +45,9 @@ class State:
     confidence: jax.Array  # [B, G] probability of x0
     entropy: jax.Array  # [B, G]
     margin: jax.Array  # [B, G] top-1 minus top-2 logit
+    rank: jax.Array  # [B, G] the rule's own score (`Rule.rank`)
     cache: KVCache | None
+    sched: object  # the block schedule's state (a pytree of [B, ...] arrays and scalars)
 
     def constrain(self, layout: Layout | None) -> "State":
         """Every array pinned to its sharding over `layout`'s mesh: a while_loop carry must leave
@@ -48,11 +56,12 @@ class State:
         if layout is None:
             return self
         rows, canvas = ("batch",), ("batch", "length")
-        arrays = dict(x=canvas, nfe=rows, done=rows, trajectory=canvas, steps=(), x0=canvas, confidence=canvas,
-                      entropy=canvas, margin=canvas)
+        arrays = dict(x=canvas, nfe=rows, done=rows, trajectory=canvas, steps=(), **{name: canvas for name in STATISTICS})
         cache = None if self.cache is None else self.cache.constrain(layout)
+        sched = jax.tree_util.tree_map(lambda a: constrain(a, ("batch", None)[: a.ndim], layout), self.sched)
         return dataclasses.replace(
-            self, cache=cache, **{name: constrain(getattr(self, name), axes, layout) for name, axes in arrays.items()}
+            self, cache=cache, sched=sched,
+            **{name: constrain(getattr(self, name), axes, layout) for name, axes in arrays.items()},
         )
 
 
@@ -63,6 +72,295 @@ class Tokens:
     mask: int
     eos: int | None
     eot: int | None
+    stops: tuple[int, ...] = ()  # a row stops at these (schedules with a stop rule: Fast-dLLM v2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every part of an iteration reads: the model, the method, and the canvas's geometry."""
+
+    model: nnx.Module
+    method: Method
+    tokens: Tokens
+    layout: Layout | None
+    key: jax.Array
+    prompt_length: int
+    full_mask: jax.Array  # [B, P + G]
+    positions: jax.Array  # [B, P + G]
+    attn: object  # the canvas's attention mask
+
+    @property
+    def shifted(self) -> bool:
+        return bool(self.model.config.shifted_logits)
+
+    @property
+    def head_from(self) -> int:
+        # The head runs only where predictions are read: the generation region, and for shifted
+        # logits the position before it.
+        p = self.prompt_length
+        return max(p - 1, 0) if self.shifted else p
+
+    @property
+    def passes(self) -> int:
+        return 2 if self.method.guidance is not None else 1
+
+    @property
+    def refresh_commits_one(self) -> bool:
+        # Fast-dLLM's Dream under an approximate cache: the refresh commits the block's first token only
+        m = self.method
+        return m.cache.stores and not m.cache.exact and self.shifted
+
+
+# --- the forward, through the cache policy -----------------------------------------------------
+
+
+def _clean(ctx: Context, logits):
+    # The mask token is never a prediction: trained models give it ~zero probability, and
+    # committing it would leave the position masked (upstream can loop on it).
+    logits = logits.at[..., ctx.tokens.mask].set(-jnp.inf)
+    if ctx.method.logits_eos_inf:
+        logits = logits.at[..., ctx.tokens.eos].set(-jnp.inf)
+    return logits
+
+
+def _full_forward(ctx: Context, x, cache):
+    """Logits [B, G, V] of the whole generation region (and, with a cache, a refresh of every slot)."""
+    p, m = ctx.prompt_length, ctx.method
+    if m.guidance is not None:
+        b = x.shape[0]
+        unconditional = x.at[:, :p].set(ctx.tokens.mask)
+        both, _ = ctx.model(
+            jnp.concatenate([x, unconditional]), jnp.concatenate([ctx.positions, ctx.positions]),
+            jnp.concatenate([ctx.attn, ctx.attn]), logits_from=ctx.head_from, layout=ctx.layout,
+        )
+        cond, uncond = both[:b], both[b:]
+        logits = uncond + (m.guidance.cfg_scale + 1.0) * (cond - uncond)
+    else:
+        logits, cache = ctx.model(x, ctx.positions, ctx.attn, cache=cache, cache_index=0, logits_from=ctx.head_from,
+                                  layout=ctx.layout)
+    if ctx.shifted:
+        logits = shift_right(logits)
+    return _clean(ctx, logits[:, p - ctx.head_from:]), cache
+
+
+def _window(ctx: Context, x, cache, start, width, keep=None):
+    """Queries [start, start + width) against the cache: their logits (shifted for Dream; the
+    window's first has no left neighbour) and the cache with the window's K/V written."""
+    m = ctx.method
+    window = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
+    window_positions = jax.lax.dynamic_slice_in_dim(ctx.positions, start, width, axis=1)
+    # factored, so that a cached step can run the Pallas cached-block kernel
+    attn = mask_spec(m.attention, ctx.full_mask, query_index=start + jnp.arange(width), block_size=m.block_length,
+                     prompt_length=ctx.prompt_length)
+    logits, cache = ctx.model(window, window_positions, attn, cache=cache, cache_index=start, cache_keep=keep,
+                              layout=ctx.layout)
+    if ctx.shifted:
+        logits = shift_right(logits)
+    return logits, cache
+
+
+def _forward(ctx: Context, s: State, v: View, noise) -> State:
+    """One forward through the cache policy; the predictions of the positions it computed."""
+    m, p = ctx.method, ctx.prompt_length
+    g, k = m.gen_length, m.block_length
+    length = p + g
+    if not m.cache.stores:
+        logits, _ = _full_forward(ctx, s.x, None)
+        return _predictions(ctx, s, logits, 0, v, noise, skip_first=False)
+    if m.cache.exact:
+        # Queries [start, e) attend to the cached finished blocks and themselves. A block's first
+        # step starts one block early (width 2K), rewriting the previous block's K/V from its final
+        # tokens; later steps start one slot early for shifted logits.
+        block_start = p + v.block * k
+
+        def exact_step(width):
+            def run(s):
+                start = jnp.clip(block_start + k - width, 0, length - width)
+                logits, cache = _window(ctx, s.x, s.cache, start, width)
+                block_logits = _clean(ctx, jax.lax.dynamic_slice_in_dim(logits, block_start - start, k, axis=1))
+                return _predictions(ctx, dataclasses.replace(s, cache=cache), block_logits, v.block * k, v, noise,
+                                    skip_first=False)
+
+            return run
+
+        return jax.lax.cond(v.i == 0, exact_step(2 * k), exact_step(k + int(ctx.shifted)), s)
+
+    def refresh(s):
+        logits, cache = _full_forward(ctx, s.x, s.cache)
+        return _predictions(ctx, dataclasses.replace(s, cache=cache), logits, 0, v, noise, skip_first=False)
+
+    def cached_step(s):
+        if isinstance(m.cache, Dual):  # only the block
+            start, width, keep = p + v.block * k, k, None
+        else:  # prefix: the whole region as queries; slots before the block keep the refresh's K/V
+            start, width, keep = p, g, jnp.arange(g) < v.block * k
+        logits, cache = _window(ctx, s.x, s.cache, start, width, keep)
+        return _predictions(ctx, dataclasses.replace(s, cache=cache), _clean(ctx, logits), start - p, v, noise,
+                            skip_first=ctx.shifted)
+
+    return jax.lax.cond(v.i == 0, refresh, cached_step, s)
+
+
+def _predictions(ctx: Context, s: State, logits, offset, v: View, noise, skip_first: bool) -> State:
+    """Write the window's x0, confidence and the statistics the method needs into the carried
+    [B, G] arrays. Sampling noise covers the view's block (SemiAR) or the whole region."""
+    m, tokens = ctx.method, ctx.tokens
+    width = logits.shape[1]
+    noise_start, noise_length = _noise_span(m, v)
+    x0 = gumbel_argmax(logits, m.temperature, noise, offset, noise_start, noise_length)
+    probs = jax.nn.softmax(logits, axis=-1)
+    confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+    if m.confidence_eos_eot_inf:
+        special = x0 == tokens.eos
+        if tokens.eot is not None:
+            special = special | (x0 == tokens.eot)
+        confidence = jnp.where(special, -jnp.inf, confidence)
+    fresh = dict(x0=x0, confidence=confidence)
+    needs = m.needs
+    if "entropy" in needs:
+        fresh["entropy"] = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+    if "margin" in needs:
+        fresh["margin"] = margins(logits)
+    if "rank" in needs:
+        fresh["rank"] = m.rule.rank(probs)
+    use = jnp.arange(width) > 0 if skip_first else jnp.ones((width,), bool)
+    out = {}
+    for name, value in fresh.items():
+        old = jax.lax.dynamic_slice_in_dim(getattr(s, name), offset, width, axis=1)
+        out[name] = jax.lax.dynamic_update_slice_in_dim(getattr(s, name), jnp.where(use, value, old), offset, axis=1)
+    return dataclasses.replace(s, **out)
+
+
+def _noise_span(m: Method, v: View):
+    if not isinstance(m.blocks, SemiAR):  # windows anywhere in the region
+        return 0, m.gen_length
+    return v.block * m.block_length, m.block_length
+
+
+# --- the commit rule, per window -------------------------------------------------------------------
+
+
+def _decide(ctx: Context, s: State, v: View, sample_key, select_key):
+    """(x0 [B, G], commit [B, G], the state with fresh predictions) of one step."""
+    m, cfg = ctx.method, ctx.model.config
+    rule = m.rule
+    masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
+    candidates = masked & v.region
+    b, g = masked.shape
+    if "logits" in m.needs:  # Dream's samplers draw from the block's logits themselves
+        logits, _ = _full_forward(ctx, s.x, None)
+        k = m.block_length
+        span = masked & (jnp.arange(g) >= v.block * k) & (jnp.arange(g) < (v.block + 1) * k)
+        x0, commit = rule.decide(logits, candidates, span, v.block * k, k, v.i, m.steps_per_block, m.temperature,
+                                 sample_key, select_key)
+        s = dataclasses.replace(s, x0=x0)
+        if "margin" in m.needs:
+            s = dataclasses.replace(s, margin=margins(logits))
+        return x0, commit, s
+
+    noise_start, noise_length = _noise_span(m, v)
+    noise = block_noise(sample_key, m.temperature, noise_start, noise_length, b, cfg.vocab_size, m.gumbel_x64)
+    s = _forward(ctx, s, v, noise)
+    quota = None
+    if isinstance(rule, rules.Quota):
+        spb, base = m.steps_per_block, s.sched.quota_base
+        if ctx.refresh_commits_one:  # the refresh committed one token; the rest share spb - 1 steps
+            quota = base // (spb - 1) + ((v.i - 1) < base % (spb - 1)).astype(jnp.int32)
+        else:
+            quota = base // spb + (v.i < base % spb).astype(jnp.int32)
+    w = v.windows
+
+    def per_window(a):  # [B, G] -> [B * W, G / W]: the rule handles each window as a row
+        return None if a is None else a.reshape(b * w, g // w)
+
+    step = rules.Step(
+        candidates=per_window(candidates), confidence=per_window(s.confidence),
+        entropy=per_window(s.entropy) if "entropy" in m.needs else None,
+        quota=None if quota is None else jnp.repeat(quota, w), select_key=select_key,
+        rank=per_window(s.rank) if "rank" in m.needs else None,
+        force=None if v.force is None else v.force.reshape(b * w),
+    )
+    commit = rule.commit(step).reshape(b, g)
+    if ctx.refresh_commits_one:  # Fast-dLLM's Dream: the refresh commits the block's first token only
+        first = candidates & (jnp.arange(g) == v.block * m.block_length)
+        commit = jnp.where(v.i == 0, first, commit)
+    return s.x0, commit, s
+
+
+# --- writing a step's commits --------------------------------------------------------------------
+
+
+def _write(ctx: Context, s: State, v: View, x0, commit) -> State:
+    """Commits, NFE, trajectory, the early exit and EOS handling; rows with nothing left are done."""
+    m, tokens, p = ctx.method, ctx.tokens, ctx.prompt_length
+    x_gen = s.x[:, p:]
+    masked = x_gen == tokens.mask
+    gen_index = jnp.arange(m.gen_length)
+    exited = jnp.zeros_like(s.done)
+    if m.exit is not None:
+        progress = s.nfe.astype(jnp.float32) / (ctx.passes * m.steps)
+        tau = m.exit.threshold_at(progress)
+        exited = v.active & (jnp.mean(s.margin, axis=-1) >= tau)
+        commit = jnp.where(exited[:, None], masked, commit)
+
+    nfe = s.nfe + ctx.passes * v.active.astype(jnp.int32)
+    x_gen = jnp.where(commit, x0, x_gen)
+    trajectory = jnp.where(commit, nfe[:, None], s.trajectory)
+    done = s.done | exited
+    if m.stop_at_eos and tokens.eos is not None:
+        is_eos = x_gen == tokens.eos
+        first_eos = jnp.argmax(is_eos, axis=-1)
+        still_masked = x_gen == tokens.mask
+        settled = v.active & jnp.any(is_eos, axis=-1) & ~jnp.any(still_masked & (gen_index < first_eos[:, None]), axis=-1)
+        fill = still_masked & settled[:, None]
+        x_gen = jnp.where(fill, tokens.eos, x_gen)
+        trajectory = jnp.where(fill, nfe[:, None], trajectory)
+        done = done | settled
+    sched, finished, keep = m.blocks.after(s.sched, masked, x_gen, tokens)
+    if keep is not None:  # the schedule's own end (D2F, Fast-dLLM v2): the rest of the row reads as EOS
+        finished = v.active & finished
+        fill = finished[:, None] & ~keep
+        trajectory = jnp.where(fill & (x_gen == tokens.mask), nfe[:, None], trajectory)
+        x_gen = jnp.where(fill, tokens.eos if tokens.eos is not None else tokens.mask, x_gen)
+        done = done | finished
+    done = done | ~jnp.any(x_gen == tokens.mask, axis=-1)
+    x = jnp.concatenate([s.x[:, :p], x_gen], axis=1)
+    return dataclasses.replace(s, x=x, nfe=nfe, done=done, trajectory=trajectory, steps=s.steps + 1, sched=sched)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+
+def _view(ctx: Context, s: State) -> tuple[State, View]:
+    m = ctx.method
+    masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
+    if isinstance(m.blocks, Pipeline):
+        s = dataclasses.replace(s, sched=m.blocks.open(s.sched, masked, s.done))
+        return s, m.blocks.view(s.sched, s.done)
+    if isinstance(m.blocks, Hierarchy):
+        return s, m.blocks.view(s.sched, masked, s.done)
+    st = s.sched
+    if ctx.refresh_commits_one and isinstance(m.rule, rules.Quota):  # quotas split what the refresh left
+        st = dataclasses.replace(st, quota_base=jnp.where(st.i == 1, m.blocks.masks_in_block(masked, st.block), st.quota_base))
+    return dataclasses.replace(s, sched=st), m.blocks.view(st, masked, s.done, m.rule.fixed_steps)
+
+
+def _iteration(ctx: Context, s: State) -> State:
+    """One iteration of the loop: a step of the active rows, or (SemiAR) the move to the next block."""
+    s, v = _view(ctx, s.constrain(ctx.layout))
+
+    def step(s):
+        sample_key, select_key = jax.random.split(jax.random.fold_in(ctx.key, s.steps))
+        x0, commit, s = _decide(ctx, s, v, sample_key, select_key)
+        return _write(ctx, s, v, x0, commit)
+
+    def next_block(s):
+        masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
+        return dataclasses.replace(s, sched=ctx.method.blocks.next_block(s.sched, masked))
+
+    if not isinstance(ctx.method.blocks, SemiAR):  # every iteration is a step
+        return step(s).constrain(ctx.layout)
+    return jax.lax.cond(v.run, step, next_block, s).constrain(ctx.layout)
 
 
 def _decode(graphdef, state, prompt, prompt_mask, method: Method, key, *, tokens: Tokens, shard=None,
@@ -74,238 +372,33 @@ def _decode(graphdef, state, prompt, prompt_mask, method: Method, key, *, tokens
     cfg = model.config
     b, p = prompt.shape
     g, k = method.gen_length, method.block_length
-    length = p + g
     full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, g), prompt_mask.dtype)], axis=1)
     positions = position_ids(cfg, full_mask)
-    attn = attention_mask(method.attention, full_mask, block_size=k, prompt_length=p)
-    gen_index = jnp.arange(g)
-    passes = 2 if method.guidance is not None else 1
-    cached = method.cache.stores
-    exact = method.cache.exact  # block-causal: finished blocks' K/V are final, appended once
-    rule = method.rule
-    needs = method.needs  # the statistics the rule and the exit read
-    fixed_steps = rule.fixed_steps  # quota and dream: exactly steps_per_block steps a block
-    # The head runs only where predictions are read: the generation region, and for shifted
-    # logits the position before it.
-    head_from = max(p - 1, 0) if cfg.shifted_logits else p
-
-    def clean(logits):
-        # The mask token is never a prediction: trained models give it ~zero probability, and
-        # committing it would leave the position masked (upstream can loop on it).
-        logits = logits.at[..., tokens.mask].set(-jnp.inf)
-        if method.logits_eos_inf:
-            logits = logits.at[..., tokens.eos].set(-jnp.inf)
-        return logits
-
-    def full_forward(x, cache):
-        """Logits [B, G, V] of the whole generation region (and, with a cache, a refresh of every slot)."""
-        if method.guidance is not None:
-            unconditional = x.at[:, :p].set(tokens.mask)
-            both, _ = model(
-                jnp.concatenate([x, unconditional]), jnp.concatenate([positions, positions]),
-                jnp.concatenate([attn, attn]), logits_from=head_from, layout=layout,
-            )
-            cond, uncond = both[:b], both[b:]
-            logits = uncond + (method.guidance.cfg_scale + 1.0) * (cond - uncond)
-        else:
-            logits, cache = model(x, positions, attn, cache=cache, cache_index=0, logits_from=head_from, layout=layout)
-        if cfg.shifted_logits:
-            logits = shift_right(logits)
-        return clean(logits[:, p - head_from :]), cache
-
-    def window_attention(start, width):
-        # factored, so that a cached step can run the Pallas cached-block kernel
-        return mask_spec(method.attention, full_mask, query_index=start + jnp.arange(width), block_size=k, prompt_length=p)
-
-    def exact_window_forward(x, cache, block, width):
-        """Exact cache: queries [start, e) attend to the cached finished blocks and themselves.
-
-        A block's first step starts one block early (width 2K), rewriting the previous block's
-        K/V from its final tokens; later steps start one slot early for shifted logits."""
-        block_start = p + block * k
-        start = jnp.clip(block_start + k - width, 0, length - width)
-        window = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
-        window_positions = jax.lax.dynamic_slice_in_dim(positions, start, width, axis=1)
-        logits, cache = model(
-            window, window_positions, window_attention(start, width), cache=cache, cache_index=start, layout=layout
-        )
-        if cfg.shifted_logits:
-            logits = shift_right(logits)
-        block_logits = jax.lax.dynamic_slice_in_dim(logits, block_start - start, k, axis=1)
-        return clean(block_logits), block * k, cache
-
-    def window_forward(x, cache, block):
-        """A cached step: logits of the window's generation positions, their offset, and the cache."""
-        if isinstance(method.cache, Dual):
-            start, width, keep = p + block * k, k, None
-        else:  # prefix: the whole region as queries; slots before the block keep the refresh's K/V
-            start, width, keep = p, g, gen_index < block * k
-        window = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
-        window_positions = jax.lax.dynamic_slice_in_dim(positions, start, width, axis=1)
-        logits, cache = model(
-            window, window_positions, window_attention(start, width), cache=cache, cache_index=start, cache_keep=keep,
-            layout=layout,
-        )
-        if cfg.shifted_logits:
-            logits = shift_right(logits)  # the window's first prediction has no left neighbour: not used
-        return clean(logits), start - p, cache
-
-    def predictions(s: State, logits, offset, block, noise, skip_first: bool) -> State:
-        """Write the window's x0, confidence, entropy and margin into the carried [B, G] arrays.
-        Every window holds the whole block, the only positions sampled (the others take the argmax)."""
-        width = logits.shape[1]
-        x0 = gumbel_argmax(logits, method.temperature, noise, offset, block * k, k)
-        probs = jax.nn.softmax(logits, axis=-1)
-        confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
-        if method.confidence_eos_eot_inf:
-            special = x0 == tokens.eos
-            if tokens.eot is not None:
-                special = special | (x0 == tokens.eot)
-            confidence = jnp.where(special, -jnp.inf, confidence)
-        fresh = dict(x0=x0, confidence=confidence)
-        if "entropy" in needs:
-            fresh["entropy"] = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
-        if "margin" in needs:
-            fresh["margin"] = margins(logits)
-        use = jnp.arange(width) > 0 if skip_first else jnp.ones((width,), bool)
-        out = {}
-        for name, value in fresh.items():
-            old = jax.lax.dynamic_slice_in_dim(getattr(s, name), offset, width, axis=1)
-            out[name] = jax.lax.dynamic_update_slice_in_dim(getattr(s, name), jnp.where(use, value, old), offset, axis=1)
-        return dataclasses.replace(s, **out)
-
-    def block_span(block):
-        return (gen_index >= block * k) & (gen_index < (block + 1) * k)
-
-    def active_rows(s: State, block, i) -> jax.Array:
-        if fixed_steps:
-            return ~s.done & (i < method.steps_per_block)
-        return ~s.done & jnp.any((s.x[:, p:] == tokens.mask) & block_span(block), axis=-1)
-
-    def denoise_step(s: State, block, i, quota_base) -> State:
-        active = active_rows(s, block, i)
-        sample_key, select_key = jax.random.split(jax.random.fold_in(key, s.steps))
-        x_gen = s.x[:, p:]
-        masked = x_gen == tokens.mask
-        candidates = masked & block_span(block) & active[:, None]
-
-        if "logits" in needs:  # Dream's samplers draw from the block's logits themselves
-            logits, _ = full_forward(s.x, None)
-            x0, commit = rule.decide(
-                logits, candidates, masked & block_span(block), block * k, k, i, method.steps_per_block, method.temperature,
-                sample_key, select_key,
-            )
-            s = dataclasses.replace(s, x0=x0)
-            if "margin" in needs:
-                s = dataclasses.replace(s, margin=margins(logits))
-        else:
-            noise = block_noise(sample_key, method.temperature, block * k, k, b, cfg.vocab_size, method.gumbel_x64)
-            if not cached:
-                logits, _ = full_forward(s.x, None)
-                s = predictions(s, logits, 0, block, noise, skip_first=False)
-            elif exact:
-                shift = 1 if cfg.shifted_logits else 0
-
-                def step_with(width):
-                    def run(s):
-                        logits, offset, cache = exact_window_forward(s.x, s.cache, block, width)
-                        s = dataclasses.replace(s, cache=cache)
-                        return predictions(s, logits, offset, block, noise, skip_first=False)
-
-                    return run
-
-                s = jax.lax.cond(i == 0, step_with(2 * k), step_with(k + shift), s)
-            else:
-                def refresh(s):
-                    logits, cache = full_forward(s.x, s.cache)
-                    return predictions(dataclasses.replace(s, cache=cache), logits, 0, block, noise, skip_first=False)
-
-                def cached_step(s):
-                    logits, offset, cache = window_forward(s.x, s.cache, block)
-                    s = dataclasses.replace(s, cache=cache)
-                    return predictions(s, logits, offset, block, noise, skip_first=cfg.shifted_logits)
-
-                s = jax.lax.cond(i == 0, refresh, cached_step, s)
-            x0 = s.x0
-            quota = None
-            if isinstance(rule, rules.Quota):
-                spb = method.steps_per_block
-                if cached and not exact and cfg.shifted_logits:  # the refresh committed one token; the rest share spb - 1 steps
-                    quota = quota_base // (spb - 1) + ((i - 1) < quota_base % (spb - 1)).astype(jnp.int32)
-                else:
-                    quota = quota_base // spb + (i < quota_base % spb).astype(jnp.int32)
-            commit = rule.commit(rules.Step(candidates, s.confidence, s.entropy, quota, select_key))
-            if cached and not exact and cfg.shifted_logits:  # Fast-dLLM's Dream: the refresh commits the block's first token only
-                first = candidates & (gen_index == block * k)
-                commit = jnp.where(i == 0, first, commit)
-
-        exited = jnp.zeros((b,), bool)
-        if method.exit is not None:
-            progress = s.nfe.astype(jnp.float32) / (passes * method.steps)
-            tau = method.exit.threshold_at(progress)
-            exited = active & (jnp.mean(s.margin, axis=-1) >= tau)
-            commit = jnp.where(exited[:, None], masked, commit)
-
-        nfe = s.nfe + passes * active.astype(jnp.int32)
-        x_gen = jnp.where(commit, x0, x_gen)
-        trajectory = jnp.where(commit, nfe[:, None], s.trajectory)
-        done = s.done | exited
-        if method.stop_at_eos and tokens.eos is not None:
-            is_eos = x_gen == tokens.eos
-            first_eos = jnp.argmax(is_eos, axis=-1)
-            still_masked = x_gen == tokens.mask
-            settled = active & jnp.any(is_eos, axis=-1) & ~jnp.any(still_masked & (gen_index < first_eos[:, None]), axis=-1)
-            fill = still_masked & settled[:, None]
-            x_gen = jnp.where(fill, tokens.eos, x_gen)
-            trajectory = jnp.where(fill, nfe[:, None], trajectory)
-            done = done | settled
-        done = done | ~jnp.any(x_gen == tokens.mask, axis=-1)
-        x = jnp.concatenate([s.x[:, :p], x_gen], axis=1)
-        return dataclasses.replace(s, x=x, nfe=nfe, done=done, trajectory=trajectory, steps=s.steps + 1)
-
-    def run_block(block, s: State) -> State:
-        def masks_in_block(s):
-            return jnp.sum((s.x[:, p:] == tokens.mask) & block_span(block), axis=-1).astype(jnp.int32)
-
-        cap = method.steps_per_block if fixed_steps else k
-
-        def cond(carry):
-            i, s, _ = carry
-            return (i < cap) & jnp.any(active_rows(s, block, i))
-
-        def body(carry):
-            i, s, quota_base = carry
-            s = s.constrain(layout)
-            if cached and not exact and cfg.shifted_logits:  # quotas split what the refresh left
-                quota_base = jnp.where(i == 1, masks_in_block(s), quota_base)
-            quota_base = constrain(quota_base, ("batch",), layout)
-            return i + 1, denoise_step(s, block, i, quota_base).constrain(layout), quota_base
-
-        quota_base = constrain(masks_in_block(s), ("batch",), layout)
-        _, s, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), s, quota_base))
-        return s
-
-    def outer_cond(carry):
-        block, s = carry
-        return (block < method.num_blocks) & jnp.any(~s.done)
-
-    def outer_body(carry):
-        block, s = carry
-        return block + 1, run_block(block, s.constrain(layout)).constrain(layout)
-
+    if isinstance(method.blocks, Hierarchy):  # blocks from each row's position 0, whatever its padding
+        attn = position_block_causal(positions, full_mask, k)
+    else:
+        attn = attention_mask(method.attention, full_mask, block_size=k, prompt_length=p)
+    ctx = Context(model=model, method=method, tokens=tokens, layout=layout, key=key, prompt_length=p, full_mask=full_mask,
+                  positions=positions, attn=attn)
     x = jnp.concatenate([prompt, jnp.full((b, g), tokens.mask, prompt.dtype)], axis=1)
     zeros = jnp.zeros((b, g), jnp.float32)
+    cached = method.cache.stores
     init = State(
-        x=x, nfe=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
-        trajectory=jnp.zeros((b, g), jnp.int32), steps=jnp.int32(0),
-        x0=jnp.zeros((b, g), jnp.int32), confidence=zeros, entropy=zeros, margin=zeros,
-        cache=KVCache.zeros(cfg, b, length, model.embed[...].dtype, shard) if cached else None,
+        x=x, nfe=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool), trajectory=jnp.zeros((b, g), jnp.int32),
+        steps=jnp.int32(0), x0=jnp.zeros((b, g), jnp.int32), confidence=zeros, entropy=zeros, margin=zeros, rank=zeros,
+        cache=KVCache.zeros(cfg, b, p + g, model.embed[...].dtype, shard) if cached else None,
+        sched=method.blocks.init(jnp.ones((b, g), bool), jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)),
     )
-    if exact:  # the prompt is final from the start: write its K/V once (one forward for every row)
+    if method.cache.exact:  # the prompt is final from the start: write its K/V once (one forward for every row)
         prompt_attn = attention_mask(method.attention, full_mask, query_index=jnp.arange(p), block_size=k, prompt_length=p)
-        _, cache = model(prompt, positions[:, :p], prompt_attn, cache=init.cache, cache_index=0, logits_from=p, layout=layout)
+        _, cache = model(prompt, ctx.positions[:, :p], prompt_attn, cache=init.cache, cache_index=0, logits_from=p,
+                         layout=layout)
         init = dataclasses.replace(init, cache=cache, nfe=init.nfe + 1)
-    _, final = jax.lax.while_loop(outer_cond, outer_body, (jnp.int32(0), init.constrain(layout)))
+
+    def running(s: State):
+        return method.blocks.running(s.sched) & jnp.any(~s.done)
+
+    final = jax.lax.while_loop(running, lambda s: _iteration(ctx, s), init.constrain(layout))
     return final.x[:, p:], final.nfe, final.trajectory, final.steps
 
 

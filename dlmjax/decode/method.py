@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from dlmjax.decode import caches, exits, rules
+from dlmjax.decode import caches, exits, rules, schedules
 from dlmjax.decode.caches import Cache, NoCache
 from dlmjax.decode.exits import Exit
 from dlmjax.decode.parts import Part, part, static, traced
 from dlmjax.decode.rules import Rule
-from dlmjax.decode.schedules import SemiAR
+from dlmjax.decode.schedules import Hierarchy, Pipeline, Schedule, SemiAR
 from dlmjax.errors import DlmjaxError
 
 ATTENTIONS = ("bidirectional", "block_causal", "prompt_block_causal")
@@ -45,7 +45,7 @@ class CFG(Part):
 @part
 class Method(Part):
     rule: Rule
-    blocks: SemiAR
+    blocks: Schedule
     exit: Exit | None = None
     cache: Cache = NoCache()
     guidance: CFG | None = None
@@ -69,7 +69,8 @@ class Method(Part):
 
     @property
     def steps(self) -> int:
-        return self.blocks.steps
+        """SemiAR's step budget; a pipeline's upper bound (one token a forward at least)."""
+        return getattr(self.blocks, "steps", self.gen_length)
 
     @property
     def num_blocks(self) -> int:
@@ -77,7 +78,7 @@ class Method(Part):
 
     @property
     def steps_per_block(self) -> int:
-        return self.blocks.steps_per_block
+        return getattr(self.blocks, "steps_per_block", self.block_length)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -94,6 +95,18 @@ class Method(Part):
         if self.cache.exact and self.attention == "bidirectional":
             raise DlmjaxError("cache='block' is exact only under block-causal attention; pass attention='prompt_block_causal' "
                               "or 'block_causal', or use cache='prefix' or 'dual'")
+        if not isinstance(self.blocks, SemiAR):
+            what = {Pipeline: "D2F's pipeline", Hierarchy: "Fast-dLLM v2's blocks"}[type(self.blocks)]
+            if self.rule.fixed_steps:
+                raise DlmjaxError(f"rule '{self.rule.name}' runs a fixed number of steps per block, which {what} does "
+                                  "not have; use rule 'd2f', 'threshold', 'factor' or 'entropy'")
+            if self.exit is not None or self.guidance is not None:
+                raise DlmjaxError(f"{what} takes no early-exit schedule and no cfg_scale; drop them")
+            if self.cache.stores:
+                raise DlmjaxError(f"{what} decodes with cache='none' for now (the exact block cache is not built for it "
+                                  f"yet; the uncached forward gives the same tokens); drop cache='{self.cache.name}'")
+        if isinstance(self.rule, rules.D2F) and not isinstance(self.blocks, Pipeline):
+            raise DlmjaxError("rule 'd2f' needs D2F's pipeline of blocks; use method='d2f' (blocks='d2f')")
         if isinstance(self.rule, rules.Dream) and (self.guidance is not None or self.gumbel_x64):
             raise DlmjaxError("cfg_scale and gumbel_x64 belong to LLaDA's sampler; drop them for rule 'dream'")
         if self.cache.stores and (isinstance(self.rule, rules.Dream) or self.guidance is not None):
@@ -116,6 +129,7 @@ SELECTORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rule": ("commit rule", tuple(rules.RULES)),
     "schedule": ("early-exit schedule (SchED / Prophet)", tuple(exits.EXITS)),
     "cache": ("KV cache", tuple(caches.CACHES)),
+    "blocks": ("block schedule", tuple(schedules.SCHEDULES)),
 }
 
 
@@ -123,7 +137,9 @@ def _owners() -> list[tuple[str, type[Part]]]:
     """(what users call the owner, part class) for every class that has knobs."""
     owners: list[tuple[str, type[Part]]] = [(f"rule '{name}'", cls) for name, cls in rules.RULES.items()]
     owners += [(f"schedule '{name}'", cls) for name, (cls, _) in exits.EXITS.items()]
-    owners += [("the block schedule", SemiAR), ("classifier-free guidance", CFG), ("every method", Method)]
+    owners += [("the semi-autoregressive blocks", SemiAR), ("Fast-dLLM v2's blocks", Hierarchy), ("D2F's pipeline", Pipeline),
+               ("classifier-free guidance", CFG),
+               ("every method", Method)]
     return owners
 
 
@@ -155,6 +171,9 @@ def compose(settings: dict[str, Any], given: set[str], method_name: str) -> Meth
     cache_name = settings.pop("cache", None) or "none"
     if cache_name not in caches.CACHES:
         raise DlmjaxError(f"unknown cache '{cache_name}'; use one of {', '.join(caches.CACHES)}")
+    blocks_name = settings.pop("blocks", None) or "semi_ar"
+    if blocks_name not in schedules.SCHEDULES:
+        raise DlmjaxError(f"unknown block schedule '{blocks_name}'; use one of {', '.join(schedules.SCHEDULES)}")
     attention = settings.pop("attention", None) or "bidirectional"
     if attention not in ATTENTIONS:
         raise DlmjaxError(f"unknown attention '{attention}'; use one of {', '.join(ATTENTIONS)}")
@@ -176,7 +195,7 @@ def compose(settings: dict[str, Any], given: set[str], method_name: str) -> Meth
         exit_rule = take(cls, fixed)
     guidance = take(CFG)
     guidance = guidance if guidance.cfg_scale else None
-    blocks = take(SemiAR)
+    blocks = take(schedules.SCHEDULES[blocks_name])
     method = take(Method, dict(rule=rule, blocks=blocks, exit=exit_rule, cache=caches.CACHES[cache_name](), guidance=guidance,
                                attention=attention))
 
@@ -184,7 +203,8 @@ def compose(settings: dict[str, Any], given: set[str], method_name: str) -> Meth
     if unused:
         knob = unused[0]
         owners = [who for who, cls in _owners() if any(f.name == knob for f in cls.knobs())]
-        chosen = f"rule '{rule_name}'" + (f", schedule '{schedule}'" if schedule else "")
+        chosen = f"rule '{rule_name}'" + (f", schedule '{schedule}'" if schedule else "") + (
+            f", blocks '{blocks_name}'" if blocks_name != "semi_ar" else "")
         where = f"it belongs to {' and '.join(owners)}" if owners else "no method has it"
         raise DlmjaxError(f"{knob} does not apply to method '{method_name}' ({chosen}); {where}: drop it or choose that part")
     method.check()

@@ -52,6 +52,8 @@ class Step:
     entropy: jax.Array | None  # only when the rule needs it
     quota: jax.Array | None  # [B] tokens this step must commit (the quota rule's schedule)
     select_key: jax.Array  # randomness of the selection itself (random remasking)
+    rank: jax.Array | None = None  # the rule's own score (`Rule.rank`), when it has one
+    force: jax.Array | None = None  # [B] rows (windows) that must commit a candidate; None: the rule decides
 
 
 class Rule(Part):
@@ -60,6 +62,11 @@ class Rule(Part):
 
     def commit(self, step: Step) -> jax.Array:
         raise NotImplementedError
+
+    def rank(self, probs: jax.Array) -> jax.Array | None:
+        """A score [..., W] the rule ranks candidates by, computed from the probabilities [..., W, V]
+        in the forward step (None: the rule needs none)."""
+        return None
 
 
 @part
@@ -84,10 +91,12 @@ class Quota(Rule):
 
 @part
 class Threshold(Rule):
-    """Fast-dLLM: every candidate with confidence >= tau, plus always the most confident one."""
+    """Fast-dLLM: every candidate with confidence >= tau, plus always the most confident one
+    (Fast-dLLM v2: > tau, `strict`)."""
 
     name: ClassVar[str] = "threshold"
     threshold: float = traced(0.9, "commit every candidate whose confidence is >= this (and always the best one)")
+    strict: bool = static(False, "threshold rule: commit only confidences > threshold (Fast-dLLM v2), not >=")
 
     def check(self) -> None:
         if not 0 < self.threshold <= 1:
@@ -96,7 +105,8 @@ class Threshold(Rule):
     def commit(self, step: Step) -> jax.Array:
         confidence, candidates, threshold = step.confidence, step.candidates, self.threshold
         score = jnp.where(candidates, confidence, NEG_INF)
-        return (candidates & (confidence >= threshold)) | best(score, candidates)
+        sure = (confidence > threshold) if self.strict else (confidence >= threshold)
+        return (candidates & sure) | best(score, candidates)
 
 
 @part
@@ -140,6 +150,40 @@ class Entropy(Rule):
         entropy, candidates, threshold = step.entropy, step.candidates, self.threshold
         score = jnp.where(candidates, -entropy, NEG_INF)
         return (candidates & (entropy <= threshold)) | best(score, candidates)
+
+
+D2F_ALGS = ("maskgit_plus", "topk_margin", "entropy")
+
+
+@part
+class D2F(Rule):
+    """D2F: every candidate whose probability is > tau_conf (strict); a window that must commit
+    (a fully activated block) and passes none commits its best candidate by `alg`: the probability
+    (maskgit_plus), the top-1 minus top-2 probability (topk_margin) or sum p log(p + 1e-10) (entropy)."""
+
+    name: ClassVar[str] = "d2f"
+    needs: ClassVar[frozenset[str]] = frozenset({"confidence", "rank"})
+    tau_conf: float = traced(0.9, "D2F: commit every candidate whose probability is > this")
+    alg: str = static("maskgit_plus", "D2F: what ranks the one token a fully activated block commits when none passes "
+                      "tau_conf", choices=D2F_ALGS)
+
+    def check(self) -> None:
+        check_choice("D2F", "alg", self.alg, D2F_ALGS)
+        if not 0 <= self.tau_conf <= 1:
+            raise DlmjaxError(f"tau_conf {self.tau_conf} is outside [0, 1]; pass a probability such as 0.9")
+
+    def rank(self, probs):
+        if self.alg == "maskgit_plus":
+            return jnp.max(probs, axis=-1)
+        if self.alg == "topk_margin":
+            return margins(probs)
+        return jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+
+    def commit(self, step: Step) -> jax.Array:
+        candidates = step.candidates
+        sure = candidates & (step.confidence > self.tau_conf)
+        stuck = ~jnp.any(sure, axis=-1) if step.force is None else step.force & ~jnp.any(sure, axis=-1)
+        return sure | (best(jnp.where(candidates, step.rank, NEG_INF), candidates) & stuck[:, None])
 
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -221,4 +265,4 @@ class Dream(Rule):
         return x0, to_region(quota_commit(score, block_candidates, jnp.broadcast_to(n, (b,))))
 
 
-RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Quota, Threshold, Factor, Entropy, Dream)}
+RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Quota, Threshold, Factor, Entropy, D2F, Dream)}

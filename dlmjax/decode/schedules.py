@@ -1,41 +1,275 @@
-"""Block schedules: which part of the canvas a step may commit, and for how many steps.
+"""Block schedules: which windows of the canvas a step may commit, and when a row is finished.
 
-`SemiAR` is LLaDA's semi-autoregressive loop: the generation region is cut into blocks decoded
-left to right, `steps` forward passes spread evenly over them; one block of `gen_length` is the
-single-canvas decode. Each schedule is a part (`dlmjax.decode.parts`) whose fields are static:
-they fix the program's shapes and loop bounds.
+A schedule is a part (`dlmjax.decode.parts`) that the engine's one loop asks, every iteration,
+for a `View`: the positions the step may commit, cut into windows the commit rule handles one
+by one, and which windows must commit at least one token. It carries its own state through the
+loop (a pytree in `State.sched`) and updates it after the commit.
+
+* `SemiAR`: LLaDA's semi-autoregressive loop. The generation region is cut into blocks decoded
+  left to right, `steps` forward passes spread evenly over them; one block of `gen_length` is the
+  single-canvas decode. One window: the current block. The batch moves to the next block once
+  every row has finished this one (an iteration that only moves on runs no forward).
+* `Hierarchy`: Fast-dLLM v2's block + sub-block decoding. Blocks are aligned to each row's
+  position 0 (a prompt that ends mid-block shares its last block with the first generated
+  tokens); a block's sub-blocks are decoded strictly left to right, one window (the first
+  sub-block with masks) per step; a finished block takes one more forward, whose prediction after
+  the block is the next block's first token (autoregressive, never re-decoded). A prompt of a
+  block or more is prefilled first. A row stops once a stop token has no mask before it.
+* `Pipeline`: D2F's pipelined multi-block decoding. Each row adds blocks while its newest block
+  is decoded to at least `tau_add`; block j + 1 is fully activated (must commit a token every
+  step) once block j is decoded to at least `tau_act`; every added block is a window, decoded in
+  the same forward. A row stops adding blocks once it commits an EOS.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
-from dlmjax.decode.parts import Part, part, static
+import jax
+import jax.numpy as jnp
+
+from dlmjax.decode.parts import Part, part, static, traced
 from dlmjax.errors import DlmjaxError
 
 
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What one iteration of the loop may do (arrays of the trace; not carried)."""
+
+    run: jax.Array  # scalar bool: this iteration runs a forward (else the schedule only moves on)
+    active: jax.Array  # [B] rows that take part in the forward (their NFE counts it)
+    region: jax.Array  # [B, G] positions a commit may touch
+    windows: int  # the rule sees [B * windows, G / windows]: one row per window
+    force: jax.Array | None  # [B, windows] windows that must commit at least one candidate (None: every window)
+    block: jax.Array  # scalar: the window a cache policy and the sampling noise work on (SemiAR)
+    i: jax.Array  # scalar: the step within that block (SemiAR)
+
+
+class Schedule(Part):
+    gen_length: int
+    block_length: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    def _check_lengths(self) -> None:
+        gen, block = self.gen_length, self.block_length
+        if gen <= 0 or block <= 0:
+            raise DlmjaxError(f"gen_length and block_length must be positive, got {gen} and {block}")
+        if gen % block:
+            raise DlmjaxError(f"gen_length {gen} is not divisible by block_length {block}; pick a block_length that divides it")
+
+
+def block_span(block, gen_length: int, block_length: int) -> jax.Array:
+    index = jnp.arange(gen_length)
+    return (index >= block * block_length) & (index < (block + 1) * block_length)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SemiARState:
+    block: jax.Array  # scalar: the block being decoded
+    i: jax.Array  # scalar: steps taken in it
+    quota_base: jax.Array  # [B] masks the quota rule spreads over the block's steps
+
+
 @part
-class SemiAR(Part):
+class SemiAR(Schedule):
     name: ClassVar[str] = "semi_ar"
     gen_length: int = static(128, "tokens to generate (default: max_new_tokens of the model's generation_config.json, else 128)")
     block_length: int = static(128, "tokens per block, decoded left to right (default: the method's)")
     steps: int = static(128, "forward passes of the quota schedule, spread evenly over the blocks (default: gen-length)")
 
     def check(self) -> None:
-        gen, block, steps = self.gen_length, self.block_length, self.steps
-        if gen <= 0 or block <= 0 or steps <= 0:
-            raise DlmjaxError(f"gen_length, block_length and steps must be positive, got {gen}, {block}, {steps}")
-        if gen % block:
-            raise DlmjaxError(f"gen_length {gen} is not divisible by block_length {block}; pick a block_length that divides it")
-        if steps % self.num_blocks:
+        self._check_lengths()
+        if self.steps <= 0:
+            raise DlmjaxError(f"steps must be positive, got {self.steps}")
+        if self.steps % self.num_blocks:
             raise DlmjaxError(
-                f"steps {steps} is not divisible by the {self.num_blocks} blocks; use a multiple of {self.num_blocks}"
+                f"steps {self.steps} is not divisible by the {self.num_blocks} blocks; use a multiple of {self.num_blocks}"
             )
-
-    @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
 
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+    def masks_in_block(self, masked, block) -> jax.Array:
+        return jnp.sum(masked & block_span(block, self.gen_length, self.block_length), axis=-1).astype(jnp.int32)
+
+    def init(self, masked, prompt_lengths) -> SemiARState:
+        return SemiARState(block=jnp.int32(0), i=jnp.int32(0), quota_base=self.masks_in_block(masked, 0))
+
+    def running(self, st: SemiARState) -> jax.Array:
+        return st.block < self.num_blocks
+
+    def view(self, st: SemiARState, masked, done, fixed_steps: bool) -> View:
+        span = block_span(st.block, self.gen_length, self.block_length)
+        if fixed_steps:  # quota and Dream: exactly steps_per_block steps a block
+            active = ~done & (st.i < self.steps_per_block)
+        else:  # until the block has no mask left
+            active = ~done & jnp.any(masked & span, axis=-1)
+        cap = self.steps_per_block if fixed_steps else self.block_length
+        run = (st.i < cap) & jnp.any(active)
+        return View(run=run, active=active, region=span[None, :] & active[:, None], windows=1, force=None, block=st.block,
+                    i=st.i)
+
+    def next_block(self, st: SemiARState, masked) -> SemiARState:
+        block = st.block + 1
+        return SemiARState(block=block, i=jnp.int32(0), quota_base=self.masks_in_block(masked, block))
+
+    def after(self, st: SemiARState, before, x_gen, tokens):
+        """The state after a step; SemiAR finishes no row itself (the engine's EOS and mask rules do)."""
+        return dataclasses.replace(st, i=st.i + 1), jnp.zeros(x_gen.shape[:1], bool), None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PipelineState:
+    added: jax.Array  # [B] blocks added so far
+    complete: jax.Array  # [B, num_blocks] fully activated (sticky)
+    eos: jax.Array  # [B] an EOS was committed: no more blocks are added
+
+
+@part
+class Pipeline(Schedule):
+    """D2F's pipeline (SPEC.md, D2F): the state is per row, so rows of a batch pipeline independently."""
+
+    name: ClassVar[str] = "d2f"
+    gen_length: int = static(128, "tokens to generate (default: max_new_tokens of the model's generation_config.json, else 128)")
+    block_length: int = static(32, "tokens per block, decoded left to right (default: the method's)")
+    tau_add: float = traced(0.5, "D2F: add a block once the newest one is decoded to at least this fraction")
+    tau_act: float = traced(0.9, "D2F: fully activate a block once its predecessor is decoded to at least this fraction")
+
+    def check(self) -> None:
+        self._check_lengths()
+        for knob in ("tau_add", "tau_act"):
+            value = getattr(self, knob)
+            if not 0 <= value <= 1:
+                raise DlmjaxError(f"{knob} {value} is outside [0, 1]; it is a fraction of a block, e.g. 0.5")
+
+    def init(self, masked, prompt_lengths) -> PipelineState:
+        b = masked.shape[0]
+        return PipelineState(added=jnp.zeros((b,), jnp.int32), complete=jnp.zeros((b, self.num_blocks), bool),
+                             eos=jnp.zeros((b,), bool))
+
+    def running(self, st: PipelineState) -> jax.Array:
+        return jnp.bool_(True)  # rows end by themselves (`finished`)
+
+    def decoded(self, masked) -> jax.Array:
+        """[B, num_blocks] fraction of every block that is decoded."""
+        b = masked.shape[0]
+        left = jnp.sum(masked.reshape(b, self.num_blocks, self.block_length), axis=-1)
+        return 1.0 - left.astype(jnp.float32) / self.block_length
+
+    def open(self, st: PipelineState, masked, done) -> PipelineState:
+        """The start of an iteration: add at most one block (judged on the newest; the prompt counts as
+        decoded), then fully activate every added block whose predecessor is decoded to tau_act."""
+        ratio = self.decoded(masked)
+        index = jnp.arange(self.num_blocks)
+        newest = jnp.sum(jnp.where(index[None, :] == st.added[:, None] - 1, ratio, 0.0), axis=-1)
+        newest = jnp.where(st.added == 0, 1.0, newest)
+        add = ~done & ~st.eos & (st.added < self.num_blocks) & (newest >= self.tau_add)
+        added = st.added + add.astype(jnp.int32)
+        before = jnp.concatenate([jnp.ones_like(ratio[:, :1]), ratio[:, :-1]], axis=1)  # block j's predecessor
+        complete = st.complete | ((index[None, :] < added[:, None]) & (before >= self.tau_act))
+        return PipelineState(added=added, complete=complete, eos=st.eos)
+
+    def view(self, st: PipelineState, done) -> View:
+        added = jnp.arange(self.gen_length)[None, :] // self.block_length < st.added[:, None]
+        active = ~done
+        return View(run=jnp.bool_(True), active=active, region=added & active[:, None], windows=self.num_blocks,
+                    force=st.complete, block=jnp.int32(0), i=jnp.int32(0))
+
+    def after(self, st: PipelineState, before, x_gen, tokens):
+        """The state after a step (an EOS committed stops the adding of blocks), the rows with nothing
+        left (every added block decoded and no block left to add), and the positions they keep (blocks
+        never added read as EOS)."""
+        masked = x_gen == tokens.mask
+        if tokens.eos is not None:
+            st = dataclasses.replace(st, eos=st.eos | jnp.any(before & (x_gen == tokens.eos), axis=-1))
+        added = jnp.arange(self.gen_length)[None, :] // self.block_length < st.added[:, None]
+        can_add = ~st.eos & (st.added < self.num_blocks)
+        return st, ~jnp.any(masked & added, axis=-1) & ~can_add, ~masked
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HierarchyState:
+    block: jax.Array  # [B] -1: the prompt's prefill is next; 0 .. nb - 1: the block being decoded; nb: finished
+    prompt_length: jax.Array  # [B] real prompt tokens (blocks are aligned to the row's position 0)
+
+
+@part
+class Hierarchy(Schedule):
+    """Fast-dLLM v2 (SPEC.md, Fast-dLLM v2): per row, because each row's blocks start at its own position 0."""
+
+    name: ClassVar[str] = "fdv2"
+    gen_length: int = static(128, "tokens to generate (default: max_new_tokens of the model's generation_config.json, else 128)")
+    block_length: int = static(32, "tokens per block, decoded left to right (default: the method's)")
+    sub_block_length: int = static(8, "Fast-dLLM v2: tokens per sub-block, decoded left to right inside a block")
+
+    def check(self) -> None:
+        self._check_lengths()
+        sub, block = self.sub_block_length, self.block_length
+        if sub <= 0 or block % sub:
+            raise DlmjaxError(f"sub_block_length {sub} does not divide block_length {block}; pick a divisor such as 8")
+
+    def init(self, masked, prompt_lengths) -> HierarchyState:
+        prefill = prompt_lengths >= self.block_length  # upstream: > (SPEC.md: a prompt of exactly one block is fed)
+        return HierarchyState(block=jnp.where(prefill, -1, 0).astype(jnp.int32), prompt_length=prompt_lengths)
+
+    def running(self, st: HierarchyState) -> jax.Array:
+        return jnp.bool_(True)
+
+    def _geometry(self, st: HierarchyState):
+        """Generation index of every position [G], the block's bounds [B] (generation indices), and
+        every position's block [B, G] and sub-block, counted from the row's position 0."""
+        bs, sbs = self.block_length, self.sub_block_length
+        position = st.prompt_length[:, None] + jnp.arange(self.gen_length)[None, :]
+        first = st.prompt_length // bs  # the block holding the prompt's end (or starting right after it)
+        block = position // bs - first[:, None]
+        hi = (first + jnp.maximum(st.block, 0) + 1) * bs - st.prompt_length  # the current block's end
+        return block, position // sbs, hi
+
+    def view(self, st: HierarchyState, masked, done) -> View:
+        block, sub, hi = self._geometry(st)
+        g = jnp.arange(self.gen_length)[None, :]
+        in_block = block == st.block[:, None]
+        left = masked & in_block
+        decoding = jnp.any(left, axis=-1)
+        first_mask = jnp.argmax(left, axis=-1)
+        current = jnp.take_along_axis(sub, first_mask[:, None], axis=-1)
+        window = in_block & (sub == current)  # the first sub-block with masks
+        ar_first = (st.prompt_length % self.block_length) == 0
+        prefill = jnp.where(ar_first[:, None], g == 0, False)  # a prompt that ends on a block boundary: its next token
+        commit_pass = g == hi[:, None]  # the block is decoded: the forward that gives the next block's first token
+        region = jnp.where((st.block == -1)[:, None], prefill, jnp.where(decoding[:, None], window, commit_pass))
+        active = ~done
+        return View(run=jnp.bool_(True), active=active, region=region & active[:, None], windows=1, force=None,
+                    block=jnp.int32(0), i=jnp.int32(0))
+
+    def after(self, st: HierarchyState, before, x_gen, tokens):
+        """The state after a step, the rows that are finished, and the positions they keep."""
+        block_before, _, _ = self._geometry(st)
+        was_decoding = jnp.any(before & (block_before == st.block[:, None]), axis=-1)
+        st = dataclasses.replace(st, block=jnp.where((st.block == -1) | ~was_decoding, st.block + 1, st.block))
+        block, _, hi = self._geometry(st)
+        masked = x_gen == tokens.mask
+        is_stop = jnp.zeros_like(masked)
+        for t in tokens.stops:
+            is_stop = is_stop | (x_gen == t)
+        # stop: a stop token after the prompt with no mask before it (upstream checks the current block's
+        # masks and, at a block start, everything; earlier blocks have no mask left)
+        first_stop = jnp.argmax(is_stop, axis=-1)
+        g = jnp.arange(self.gen_length)[None, :]
+        stopped = jnp.any(is_stop, axis=-1) & ~jnp.any(masked & (g < first_stop[:, None]), axis=-1)
+        current_left = jnp.any(masked & (block == st.block[:, None]), axis=-1)
+        out_of_room = (st.block >= 0) & ~current_left & (hi >= self.gen_length)  # its next token would not fit
+        finished = stopped | (st.block >= self.num_blocks) | out_of_room
+        keep = ~masked & ~(stopped[:, None] & (g > first_stop[:, None]))  # upstream cuts after the first stop
+        return st, finished, keep
+
+
+SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (SemiAR, Hierarchy, Pipeline)}
