@@ -90,7 +90,9 @@ def _print_memory_estimate(lm, args, prompt) -> None:
     mib = 2**20
     print(
         f"per-device memory estimate: parameters {est.parameters / mib:.1f} MiB, cache {est.cache / mib:.1f} MiB, "
-        f"activations {est.activations / mib:.1f} MiB; decode peak {est.total / mib:.1f} MiB",
+        f"activations {est.activations / mib:.1f} MiB"
+        + (f", CPU weight copies {est.relayout / mib:.1f} MiB" if est.relayout else "")
+        + f"; decode peak {est.total / mib:.1f} MiB",
         file=sys.stderr,
     )
 

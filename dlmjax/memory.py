@@ -21,6 +21,10 @@ The peak is the program's arguments (the parameters, as sharded) plus what it al
                   with the random bits it is made from), the attention scores [B, H, W, S]
                   (float32 scores and probabilities, a copy in the parameter dtype) and the MLP's
                   [B, W, I] (two float32 projections and their product), plus the residual stream;
+    relayout      CPU only: without a cache the whole forward runs in the loop body, and XLA's
+                  CPU backend hoists a relayouted copy of every matmul weight and a float32
+                  copy of the embedding table out of the loop (measured with memory_analysis;
+                  GPU and TPU matmuls read the weights in place).
 
 W is the widest forward's queries and S its keys: the whole canvas (P + G) without a cache and
 at a prefix/dual refresh; for the exact block cache the prompt (P) once, then 2K queries per
@@ -59,16 +63,18 @@ class DecodeMemory:
     cache: float
     state: float
     activations: float
+    relayout: float
 
     @property
     def total(self) -> float:
-        return self.parameters + self.cache + self.state + self.activations
+        return self.parameters + self.cache + self.state + self.activations + self.relayout
 
     def summary(self) -> str:
         gib = 2**30
         return (
             f"parameters {self.parameters / gib:.2f} GiB, cache {self.cache / gib:.2f} GiB, "
             f"activations {self.activations / gib:.2f} GiB, state {self.state / gib:.3f} GiB"
+            + (f", CPU weight copies {self.relayout / gib:.2f} GiB" if self.relayout else "")
             + f"; peak {self.total / gib:.2f} GiB"
         )
 
@@ -122,13 +128,15 @@ def decode_memory(
     cache: str = "none",
     mesh=None,
     rules=None,
+    platform: str = "gpu",
 ) -> DecodeMemory:
     """Estimated bytes per device at the peak of a decode of `batch` prompts of `prompt_length`
     (after bucketing) generating `gen_length` tokens in blocks of `block_length`. For an
     autoregressive family it is the token-by-token decode (`cache` and `block_length` unused).
 
     mesh: None (one device), a jax Mesh, or its axis sizes ({"data": 2, "tensor": 4}); rules:
-    a `ShardingRules` (the fsdp_tp preset by default)."""
+    a `ShardingRules` (the fsdp_tp preset by default). platform: "cpu" adds the weight copies
+    XLA's CPU backend keeps (see the module docstring)."""
     from dlmjax.sharding import ShardingRules, batch_axes, fit_rules
 
     if cache not in CACHES:
@@ -173,7 +181,7 @@ def decode_memory(
     shift = 1 if cfg.shifted_logits else 0
     if cfg.is_autoregressive:  # method "ar": a KV cache of every slot, the prompt's prefill is the widest forward
         return DecodeMemory(parameters=parameters, cache=one_cache, state=state,
-                            activations=forward(p, length, 1))
+                            activations=forward(p, length, 1), relayout=0.0)
     if cache == "block":  # the prompt's K/V once (no head), then 2K queries per block step
         largest = max(forward(p, length, 0), forward(2 * k, length, 2 * k))
     else:  # the whole canvas: every step without a cache, the refresh of every block with one
@@ -182,18 +190,25 @@ def decode_memory(
     # counters and bits, and the noise); G / K times less than noise for the whole region.
     noise = 4 * rows_of_batch * k * vocab * F32
     activations = largest + noise
-    return DecodeMemory(parameters=parameters, cache=kv_cache, state=state, activations=activations)
+
+    relayout = 0.0
+    if platform == "cpu" and cache == "none":
+        embedding = cfg.vocab_size * cfg.hidden_size / split("vocab")
+        relayout = (parameters - embedding * itemsize) + embedding * F32
+    return DecodeMemory(parameters=parameters, cache=kv_cache, state=state, activations=activations, relayout=relayout)
 
 
-def lm_decode_memory(lm, *, batch: int, prompt_length: int, gen_length: int, block_length: int,
-                     cache: str = "none") -> DecodeMemory:
+def lm_decode_memory(lm, *, batch: int, prompt_length: int, gen_length: int, block_length: int, cache: str = "none",
+                     platform: str | None = None) -> DecodeMemory:
     """`decode_memory` for a loaded `LM`: its config, parameter dtype, mesh and rules; the
-    parameters are the bytes each device holds of `lm.state` (LoRA adapters included)."""
+    parameters are the bytes each device holds of `lm.state` (LoRA adapters included), and the
+    platform defaults to JAX's default backend."""
     from flax import nnx
 
     est = decode_memory(
         lm.config, dtype=lm.dtype, batch=batch, prompt_length=prompt_length, gen_length=gen_length,
         block_length=block_length, cache=cache, mesh=lm.mesh, rules=lm.rules,
+        platform=platform or jax.default_backend(),
     )
     held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                for x in jax.tree.leaves(nnx.to_pure_dict(lm.state)))

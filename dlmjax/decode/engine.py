@@ -346,21 +346,18 @@ def _view(ctx: Context, s: State) -> tuple[State, View]:
 
 
 def _iteration(ctx: Context, s: State) -> State:
-    """One iteration of the loop: a step of the active rows, or (SemiAR) the move to the next block."""
+    """One iteration of the loop: one step (a forward and its commits) of the active rows."""
+    m = ctx.method
     s, v = _view(ctx, s.constrain(ctx.layout))
-
-    def step(s):
-        sample_key, select_key = jax.random.split(jax.random.fold_in(ctx.key, s.steps))
-        x0, commit, s = _decide(ctx, s, v, sample_key, select_key)
-        return _write(ctx, s, v, x0, commit)
-
-    def next_block(s):
+    sample_key, select_key = jax.random.split(jax.random.fold_in(ctx.key, s.steps))
+    x0, commit, s = _decide(ctx, s, v, sample_key, select_key)
+    s = _write(ctx, s, v, x0, commit)
+    if isinstance(m.blocks, SemiAR):  # the block is over for every row: the next iteration starts the next one
         masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
-        return dataclasses.replace(s, sched=ctx.method.blocks.next_block(s.sched, masked))
-
-    if not isinstance(ctx.method.blocks, SemiAR):  # every iteration is a step
-        return step(s).constrain(ctx.layout)
-    return jax.lax.cond(v.run, step, next_block, s).constrain(ctx.layout)
+        over = ~m.blocks.view(s.sched, masked, s.done, m.rule.fixed_steps).run
+        moved = m.blocks.next_block(s.sched, masked)
+        s = dataclasses.replace(s, sched=jax.tree_util.tree_map(lambda a, b: jnp.where(over, a, b), moved, s.sched))
+    return s.constrain(ctx.layout)
 
 
 def _decode(graphdef, state, prompt, prompt_mask, method: Method, key, *, tokens: Tokens, shard=None,

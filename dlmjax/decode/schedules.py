@@ -8,7 +8,7 @@ loop (a pytree in `State.sched`) and updates it after the commit.
 * `SemiAR`: LLaDA's semi-autoregressive loop. The generation region is cut into blocks decoded
   left to right, `steps` forward passes spread evenly over them; one block of `gen_length` is the
   single-canvas decode. One window: the current block. The batch moves to the next block once
-  every row has finished this one (an iteration that only moves on runs no forward).
+  every row has finished this one (checked after each step, so every iteration runs a forward).
 * `Hierarchy`: Fast-dLLM v2's block + sub-block decoding. Blocks are aligned to each row's
   position 0 (a prompt that ends mid-block shares its last block with the first generated
   tokens); a block's sub-blocks are decoded strictly left to right, one window (the first
@@ -37,7 +37,7 @@ from dlmjax.errors import DlmjaxError
 class View:
     """What one iteration of the loop may do (arrays of the trace; not carried)."""
 
-    run: jax.Array  # scalar bool: this iteration runs a forward (else the schedule only moves on)
+    run: jax.Array  # scalar bool: the view has work (SemiAR: else the batch moves to the next block)
     active: jax.Array  # [B] rows that take part in the forward (their NFE counts it)
     region: jax.Array  # [B, G] positions a commit may touch
     windows: int  # the rule sees [B * windows, G / windows]: one row per window
