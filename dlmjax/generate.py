@@ -37,6 +37,14 @@ def knob_flags() -> dict[str, tuple[type, tuple | None, str]]:
     return flags
 
 
+def _ids(text: str) -> list[int]:
+    """'151643,151645' -> [151643, 151645] (argparse type: a bad list is a one-line usage error)."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers, e.g. 151643,151645") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     from dlmjax.decode.api import PRESETS
 
@@ -55,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", default=None, help=help)
         else:
             p.add_argument(flag, type=kind, choices=choices, help=help)
+    p.add_argument("--stop-token-ids", type=_ids, metavar="IDS",
+                   help="comma-separated ids that end the answer (default: the model's EOS and end-of-turn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
     p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (axes data, fsdp, tensor)")
@@ -148,21 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         if mesh is not None and lead:
             _print_memory_estimate(lm, args, prompt)
         knobs = {name: getattr(args, name) for name in knob_flags() if getattr(args, name) is not None}
-        out = lm.generate(prompt, method=args.method, chat=args.chat, seed=args.seed, **knobs)
+        out = lm.generate(prompt, method=args.method, chat=args.chat, seed=args.seed, stop_token_ids=args.stop_token_ids,
+                          **knobs)
     except DlmjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not lead:  # every host computed the same answer; process 0 prints it
         return 0
     cfg = lm.config
-    stops = {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
-    # An AR row ends at its stop token; the pad ids after it were never generated.
-    row = out.tokens[0] if out.lengths is None else out.tokens[0][: int(out.lengths[0])]
-    produced = int(sum(t not in stops for t in row))
+    produced = int(out.lengths[0])  # the answer's tokens, its stop token included: what follows is filler
     if args.json:
         print(json.dumps({
             "text": out.texts[0] if out.texts is not None else None,
-            "tokens": out.tokens[0].tolist(), "nfe": int(out.nfe[0]), "steps": out.steps,
+            "tokens": out.tokens[0].tolist(), "length": int(out.lengths[0]), "nfe": int(out.nfe[0]), "steps": out.steps,
             "seconds": out.seconds, "compile_seconds": out.compile_seconds,
         }))
         return 0
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     method = args.method or ("ar" if cfg.is_autoregressive else "llada")
     print(
         f"[{method}] nfe {int(out.nfe[0])} | {produced / max(out.seconds, 1e-9):.1f} tokens/s "
-        f"({produced} non-EOS tokens) | {out.seconds:.3f} s decode | compile {out.compile_seconds:.2f} s",
+        f"({produced} answer tokens, stop included) | {out.seconds:.3f} s decode | compile {out.compile_seconds:.2f} s",
         file=sys.stderr,
     )
     return 0

@@ -20,6 +20,11 @@ gen_length 128, blocks of 32 except where a preset says otherwise, temperature 0
   call from Python instead, with block_until_ready); for PyTorch, one eager model call.
   Near 1.0: the decode loop adds nothing to the forwards.
 - agreement = fraction of generated positions where the two token arrays are equal.
+- tokens/forward = gen_length / the rows' mean NFE.
+- d2f runs on the LLaDA weights under the D2F block mask, fast-dllm-v2 on a block-diffusion Qwen2
+  (family fast_dllm_v2) of the same size; their PyTorch loops are `generate_d2f` and
+  `generate_fdv2` in experiments/torch_decoders.py (one full forward per step, the official
+  algorithms' Python loops).
 
 Timing notes: everything runs in one process, dlmjax and PyTorch one after the other, never
 at once. JAX uses its default CPU thread pool; PyTorch runs with `--torch-threads` threads
@@ -70,15 +75,21 @@ METHODS = {
     "dparallel": dict(block_length=32, threshold=0.5),
     "sched": dict(block_length=None, tau_high=7.5, tau_low=2.5, exit_k=4.0),
     "prophet": dict(block_length=32),
+    # D2F (LLaDA weights, D2F block mask) and Fast-dLLM v2 (a block-diffusion Qwen2 of the same size):
+    # the presets' settings; no `steps` (their blocks end by themselves)
+    "d2f": dict(block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9),
+    "fast-dllm-v2": dict(block_length=32, sub_block_length=8, threshold=0.9),
 }
+FAMILY = {"fast-dllm-v2": "fast_dllm_v2"}  # the model each method runs on (default: llada)
+UNSTEPPED = ("d2f", "fast-dllm-v2")
 
 
-def build_model(workdir: pathlib.Path, quick: bool):
+def build_model(workdir: pathlib.Path, quick: bool, family: str = "llada"):
     size = (dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=4, intermediate_size=256) if quick else
             dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=4, intermediate_size=512))
-    hf = write_tiny_checkpoint(workdir / "hf", "llada", seed=0, vocab_size=512, max_positions=1024, **size)
-    convert(hf, workdir / "converted", progress=False)
-    lm = dlmjax.load(workdir / "converted")
+    hf = write_tiny_checkpoint(workdir / f"hf-{family}", family, seed=0, vocab_size=512, max_positions=1024, **size)
+    convert(hf, workdir / f"converted-{family}", progress=False)
+    lm = dlmjax.load(workdir / f"converted-{family}")
     model, family = load_reference(str(hf), torch.float32)
     return lm, model, family, size
 
@@ -146,6 +157,8 @@ def run_dlmjax(lm, prompt: np.ndarray, name: str, knobs: dict, common: dict, rep
         kwargs["block_length"] = common["gen_length"]
     if name == "sched":
         kwargs["schedule"] = "exp"
+    if name in UNSTEPPED:
+        kwargs.pop("steps")
     warm = lm.generate(prompt, **kwargs)
     runs = [lm.generate(prompt, **kwargs) for _ in range(repeats)]
     best = min(runs, key=lambda r: r.seconds)
@@ -155,7 +168,21 @@ def run_dlmjax(lm, prompt: np.ndarray, name: str, knobs: dict, common: dict, rep
                 compile_seconds=warm.compile_seconds, first_seconds=warm.seconds, repeatable=repeatable)
 
 
-def run_torch(forward, prompt: np.ndarray, name: str, knobs: dict, common: dict, mask_id: int, repeats: int) -> dict:
+def run_torch(forward, prompt: np.ndarray, name: str, knobs: dict, common: dict, mask_id: int, repeats: int,
+              lm=None) -> dict:
+    if name in UNSTEPPED:
+        from dlmjax.decode.api import resolve_stops
+
+        kwargs = dict(mask_id=mask_id, stops=resolve_stops(lm.config, None), gen_length=common["gen_length"],
+                      **{k: v for k, v in knobs.items() if v is not None})
+        x = torch.as_tensor(prompt, dtype=torch.long)
+        if name == "d2f":
+            run = functools.partial(torch_decoders.generate_d2f, shifted=bool(lm.config.shifted_logits), **kwargs)
+        else:
+            run = functools.partial(torch_decoders.generate_fdv2, **kwargs)
+        runs = [run(forward, x) for _ in range(repeats)]
+        best = min(runs, key=lambda r: r["seconds"])
+        return dict(tokens=best["tokens"].numpy(), nfe=best["nfe"].numpy(), forwards=best["forwards"], seconds=best["seconds"])
     kwargs = dict(common)
     kwargs["block_length"] = knobs["block_length"] or common["gen_length"]
     for key in ("threshold", "tau_high", "tau_low", "exit_k", "cache"):
@@ -254,6 +281,12 @@ def main(argv=None) -> None:
 
 def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> None:
     lm, model, family, size = build_model(workdir, args.quick)
+    models = {"llada": (lm, torch_decoders.TorchForward(model))}
+    for name in args.methods:
+        fam = FAMILY.get(name, "llada")
+        if fam not in models:
+            other_lm, other_model, _, _ = build_model(workdir, args.quick, fam)
+            models[fam] = (other_lm, torch_decoders.TorchForward(other_model))
     common = dict(gen_length=64, steps=64) if args.quick else dict(FULL)
     batches = args.batches or ([1, 2] if args.quick else [1, 4])
     forward_reps = args.forward_reps or (5 if args.quick else 15)
@@ -274,11 +307,13 @@ def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> Non
           f"(max |logit| {np.abs(lj).max():.1f}); argmax equal on {np.mean(lj.argmax(-1) == lt.argmax(-1)):.3f} "
           "of positions", flush=True)
 
-    fwd = {b: ([], [], []) for b in batches}  # bare forward seconds, measured next to every cell
+    fwd = {(f, b): ([], [], []) for f in models for b in batches}  # bare forward seconds, measured next to every cell
 
     rows = []
     for name in args.methods:
         knobs = METHODS[name]
+        fam = FAMILY.get(name, "llada")
+        lm, forward = models[fam]
         for b in batches:
             prompt = prompts[:b]
             if args.wait_quiet:
@@ -290,15 +325,15 @@ def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> Non
             jx = run_dlmjax(lm, prompt, name, knobs, common, args.repeats)
             assert jx["repeatable"], f"{name} B={b}: repeated dlmjax calls gave different tokens"
             torch_fwd = torch_forward_seconds(forward, b, length, forward_reps)
-            th = run_torch(forward, prompt, name, knobs, common, mask_id, args.repeats)
-            fwd[b][0].append(jax_fwd)
-            fwd[b][1].append(torch_fwd)
-            fwd[b][2].append(jax_call)
+            th = run_torch(forward, prompt, name, knobs, common, lm.config.mask_token_id, args.repeats, lm=lm)
+            fwd[fam, b][0].append(jax_fwd)
+            fwd[fam, b][1].append(torch_fwd)
+            fwd[fam, b][2].append(jax_call)
             load = loadavg().split()[0]
             others = other.share()
             tok = b * g
             row = dict(
-                method=name, batch=b, block_length=knobs["block_length"] or g,
+                method=name, family=fam, batch=b, block_length=knobs["block_length"] or g,
                 jax_tok_s=tok / jx["seconds"], torch_tok_s=tok / th["seconds"],
                 speedup=(tok / jx["seconds"]) / (tok / th["seconds"]),
                 jax_seconds=jx["seconds"], torch_seconds=th["seconds"], jax_first_seconds=jx["first_seconds"],
@@ -308,6 +343,7 @@ def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> Non
                 load_1min=float(load), other_cpu_share=others,
                 agreement=float(np.mean(jx["tokens"] == th["tokens"])),
                 nfe_equal=bool(np.array_equal(jx["nfe"], th["nfe"])),
+                tokens_per_forward=g / float(np.mean(jx["nfe"])),
             )
             rows.append(row)
             print(f"  {name} B={b}: dlmjax {row['jax_seconds']:.3f}s ({row['jax_forwards']} fwd, compile "
@@ -318,9 +354,9 @@ def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> Non
 
     # Overheads against the fastest bare forward seen for that batch size over the whole run (the
     # least disturbed measurement): contention can only inflate a ratio, never push it below 1 by luck.
-    best = {b: tuple(min(v) for v in fwd[b]) for b in batches}
+    best = {key: tuple(min(v) for v in values) for key, values in fwd.items() if values[0]}
     for r in rows:
-        jax_fwd, torch_fwd, jax_call = best[r["batch"]]
+        jax_fwd, torch_fwd, jax_call = best[r["family"], r["batch"]]
         r.update(
             jax_forward_seconds=jax_fwd, jax_forward_call_seconds=jax_call, torch_forward_seconds=torch_fwd,
             jax_overhead=r["jax_seconds"] / (r["jax_forwards"] * jax_fwd),
@@ -342,18 +378,18 @@ def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> Non
           f"{'n/a' if share is None else f'{share:.0%}'} of the machine's CPU time during the run "
           "(0% = quiet; per cell in the log above)")
     print()
-    print("| method | batch | block | dlmjax tok/s | torch tok/s | speedup | NFE/row (dlmjax / torch) | fwd | "
+    print("| method | batch | block | dlmjax tok/s | torch tok/s | speedup | NFE/row (dlmjax / torch) | tokens/forward | fwd | "
           "compile s | overhead dlmjax | (vs jit call) | overhead torch | token agreement |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fw = str(r["jax_forwards"]) if r["jax_forwards"] == r["torch_forwards"] else f"{r['jax_forwards']} / {r['torch_forwards']}"
         print(f"| {r['method']} | {r['batch']} | {r['block_length']} | {r['jax_tok_s']:.0f} | {r['torch_tok_s']:.0f} | "
-              f"{r['speedup']:.2f}x | {nfe_text(r)} | {fw} | {r['compile_seconds']:.1f} | {r['jax_overhead']:.2f} | {r['jax_overhead_vs_call']:.2f} | "
+              f"{r['speedup']:.2f}x | {nfe_text(r)} | {r['tokens_per_forward']:.2f} | {fw} | {r['compile_seconds']:.1f} | {r['jax_overhead']:.2f} | {r['jax_overhead_vs_call']:.2f} | "
               f"{r['torch_overhead']:.2f} | {r['agreement']:.3f} |")
     print()
     print(f"bare forward ms at [B, {length}], fastest over the run (median of the per-cell fastest): " + "; ".join(
-        f"B={b}: dlmjax in-program {_ms(fwd[b][0])}, dlmjax jit call {_ms(fwd[b][2])}, torch eager {_ms(fwd[b][1])}"
-        for b in batches))
+        f"{f} B={b}: dlmjax in-program {_ms(v[0])}, dlmjax jit call {_ms(v[2])}, torch eager {_ms(v[1])}"
+        for (f, b), v in fwd.items() if v[0]))
     print("overhead = decode seconds / (batch forwards x fastest bare forward). dlmjax: vs one forward inside a compiled "
           f"{forward_loop}-forward loop (device time only); '(vs jit call)': vs one jitted forward called from Python "
           "(adds dispatch). torch: vs one eager model call.")

@@ -264,3 +264,187 @@ def generate(
         "forwards": forwards,
         "seconds": time.perf_counter() - start,
     }
+
+
+@torch.no_grad()
+def masked_forward(forward: TorchForward, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """One eager forward of the canvas x [B, L] under the [L, L] boolean mask `allowed` (True = the
+    query may see the key; positions 0 .. L-1), as float32 logits [B, L, V]."""
+    model = forward.model
+    dtype = next(model.parameters()).dtype
+    b, length = x.shape
+    additive = torch.zeros((1, 1, length, length), dtype=dtype, device=forward.device).masked_fill(
+        ~allowed.to(forward.device), torch.finfo(dtype).min).expand(b, 1, length, length)
+    pos = torch.arange(length, dtype=torch.long, device=forward.device).expand(b, length)
+    out = model(input_ids=x, position_ids=pos, attention_mask=additive, use_cache=False, is_causal=False)
+    return out.logits.float()
+
+
+def _fallback_rank(probs: torch.Tensor, alg: str) -> torch.Tensor:
+    if alg == "maskgit_plus":
+        return probs.max(dim=-1).values
+    if alg == "topk_margin":
+        top = torch.topk(probs, 2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+
+
+@torch.no_grad()
+def generate_d2f(forward: TorchForward, prompt: torch.Tensor, *, mask_id: int, stops: tuple[int, ...], shifted: bool,
+                 gen_length: int, block_length: int, tau_add: float, tau_act: float, tau_conf: float,
+                 alg: str = "maskgit_plus") -> dict:
+    """D2F's pipelined decoding (dlmjax/decode/SPEC.md, D2F) the way the official loop runs it:
+    Python block records per row, ONE eager forward of the whole batch's canvas per iteration under
+    the D2F block mask (the official KV cache is exact, so a full forward gives its logits), every
+    active block decoded in turn with torch ops. Prompts [B, P] without padding; temperature 0.
+    Returns tokens [B, G] (blocks never added read as the first stop id), nfe [B], forwards, seconds."""
+    device = forward.device
+    synchronize(device)
+    start = time.perf_counter()
+    prompt = torch.as_tensor(prompt, dtype=torch.long).to(device)
+    b, p = prompt.shape
+    g, k = gen_length, block_length
+    nb = g // k
+    x = torch.full((b, p + g), mask_id, dtype=torch.long, device=device)
+    x[:, :p] = prompt
+    index = torch.arange(p + g, device=device)
+    block_of = torch.where(index < p, 0, 1 + (index - p) // k)
+    allowed = block_of[None, :] <= block_of[:, None]
+    stop_ids = torch.as_tensor(stops or (-1,), device=device)
+    added = [0] * b
+    complete = [[False] * nb for _ in range(b)]
+    stopped = [False] * b
+    done = [False] * b
+    nfe = torch.zeros(b, dtype=torch.long)
+    forwards = 0
+
+    def decoded(r, j):  # fraction of row r's generated block j (0-based) that is decoded
+        return 1.0 - float((x[r, p + j * k:p + (j + 1) * k] == mask_id).sum()) / k
+
+    while True:
+        for r in range(b):
+            if done[r]:
+                continue
+            newest = 1.0 if added[r] == 0 else decoded(r, added[r] - 1)
+            if added[r] < nb and not stopped[r] and newest >= tau_add:
+                added[r] += 1
+            for j in range(added[r]):
+                before = 1.0 if j == 0 else decoded(r, j - 1)
+                if before >= tau_act:
+                    complete[r][j] = True
+        active = [r for r in range(b) if not done[r]]
+        if not active:
+            break
+        logits = masked_forward(forward, x, allowed)
+        if shifted:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        logits[..., mask_id] = -torch.inf
+        forwards += 1
+        for r in active:
+            nfe[r] += 1
+            for j in range(added[r]):
+                lo, hi = p + j * k, p + (j + 1) * k
+                locs = (x[r, lo:hi] == mask_id).nonzero()[:, 0] + lo
+                if len(locs) == 0:
+                    continue
+                probs = torch.softmax(logits[r, locs], dim=-1)
+                conf, x0 = probs.max(dim=-1)
+                chosen = conf > tau_conf
+                if complete[r][j] and not bool(chosen.any()):
+                    chosen[torch.argmax(_fallback_rank(probs, alg))] = True
+                x[r, locs[chosen]] = x0[chosen]
+                if bool(torch.isin(x0[chosen], stop_ids).any()):
+                    stopped[r] = True
+            left = bool((x[r, p:p + added[r] * k] == mask_id).any())
+            if not left and (added[r] == nb or stopped[r]):
+                done[r] = True
+    fill = stops[0] if stops else mask_id
+    x[:, p:] = torch.where(x[:, p:] == mask_id, fill, x[:, p:])
+    synchronize(device)
+    return dict(tokens=x[:, p:].cpu(), nfe=nfe, forwards=forwards, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def generate_fdv2(forward: TorchForward, prompt: torch.Tensor, *, mask_id: int, stops: tuple[int, ...], gen_length: int,
+                  block_length: int = 32, sub_block_length: int = 8, threshold: float = 0.9) -> dict:
+    """Fast-dLLM v2's hierarchical decoding (dlmjax/decode/SPEC.md, Fast-dLLM v2) the way the hub's
+    `generate` runs it, on a batch of equal-length prompts [B, P]: a prefill of the prompt's whole
+    blocks, then per block its sub-blocks left to right, ONE eager forward of the canvas per step
+    under the block-causal mask (the official block cache is exact, so a full forward gives its
+    logits), confidence > threshold plus the best, and one more forward per finished block whose
+    prediction after the block is the next block's first token. A row stops once a stop id has no
+    mask before it. Temperature 0. Returns tokens [B, G] (the rest of a stopped row reads as the
+    first stop id), nfe [B], forwards, seconds."""
+    device = forward.device
+    synchronize(device)
+    start = time.perf_counter()
+    prompt = torch.as_tensor(prompt, dtype=torch.long).to(device)
+    b, p = prompt.shape
+    g, bs, sbs = gen_length, block_length, sub_block_length
+    length = p + g
+    x = torch.full((b, length), mask_id, dtype=torch.long, device=device)
+    x[:, :p] = prompt
+    index = torch.arange(length, device=device)
+    allowed = (index[None, :] // bs) <= (index[:, None] // bs)
+    stop_ids = torch.as_tensor(stops or (-1,), device=device)
+    nfe = torch.zeros(b, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    forwards = 0
+
+    def predict():
+        nonlocal forwards
+        forwards += 1
+        logits = masked_forward(forward, x, allowed)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # position q reads the output at q - 1
+        logits[..., mask_id] = -torch.inf
+        return logits
+
+    def check_stops():
+        gen = x[:, p:].cpu()
+        is_stop = torch.isin(gen, stop_ids.cpu())
+        first = torch.argmax(is_stop.long(), dim=1)
+        for r in range(b):
+            if not done[r] and bool(is_stop[r].any()) and not bool((gen[r, :first[r]] == mask_id).any()):
+                done[r] = True
+                x[r, p + first[r] + 1:] = stops[0]
+
+    c = p // bs
+    if p >= bs:  # the prefill (upstream: p > bs; SPEC.md)
+        logits = predict()
+        nfe += 1
+        if p % bs == 0:
+            x[:, p] = torch.argmax(logits[:, p], dim=-1)
+            check_stops()
+    for j in range(g // bs):
+        block_lo, hi = (c + j) * bs, (c + j + 1) * bs
+        for s in range(bs // sbs):
+            a, e = max(block_lo + s * sbs, p), block_lo + (s + 1) * sbs
+            if a >= e:
+                continue
+            while True:
+                active = ~done & (x[:, a:e] == mask_id).any(dim=1).cpu()
+                if not bool(active.any()):
+                    break
+                logits = predict()
+                nfe += active.long()
+                for r in active.nonzero()[:, 0].tolist():
+                    probs = torch.softmax(logits[r, a:e], dim=-1)
+                    conf, x1 = probs.max(dim=-1)
+                    masked = x[r, a:e] == mask_id
+                    conf = torch.where(masked, conf, -torch.inf)
+                    commit = conf > threshold
+                    commit[torch.argmax(conf)] = True
+                    commit &= masked
+                    x[r, a:e] = torch.where(commit, x1, x[r, a:e])
+                check_stops()
+        if hi - p >= g or bool(done.all()):  # the next block's first token would not fit (SPEC.md)
+            break
+        logits = predict()
+        live = ~done
+        nfe += live.long()
+        x[:, hi] = torch.where(live.to(device), torch.argmax(logits[:, hi], dim=-1), x[:, hi])
+        check_stops()
+    fill = stops[0] if stops else mask_id
+    x[:, p:] = torch.where(x[:, p:] == mask_id, fill, x[:, p:])
+    synchronize(device)
+    return dict(tokens=x[:, p:].cpu(), nfe=nfe, forwards=forwards, seconds=time.perf_counter() - start)

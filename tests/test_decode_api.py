@@ -49,6 +49,13 @@ def test_output_contract(lm):
                                                        r"it belongs to rule 'quota'"),
         (dict(method="llada", threshold=2.0), "threshold does not apply to method 'llada'"),
         (dict(method="prophet", tau_high=9.0), r"tau_high does not apply to method 'prophet' \(rule 'quota', schedule 'prophet'\)"),
+        (dict(stop_token_ids=[128]), r"stop token id 128 is outside the vocabulary \(0 .. 127\)"),
+        (dict(stop_token_ids=[-1]), "stop token id -1 is outside the vocabulary"),
+        (dict(stop_token_ids=["eos"]), "stop token id 'eos' is not an integer"),
+        (dict(stop_token_ids=[124]), "stop token id 124 is the mask token"),
+        (dict(method="d2f", tau_act=1.5), r"tau_act 1.5 is outside \[0, 1\]"),
+        (dict(method="d2f", gen_length=24, block_length=16), "gen_length 24 is not divisible by block_length 16"),
+        (dict(method="fast-dllm-v2", block_length=8), "needs a block-diffusion model"),
     ],
 )
 def test_bad_arguments_fail_before_compiling(lm, kwargs, message, monkeypatch):
@@ -110,8 +117,36 @@ def test_cli(converted, tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert len(data["tokens"]) == 8 and data["nfe"] == 8 and data["steps"] == 8 and data["seconds"] > 0
+    stop = data["tokens"][2]
+    result = subprocess.run(run + ["--prompt-ids", "5,6,7", "--json", "--gen-length", "8", "--stop-token-ids", f"{stop}"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["length"] == data["tokens"].index(stop) + 1  # tokens/s counts these only
     bad = subprocess.run(run + ["--prompt-ids", "5,x"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --prompt-ids") and "Traceback" not in bad.stderr
+
+
+def test_stop_token_ids_cut_the_answer_and_end_rows_that_stop(lm):
+    """`lengths` counts each row's tokens up to and including its first stop id; with stop_at_eos a
+    row ends there (the rest of its canvas is EOS, its NFE no larger), and before the stop it holds
+    the tokens of the decode without stops."""
+    plain = lm.generate([[5, 6, 7], [9, 10, 11, 12]], gen_length=16, block_length=8, steps=16, stop_token_ids=[])
+    assert (plain.lengths == 16).all()
+    stop = int(plain.tokens[0][5])
+    first = [list(row).index(stop) if stop in row else None for row in plain.tokens]
+    stopped = lm.generate([[5, 6, 7], [9, 10, 11, 12]], gen_length=16, block_length=8, steps=16, stop_token_ids=[stop],
+                          stop_at_eos=True)
+    for row, f in enumerate(first):
+        if f is None:
+            continue
+        assert stopped.lengths[row] == f + 1
+        np.testing.assert_array_equal(stopped.tokens[row][: f + 1], plain.tokens[row][: f + 1])
+        assert stopped.nfe[row] <= plain.nfe[row]
+    assert stopped.nfe[0] < plain.nfe[0] or first[0] == 15  # the first row stops before its last step
+    default = lm.generate([[5, 6, 7]], gen_length=16, block_length=8, steps=16)
+    eos = lm.config.eos_token_id
+    expected = list(default.tokens[0]).index(eos) + 1 if eos in default.tokens[0] else 16
+    assert default.lengths[0] == expected  # the default stops: the model's EOS and end-of-turn
 
 
 def test_float64_gumbel_is_scoped(lm):

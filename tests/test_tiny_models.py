@@ -70,6 +70,12 @@ def test_tiny_ar_decodes_autoregressively():
     metrics = train_tiny.evaluate(lm, lm.tokenizer, test, **train_tiny.baseline_kwargs("qwen2"))
     assert metrics["accuracy"] >= 0.8, metrics
     assert metrics["mean_nfe"] < train_tiny.GEN_LENGTH  # stops at EOS
+    # stop_token_ids: a row ends at the first of the given ids (here the answer's first token)
+    prompt = lm.apply_chat_template([{"role": "user", "content": test[0].prompt}])
+    free = lm.generate([prompt])
+    first = int(free.tokens[0][0])
+    cut = lm.generate([prompt], stop_token_ids=[first])
+    assert int(cut.lengths[0]) == 1 and int(cut.nfe[0]) == 1 and int(free.lengths[0]) > 1
 
 
 def test_cli_defaults_to_tiny_llada(capsys):

@@ -146,6 +146,7 @@ def generate(
     chat: bool = False,
     seed: int = 0,
     prompt_bucket: int = 32,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> GenerateOutput:
     """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet",
     "d2f", "fast-dllm-v2"; default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
@@ -158,7 +159,14 @@ def generate(
     by default dlmjax draws it in float32, where u is quantised to 2^-24 (the noise is capped near
     17 instead of unbounded) and scores round to float32, so rare near-ties can resolve differently.
     gumbel_x64=True reproduces the float64 form (jax_enable_x64 is switched on for that trace only).
+
+    stop_token_ids: the ids that end an answer (default: the model's EOS and end-of-turn). The
+    output's `lengths` and the texts stop at the first one (kept), and the methods with a stop rule
+    use them: "ar" ends a row there, "fast-dllm-v2" stops a row once one has no mask before it,
+    "d2f" adds no block after one is committed, and stop_at_eos=True ends a row like
+    "fast-dllm-v2" does. Every id must be inside the vocabulary.
     """
+    stops = resolve_stops(lm.config, stop_token_ids)
     knobs = dict(
         block_length=block_length, steps=steps, threshold=threshold, factor=factor, rule=rule, remasking=remasking,
         schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k, stop_at_eos=stop_at_eos,
@@ -176,7 +184,7 @@ def generate(
         if lm.config.is_autoregressive:
             raise DlmjaxError(f"{lm.config.family} is an autoregressive model, which decodes with method='ar' only")
         method.check()
-        return _generate_diffusion(lm, prompts_or_ids, attention_mask, method, chat, seed, prompt_bucket)
+        return _generate_diffusion(lm, prompts_or_ids, attention_mask, method, chat, seed, prompt_bucket, stops)
     if method is None:
         method = "ar" if lm.config.is_autoregressive else "llada"
     if gen_length is None:  # the canvas the checkpoint was made for (generation_config.json), else 128
@@ -186,14 +194,42 @@ def generate(
         ar_knobs = ("temperature", "top_p", "top_k")
         return generate_ar(
             lm, prompts_or_ids, attention_mask, method=method, gen_length=gen_length, temperature=temperature,
-            top_p=top_p, top_k=top_k, chat=chat, seed=seed, prompt_bucket=prompt_bucket,
+            top_p=top_p, top_k=top_k, chat=chat, seed=seed, prompt_bucket=prompt_bucket, stops=stops,
             diffusion_only=[name for name, value in knobs.items() if value is not None and name not in ar_knobs],
         )
     m = build_method(method, gen_length=gen_length, **knobs)
-    return _generate_diffusion(lm, prompts_or_ids, attention_mask, m, chat, seed, prompt_bucket)
+    return _generate_diffusion(lm, prompts_or_ids, attention_mask, m, chat, seed, prompt_bucket, stops)
 
 
-def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: bool, seed: int, prompt_bucket: int):
+def resolve_stops(cfg, stop_token_ids) -> tuple[int, ...]:
+    """The stop ids: the given ones (checked against the vocabulary), else the model's EOS and
+    end-of-turn that lie inside it."""
+    if stop_token_ids is None:
+        return tuple(dict.fromkeys(t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None and 0 <= t < cfg.vocab_size))
+    if isinstance(stop_token_ids, (int, np.integer)):
+        stop_token_ids = [stop_token_ids]
+    stops = []
+    for t in stop_token_ids:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise DlmjaxError(f"stop token id {t!r} is not an integer; pass token ids, e.g. stop_token_ids=[{cfg.eos_token_id}]")
+        if not 0 <= int(t) < cfg.vocab_size:
+            raise DlmjaxError(f"stop token id {int(t)} is outside the vocabulary (0 .. {cfg.vocab_size - 1}); "
+                              "pass ids the tokenizer produces")
+        if cfg.mask_token_id is not None and int(t) == cfg.mask_token_id:
+            raise DlmjaxError(f"stop token id {int(t)} is the mask token; pass the ids that end an answer (EOS, end-of-turn)")
+        stops.append(int(t))
+    return tuple(dict.fromkeys(stops))
+
+
+def answer_lengths(tokens: np.ndarray, stops: tuple[int, ...]) -> np.ndarray:
+    """[B] tokens of each row up to and including its first stop (all of them without one)."""
+    is_stop = np.isin(tokens, stops) if stops else np.zeros(tokens.shape, bool)
+    first = np.argmax(is_stop, axis=1)
+    return np.where(is_stop.any(axis=1), first + 1, tokens.shape[1]).astype(np.int32)
+
+
+def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: bool, seed: int, prompt_bucket: int,
+                        stops: tuple[int, ...]):
     """Checks that need the model, then tokenize -> pad -> bucket -> place -> run -> gather -> detokenize."""
     gen_length = m.gen_length
     if m.cache.stores and isinstance(m.rule, rules.Quota) and lm.config.shifted_logits and m.steps_per_block < 2:
@@ -216,7 +252,6 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
                 f"room for gen_length {gen_length}; shorten the prompt or gen_length"
             )
     ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
-    stops = tuple(t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None)
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id, stops=stops)
     args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), m.traced(), jax.random.key(seed))
 
@@ -229,15 +264,17 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
     program = (m.structure(), tokens, ids.shape)
     (out, nfe, trajectory, steps_run), seconds, compile_seconds = _compile_and_run(lm, program, lower, args)
     out, nfe, trajectory = _gather(lm, out, nfe, trajectory)
-    texts = _texts(lm, out)
+    lengths = answer_lengths(out, stops)
+    texts = _texts(lm, out, lengths)
     return GenerateOutput(
         tokens=out, texts=texts, nfe=nfe, steps=int(steps_run), trajectory=trajectory, seconds=seconds,
-        compile_seconds=compile_seconds, method=m,
+        compile_seconds=compile_seconds, method=m, lengths=lengths,
     )
 
 
 def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: int, temperature: float, top_p, top_k,
-                chat: bool, seed: int, prompt_bucket: int, diffusion_only: Sequence[str] = ()) -> GenerateOutput:
+                chat: bool, seed: int, prompt_bucket: int, stops: tuple[int, ...] | None = None,
+                diffusion_only: Sequence[str] = ()) -> GenerateOutput:
     """Token-by-token decoding of an autoregressive model (`dlmjax.decode.ar`); checks first, then one program."""
     cfg = lm.config
     if not cfg.is_autoregressive:
@@ -264,7 +301,7 @@ def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: 
     ids, mask, limit = _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat, gen_length)
     ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
     m = ARMethod(gen_length=gen_length)
-    stops = tuple(dict.fromkeys(t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None and 0 <= t < cfg.vocab_size))
+    stops = resolve_stops(cfg, None) if stops is None else stops
     pad = next(t for t in (cfg.pad_token_id, cfg.eos_token_id, 0) if t is not None)
     tokens = ARTokens(stops=stops, pad=pad)
     knobs = ARKnobs.make(temperature, top_k, top_p, cfg.vocab_size)
@@ -277,7 +314,7 @@ def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: 
 
     (out, steps_run, lengths), seconds, compile_seconds = _compile_and_run(lm, (m, tokens, ids.shape), lower, args)
     out, lengths = _gather(lm, out, lengths)
-    texts = _texts(lm, out)
+    texts = _texts(lm, out, lengths)
     # A row takes part in one model call per token it produces (the prefill gives the first).
     trajectory = np.minimum(np.arange(1, gen_length + 1)[None, :], lengths[:, None]).astype(np.int32)
     return GenerateOutput(
@@ -323,11 +360,11 @@ def _gather(lm, *arrays) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(a) for a in arrays)
 
 
-def _texts(lm, out) -> list[str] | None:
-    """Each row's answer text, when the model has a tokenizer."""
+def _texts(lm, out, lengths) -> list[str] | None:
+    """Each row's answer text (its tokens before the first stop), when the model has a tokenizer."""
     if lm.directory is None or not (lm.directory / "hf").is_dir():
         return None
-    return [decode_text(lm, row) for row in out]
+    return [decode_text(lm, row[: int(n)]) for row, n in zip(out, lengths)]
 
 
 def decode_text(lm, row: Sequence[int]) -> str:

@@ -72,7 +72,7 @@ class Tokens:
     mask: int
     eos: int | None
     eot: int | None
-    stops: tuple[int, ...] = ()  # a row stops at these (schedules with a stop rule: Fast-dLLM v2)
+    stops: tuple[int, ...] = ()  # the ids that end an answer (stop_at_eos, D2F, Fast-dLLM v2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,13 +307,13 @@ def _write(ctx: Context, s: State, v: View, x0, commit) -> State:
     x_gen = jnp.where(commit, x0, x_gen)
     trajectory = jnp.where(commit, nfe[:, None], s.trajectory)
     done = s.done | exited
-    if m.stop_at_eos and tokens.eos is not None:
-        is_eos = x_gen == tokens.eos
-        first_eos = jnp.argmax(is_eos, axis=-1)
+    if m.stop_at_eos and tokens.stops:
+        is_stop = jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype))
+        first_stop = jnp.argmax(is_stop, axis=-1)
         still_masked = x_gen == tokens.mask
-        settled = v.active & jnp.any(is_eos, axis=-1) & ~jnp.any(still_masked & (gen_index < first_eos[:, None]), axis=-1)
+        settled = v.active & jnp.any(is_stop, axis=-1) & ~jnp.any(still_masked & (gen_index < first_stop[:, None]), axis=-1)
         fill = still_masked & settled[:, None]
-        x_gen = jnp.where(fill, tokens.eos, x_gen)
+        x_gen = jnp.where(fill, tokens.eos if tokens.eos is not None else tokens.stops[0], x_gen)
         trajectory = jnp.where(fill, nfe[:, None], trajectory)
         done = done | settled
     sched, finished, keep = m.blocks.after(s.sched, masked, x_gen, tokens)

@@ -54,7 +54,7 @@ class Method(Part):
                             choices=ATTENTIONS)
     temperature: float = traced(0.0, "Gumbel-max sampling temperature (0 = greedy)")
     gumbel_x64: bool = static(False, "LLaDA's exact float64 Gumbel noise")
-    stop_at_eos: bool = static(False, "a row is done once everything up to its first EOS is committed")
+    stop_at_eos: bool = static(False, "a row is done once everything up to its first stop token (EOS) is committed")
     logits_eos_inf: bool = static(False, "EOS is never predicted (its logit is -inf)")
     confidence_eos_eot_inf: bool = static(False, "EOS and end-of-turn predictions are never committed by confidence")
 

@@ -129,7 +129,7 @@ class SemiAR(Schedule):
 class PipelineState:
     added: jax.Array  # [B] blocks added so far
     complete: jax.Array  # [B, num_blocks] fully activated (sticky)
-    eos: jax.Array  # [B] an EOS was committed: no more blocks are added
+    eos: jax.Array  # [B] a stop id (the EOS) was committed: no more blocks are added
 
 
 @part
@@ -187,8 +187,9 @@ class Pipeline(Schedule):
         left (every added block decoded and no block left to add), and the positions they keep (blocks
         never added read as EOS)."""
         masked = x_gen == tokens.mask
-        if tokens.eos is not None:
-            st = dataclasses.replace(st, eos=st.eos | jnp.any(before & (x_gen == tokens.eos), axis=-1))
+        if tokens.stops:  # a stop id committed (upstream: the EOS) ends the adding of blocks
+            committed_stop = before & jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype))
+            st = dataclasses.replace(st, eos=st.eos | jnp.any(committed_stop, axis=-1))
         added = jnp.arange(self.gen_length)[None, :] // self.block_length < st.added[:, None]
         can_add = ~st.eos & (st.added < self.num_blocks)
         return st, ~jnp.any(masked & added, axis=-1) & ~can_add, ~masked
@@ -257,9 +258,7 @@ class Hierarchy(Schedule):
         st = dataclasses.replace(st, block=jnp.where((st.block == -1) | ~was_decoding, st.block + 1, st.block))
         block, _, hi = self._geometry(st)
         masked = x_gen == tokens.mask
-        is_stop = jnp.zeros_like(masked)
-        for t in tokens.stops:
-            is_stop = is_stop | (x_gen == t)
+        is_stop = jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype)) if tokens.stops else jnp.zeros_like(masked)
         # stop: a stop token after the prompt with no mask before it (upstream checks the current block's
         # masks and, at a block start, everything; earlier blocks have no mask left)
         first_stop = jnp.argmax(is_stop, axis=-1)
