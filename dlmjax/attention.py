@@ -142,15 +142,16 @@ def restrict_keys(mask, allowed: jax.Array):
 KERNEL_MAX_QUERIES = 128
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, shard: tuple | None = None) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, shard: tuple | None = None, kernel: str = "auto") -> jax.Array:
     """Softmax attention with grouped-query heads.
 
     q [B, Tq, H, D]; k, v [B, Hkv, Tk, D]; mask [B, Tq, Tk] bool or a MaskSpec. Returns
     [B, Tq, H, D] in q's dtype. Scores and softmax are float32. A MaskSpec with at most
     KERNEL_MAX_QUERIES queries (a cached decode step) goes to `dlmjax.kernels`, which picks
-    the Pallas kernel of the platform or the XLA path (DLMJAX_ATTENTION=xla|pallas forces
-    either); with `shard` = (mesh, batch axes, head axis) the kernel runs per shard under
-    shard_map. Everything else takes the XLA path below.
+    the Pallas kernel of the platform or the XLA path: `kernel` is its `implementation`
+    ("auto", "xla", "pallas", ...; under "auto" DLMJAX_ATTENTION=xla|pallas forces either);
+    with `shard` = (mesh, batch axes, head axis) the kernel runs per shard under shard_map.
+    Everything else takes the XLA path below.
     """
     if isinstance(mask, MaskSpec):
         if q.shape[1] <= KERNEL_MAX_QUERIES:
@@ -160,9 +161,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask, shard: tuple | None =
             qt = q.transpose(0, 2, 1, 3)
             if shard is not None:
                 mesh, batch_axis, head_axis = shard
-                out = sharded_cached_block_attention(qt, k, v, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis, **masks)
+                out = sharded_cached_block_attention(qt, k, v, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis,
+                                                     implementation=kernel, **masks)
             else:
-                out = cached_block_attention(qt, k, v, **masks)
+                out = cached_block_attention(qt, k, v, implementation=kernel, **masks)
             return out.transpose(0, 2, 1, 3)
         mask = mask.dense()
     b, tq, h, d = q.shape

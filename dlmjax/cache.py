@@ -24,12 +24,9 @@ class KVCache:
     v: tuple[jax.Array, ...]  # per layer [B, Hkv, S, D]
     written: jax.Array  # [S] bool: slots that hold keys (a slot never written is never attended to)
     lengths: jax.Array  # int32 scalar: one past the highest slot written
-    # (mesh, batch axes, head axis) when the cache lives on a mesh: cached attention then runs the
-    # kernel per shard (static, not an array)
-    shard: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype, shard: tuple | None = None) -> "KVCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype) -> "KVCache":
         """An empty cache of `length` slots (callers bucket `length`, so shapes stay static)."""
         shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         return cls(
@@ -37,7 +34,6 @@ class KVCache:
             v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             written=jnp.zeros((length,), bool),
             lengths=jnp.int32(0),
-            shard=shard,
         )
 
     def constrain(self, layout: Layout | None) -> "KVCache":

@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=kind, choices=choices, help=help)
     p.add_argument("--stop-token-ids", type=_ids, metavar="IDS",
                    help="comma-separated ids that end the answer (default: the model's EOS and end-of-turn)")
+    p.add_argument("--kernel", choices=("auto", "xla", "pallas"),
+                   help="attention implementation of cached steps (default: DLMJAX_ATTENTION, else auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
     p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (axes data, fsdp, tensor)")
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_memory_estimate(lm, args, prompt)
         knobs = {name: getattr(args, name) for name in knob_flags() if getattr(args, name) is not None}
         out = lm.generate(prompt, method=args.method, chat=args.chat, seed=args.seed, stop_token_ids=args.stop_token_ids,
-                          **knobs)
+                          kernel=args.kernel, **knobs)
     except DlmjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Peak device memory of a decode, from shapes alone.
 
 `decode_memory` estimates the bytes one device holds at the peak of the decode program
-(`dlmjax.decode.engine.decode`) from a `ModelConfig`, the parameter dtype and the decode's
+(`dlmjax.decode.engine.run`) from a `ModelConfig`, the parameter dtype and the decode's
 shapes; it needs no loaded model and no device, so it can size a run before one is bought.
 `lm_decode_memory` does the same for a loaded `LM` (its dtype, mesh and rules).
 
@@ -222,7 +222,7 @@ def compile_abstract_decode(cfg: ModelConfig, *, dtype="bfloat16", batch: int, p
     (the block cache under prompt-block-causal attention)."""
     from flax import nnx
 
-    from dlmjax.decode.engine import Tokens, decode
+    from dlmjax.decode.engine import Batch, Tokens, run
     from dlmjax.decode.presets import fast_dllm
     from dlmjax.model import Transformer
 
@@ -232,7 +232,7 @@ def compile_abstract_decode(cfg: ModelConfig, *, dtype="bfloat16", batch: int, p
         method = fast_dllm(gen_length, block_length=block_length, cache=cache, attention=attention)
     prompt = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32)
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id)
-    return decode.lower(graphdef, state, prompt, prompt, method.traced(), jax.random.key(0), tokens=tokens).compile()
+    return run.lower(graphdef, state, Batch(prompt, prompt, tokens), method.traced(), jax.random.key(0)).compile()
 
 
 def compiled_bytes(compiled) -> float:

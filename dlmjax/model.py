@@ -106,7 +106,7 @@ class Block(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_index, cache_keep=None,
-                 layout: Layout | None = None, kv=None):
+                 layout: Layout | None = None, kv=None, kernel: str = "auto"):
         b, t, _ = x.shape
         h = self.attn_norm(x)
         heads, kv_heads = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
@@ -120,7 +120,9 @@ class Block(nnx.Module):
         elif kv is not None:
             k, v = kv(layer, k, v)
             k, v = k.astype(x.dtype), v.astype(x.dtype)
-        a = attend(q, k, v, mask, cache.shard if cache is not None else None).reshape(b, t, -1)
+        # cached steps under a mesh run the attention kernel per shard, on the layout's axes
+        shard = layout.attention_shard(b, self.num_heads, self.num_kv_heads) if layout is not None and cache is not None else None
+        a = attend(q, k, v, mask, shard, kernel).reshape(b, t, -1)
         x = constrain(x + self.o_proj(a), RESIDUAL, layout)
         h = self.mlp_norm(x)
         hidden = constrain(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h), ("batch", "length", "mlp"), layout)
@@ -155,6 +157,7 @@ class Transformer(nnx.Module):
         cache_keep: jax.Array | None = None,
         layout: Layout | None = None,
         kv=None,
+        kernel: str = "auto",
     ) -> tuple[jax.Array, KVCache | None]:
         """Raw per-position logits (float32 [B, T, V], before any shift) and the cache.
 
@@ -165,6 +168,8 @@ class Transformer(nnx.Module):
         fresh ones (the queries still attend to the cache as a whole).
         `logits_from` (static) skips the head for positions before it: the logits are [B, T - logits_from, V].
         `layout` (static; None on one device) pins the activations to their shardings over a mesh.
+        `kernel` (static) is the cached-attention implementation ("auto", "xla", "pallas"; see
+        `dlmjax.kernels.cached_block_attention`).
         `kv` (no cache; for callers that keep K/V themselves, such as the tests' independent cache
         reference): a function (layer, k, v) -> (k_all, v_all) given each layer's fresh post-RoPE
         keys and values [B, Hkv, T, D] and returning the [B, Hkv, Tk, D] the queries attend to under
@@ -189,7 +194,7 @@ class Transformer(nnx.Module):
                 return attended[-1]
 
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep, layout, kv)
+            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep, layout, kv, kernel)
         x = self.final_norm(x[:, logits_from:])
         head = self.embed if self.lm_head is None else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x, head[...], preferred_element_type=jnp.float32)

@@ -121,6 +121,16 @@ class Layout:
     def constrain(self, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.sharding(x.shape, logical_axes))
 
+    def attention_shard(self, batch: int, num_heads: int, num_kv_heads: int) -> tuple:
+        """(mesh, batch axes, head axis) over which the cached-attention kernel runs per shard
+        (shard_map): rows over the batch axes, heads over the heads' axis where the sizes divide
+        (GQA groups stay whole)."""
+        head_axis = self.rules.axes_for("heads")
+        n = axis_size(self.mesh, head_axis)
+        if head_axis is not None and (num_heads % n or (num_kv_heads % n and num_kv_heads != 1)):
+            head_axis = None
+        return (self.mesh, batch_axes(self.mesh, self.rules, batch), head_axis)
+
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...], layout: Layout | None) -> jax.Array:
     """x pinned to the sharding of its logical axes under `layout`; x itself without one."""

@@ -5,7 +5,7 @@
     python experiments/decode_memory.py --json out.json
 
 For batch 1 and 8 and every cache (none, prefix, dual, block), the decode program
-(`dlmjax.decode.engine.decode`, Fast-dLLM's threshold rule; the block cache under
+(`dlmjax.decode.engine.run`, Fast-dLLM's threshold rule; the block cache under
 prompt-block-causal attention) is lowered and compiled from abstract shapes only
 (`jax.ShapeDtypeStruct` inputs, `nnx.eval_shape` for the model): no weights are made and nothing
 runs, so a CPU host compiles the 8B program in seconds. measured = argument + output + temp -

@@ -298,6 +298,6 @@ def test_bad_arguments_fail_before_compiling(lm, kwargs, message, monkeypatch):
 
 def test_ar_on_a_diffusion_model_fails(loaded, monkeypatch):
     monkeypatch.setattr(api, "decode_ar", None)
-    monkeypatch.setattr(api, "decode", None)
+    monkeypatch.setattr(api, "engine", None)
     with pytest.raises(DlmjaxError, match="method 'ar' decodes autoregressive models, but this is a llada diffusion model"):
         loaded("llada").generate([[5, 6, 7]], method="ar", gen_length=8)

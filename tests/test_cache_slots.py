@@ -40,16 +40,16 @@ def spy(loaded, monkeypatch):
     call, attend = dlmjax.model.Transformer.__call__, dlmjax.model.attend
 
     def spied_call(self, input_ids, positions, mask, cache=None, cache_index=0, logits_from=0, cache_keep=None,
-                   layout=None, kv=None):
-        logits, out = call(self, input_ids, positions, mask, cache, cache_index, logits_from, cache_keep, layout, kv)
+                   layout=None, kv=None, kernel="auto"):
+        logits, out = call(self, input_ids, positions, mask, cache, cache_index, logits_from, cache_keep, layout, kv, kernel)
         if cache is not None:
             jax.debug.callback(functools.partial(on_forward, width=input_ids.shape[1]), jnp.asarray(cache_index),
                                k_before=cache.k[-1], k_after=out.k[-1], written_after=out.written, ordered=True)
         return logits, out
 
-    def spied_attend(q, k, v, mask, shard=None):
+    def spied_attend(q, k, v, mask, shard=None, kernel="auto"):
         jax.debug.callback(on_attend, mask.dense() if isinstance(mask, MaskSpec) else mask, ordered=True)
-        return attend(q, k, v, mask, shard)
+        return attend(q, k, v, mask, shard, kernel)
 
     monkeypatch.setattr(dlmjax.model.Transformer, "__call__", spied_call)
     monkeypatch.setattr(dlmjax.model, "attend", spied_attend)

@@ -12,7 +12,7 @@ import pytest
 
 import dlmjax
 from dlmjax.decode import api
-from dlmjax.decode.engine import Tokens, decode
+from dlmjax.decode.engine import Batch, Tokens, run
 from dlmjax.errors import DlmjaxError
 
 
@@ -59,13 +59,13 @@ def test_output_contract(lm):
     ],
 )
 def test_bad_arguments_fail_before_compiling(lm, kwargs, message, monkeypatch):
-    monkeypatch.setattr(api, "decode", None)  # any attempt to compile would raise AttributeError
+    monkeypatch.setattr(api, "engine", None)  # any attempt to compile would raise AttributeError
     with pytest.raises(DlmjaxError, match=message):
         lm.generate([[5, 6, 7]], **{"gen_length": 16, **kwargs})
 
 
 def test_bad_prompts_fail_before_compiling(lm, monkeypatch):
-    monkeypatch.setattr(api, "decode", None)
+    monkeypatch.setattr(api, "engine", None)
     mask = lm.config.mask_token_id
     with pytest.raises(DlmjaxError, match=f"contains the mask token {mask}"):
         lm.generate([[5, mask, 7]], gen_length=16)
@@ -94,8 +94,8 @@ def test_no_host_round_trips_in_the_compiled_loop(lm, preset):
     method = api.build_method(preset, gen_length=16, block_length=8, **knobs)
     tokens = Tokens(mask=lm.config.mask_token_id, eos=lm.config.eos_token_id, eot=lm.config.eot_token_id)
     prompt, mask = jnp.full((2, 8), 5, jnp.int32), jnp.ones((2, 8), jnp.int32)
-    args = (lm.state, prompt, mask, method.traced(), jax.random.key(0))
-    lowered = decode.lower(lm.graphdef, *args, tokens=tokens)
+    args = (lm.state, Batch(prompt, mask, tokens), method.traced(), jax.random.key(0))
+    lowered = run.lower(lm.graphdef, *args)
     text = lowered.as_text()
     assert text.count("stablehlo.while") == 1  # one loop: blocks and steps are iterations of it
     for forbidden in ("callback", "infeed", "outfeed", "send", "recv", "host"):

@@ -103,9 +103,12 @@ def test_cached_steps_through_the_pallas_kernel(cache, attention, loaded, monkey
     lm = loaded("dream")
     ids, mask = _batch(lm)
     args = dict(method="fast-dllm", threshold=0.3, gen_length=16, block_length=8, cache=cache, attention=attention)
-    monkeypatch.setenv("DLMJAX_ATTENTION", "xla")
-    xla = lm.generate(ids, mask, **args)
-    monkeypatch.setenv("DLMJAX_ATTENTION", "pallas")  # part of the program's key: compiles anew
+    monkeypatch.setenv("DLMJAX_ATTENTION", "pallas")  # the default an explicit kernel= overrides
+    xla = lm.generate(ids, mask, kernel="xla", **args)
+    monkeypatch.delenv("DLMJAX_ATTENTION")
+    with pytest.raises(DlmjaxError, match="kernel 'triton' is not an attention implementation"):
+        lm.generate(ids, mask, kernel="triton", **args)
+    monkeypatch.setenv("DLMJAX_ATTENTION", "pallas")  # the default: part of the program's key, so it compiles anew
     from dlmjax.kernels import attention as kernels
 
     built = []

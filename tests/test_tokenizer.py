@@ -130,7 +130,7 @@ print(type(auto).__name__, auto.encode("Reverse: 1 7", add_special_tokens=False)
 
 
 def test_model_max_length_is_the_models_positions_and_long_prompts_get_dlmjax_error(tiny_llada, monkeypatch):
-    monkeypatch.setattr(api, "decode", None)  # any attempt to compile would raise AttributeError
+    monkeypatch.setattr(api, "engine", None)  # any attempt to compile would raise AttributeError
     tokenizer = tiny_llada.tokenizer
     assert tokenizer.model_max_length == tiny_llada.config.max_position_embeddings == 256
     long_prompt = "Sort:" + " 1" * 1500
@@ -148,7 +148,7 @@ def test_model_max_length_is_the_models_positions_and_long_prompts_get_dlmjax_er
 
 
 def test_prompts_the_vocabulary_lacks_are_refused_before_compiling(tiny_llada, loaded, monkeypatch):
-    monkeypatch.setattr(api, "decode", None)
+    monkeypatch.setattr(api, "engine", None)
     for chat in (True, False):
         with pytest.raises(DlmjaxError, match=r"lacks \('What', 'is'\).*task suite's prompts.*Tiny models and training"):
             tiny_llada.generate("What is 2+3?", chat=chat, gen_length=32)
@@ -192,7 +192,7 @@ def test_unknown_pieces_only_for_tokenizers_that_can_have_them():
 
 
 def test_empty_prompts_and_zero_gen_length_are_refused_before_compiling(tiny_llada, tiny_ar, monkeypatch):
-    monkeypatch.setattr(api, "decode", None)
+    monkeypatch.setattr(api, "engine", None)
     monkeypatch.setattr(api, "decode_ar", None)
     for lm in (tiny_llada, tiny_ar):
         for prompt in ("", "  \n", ["Sort: 3 1 2", ""]):

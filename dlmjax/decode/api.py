@@ -15,7 +15,8 @@ import numpy as np
 
 from dlmjax.decode import rules
 from dlmjax.decode.ar import ARKnobs, ARMethod, ARTokens, decode_ar
-from dlmjax.decode.engine import Tokens, decode
+from dlmjax.decode import engine
+from dlmjax.decode.engine import Batch, Tokens
 from dlmjax.decode.method import Method
 from dlmjax.decode.presets import PRESETS
 from dlmjax.decode.schedules import Hierarchy
@@ -147,6 +148,7 @@ def generate(
     seed: int = 0,
     prompt_bucket: int = 32,
     stop_token_ids: Sequence[int] | None = None,
+    kernel: str | None = None,
 ) -> GenerateOutput:
     """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet",
     "d2f", "fast-dllm-v2"; default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
@@ -165,8 +167,13 @@ def generate(
     use them: "ar" ends a row there, "fast-dllm-v2" stops a row once one has no mask before it,
     "d2f" adds no block after one is committed, and stop_at_eos=True ends a row like
     "fast-dllm-v2" does. Every id must be inside the vocabulary.
+
+    kernel: the cached-attention implementation of cached steps: "auto" (the platform's Pallas
+    kernel where it runs, else XLA), "xla" or "pallas"; the default is DLMJAX_ATTENTION's value,
+    else "auto". Part of the compiled program's identity.
     """
     stops = resolve_stops(lm.config, stop_token_ids)
+    kernel = resolve_kernel(kernel)
     knobs = dict(
         block_length=block_length, steps=steps, threshold=threshold, factor=factor, rule=rule, remasking=remasking,
         schedule=schedule, tau_high=tau_high, tau_low=tau_low, exit_k=exit_k, stop_at_eos=stop_at_eos,
@@ -184,7 +191,7 @@ def generate(
         if lm.config.is_autoregressive:
             raise DlmjaxError(f"{lm.config.family} is an autoregressive model, which decodes with method='ar' only")
         method.check()
-        return _generate_diffusion(lm, prompts_or_ids, attention_mask, method, chat, seed, prompt_bucket, stops)
+        return _generate_diffusion(lm, prompts_or_ids, attention_mask, method, chat, seed, prompt_bucket, stops, kernel)
     if method is None:
         method = "ar" if lm.config.is_autoregressive else "llada"
     if gen_length is None:  # the canvas the checkpoint was made for (generation_config.json), else 128
@@ -194,11 +201,26 @@ def generate(
         ar_knobs = ("temperature", "top_p", "top_k")
         return generate_ar(
             lm, prompts_or_ids, attention_mask, method=method, gen_length=gen_length, temperature=temperature,
-            top_p=top_p, top_k=top_k, chat=chat, seed=seed, prompt_bucket=prompt_bucket, stops=stops,
+            top_p=top_p, top_k=top_k, chat=chat, seed=seed, prompt_bucket=prompt_bucket, stops=stops, kernel=kernel,
             diffusion_only=[name for name, value in knobs.items() if value is not None and name not in ar_knobs],
         )
     m = build_method(method, gen_length=gen_length, **knobs)
-    return _generate_diffusion(lm, prompts_or_ids, attention_mask, m, chat, seed, prompt_bucket, stops)
+    return _generate_diffusion(lm, prompts_or_ids, attention_mask, m, chat, seed, prompt_bucket, stops, kernel)
+
+
+KERNELS = ("auto", "xla", "pallas")
+
+
+def resolve_kernel(kernel: str | None) -> str:
+    """The cached-attention implementation: the given one, else DLMJAX_ATTENTION's value, else "auto"."""
+    from dlmjax.kernels.attention import ENV_VAR
+
+    source = "kernel"
+    if kernel is None:
+        kernel, source = os.environ.get(ENV_VAR, "").strip().lower() or "auto", ENV_VAR
+    if kernel not in KERNELS:
+        raise DlmjaxError(f"{source} '{kernel}' is not an attention implementation; use one of {', '.join(KERNELS)}")
+    return kernel
 
 
 def resolve_stops(cfg, stop_token_ids) -> tuple[int, ...]:
@@ -229,7 +251,7 @@ def answer_lengths(tokens: np.ndarray, stops: tuple[int, ...]) -> np.ndarray:
 
 
 def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: bool, seed: int, prompt_bucket: int,
-                        stops: tuple[int, ...]):
+                        stops: tuple[int, ...], kernel: str = "auto"):
     """Checks that need the model, then tokenize -> pad -> bucket -> place -> run -> gather -> detokenize."""
     gen_length = m.gen_length
     if m.cache.stores and isinstance(m.rule, rules.Quota) and lm.config.shifted_logits and m.steps_per_block < 2:
@@ -253,17 +275,16 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
             )
     ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id, stops=stops)
-    args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), m.traced(), jax.random.key(seed))
+    args = (lm.state, Batch(lm.place_batch(ids), lm.place_batch(mask), tokens), m.traced(), jax.random.key(seed))
 
-    def lower(kernel):
+    def lower():
         with jax.enable_x64(m.gumbel_x64):  # scoped: only LLaDA's exact Gumbel noise is float64
-            return decode.lower(
-                lm.graphdef, *args, tokens=tokens, shard=kernel_shard(lm, ids.shape[0]), layout=lm.layout, kernel=kernel,
-            ).compile()
+            return engine.run.lower(lm.graphdef, *args, layout=lm.layout, kernel=kernel).compile()
 
-    program = (m.structure(), tokens, ids.shape)
-    (out, nfe, trajectory, steps_run), seconds, compile_seconds = _compile_and_run(lm, program, lower, args)
-    out, nfe, trajectory = _gather(lm, out, nfe, trajectory)
+    program = (m.structure(), tokens, ids.shape, kernel)
+    result, seconds, compile_seconds = _compile_and_run(lm, program, lower, args)
+    out, nfe, trajectory = _gather(lm, result.tokens, result.nfe, result.trajectory)
+    steps_run = result.steps
     lengths = answer_lengths(out, stops)
     texts = _texts(lm, out, lengths)
     return GenerateOutput(
@@ -273,7 +294,7 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
 
 
 def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: int, temperature: float, top_p, top_k,
-                chat: bool, seed: int, prompt_bucket: int, stops: tuple[int, ...] | None = None,
+                chat: bool, seed: int, prompt_bucket: int, stops: tuple[int, ...] | None = None, kernel: str = "auto",
                 diffusion_only: Sequence[str] = ()) -> GenerateOutput:
     """Token-by-token decoding of an autoregressive model (`dlmjax.decode.ar`); checks first, then one program."""
     cfg = lm.config
@@ -307,12 +328,10 @@ def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: 
     knobs = ARKnobs.make(temperature, top_k, top_p, cfg.vocab_size)
     args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), knobs, jax.random.key(seed))
 
-    def lower(kernel):
-        return decode_ar.lower(
-            lm.graphdef, *args, method=m, tokens=tokens, shard=kernel_shard(lm, ids.shape[0]), layout=lm.layout, kernel=kernel
-        ).compile()
+    def lower():
+        return decode_ar.lower(lm.graphdef, *args, method=m, tokens=tokens, layout=lm.layout, kernel=kernel).compile()
 
-    (out, steps_run, lengths), seconds, compile_seconds = _compile_and_run(lm, (m, tokens, ids.shape), lower, args)
+    (out, steps_run, lengths), seconds, compile_seconds = _compile_and_run(lm, (m, tokens, ids.shape, kernel), lower, args)
     out, lengths = _gather(lm, out, lengths)
     texts = _texts(lm, out, lengths)
     # A row takes part in one model call per token it produces (the prefill gives the first).
@@ -340,12 +359,10 @@ def _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat: bool, gen_length
 def _compile_and_run(lm, program: tuple, lower, args: tuple):
     """Run a decode program, compiling it once per key: (outputs, seconds, compile_seconds).
 
-    `program` holds the static structure (method, tokens, input shape); `lower(kernel)` builds
-    and compiles it. The programs are kept on the model (`lm.compiled`). DLMJAX_ATTENTION picks
-    the attention kernel at trace time, so its value is part of the key and is passed to `lower`."""
-    kernel = os.environ.get("DLMJAX_ATTENTION", "")
-    key = (lm.graphdef, *program, str(lm.dtype), kernel, lm.mesh, lm.rules)
-    compiled, compile_seconds = lm.compiled.get(key, lambda: lower(kernel))
+    `program` holds the static structure (method, tokens, input shape, attention kernel);
+    `lower()` builds and compiles it. The programs are kept on the model (`lm.compiled`)."""
+    key = (lm.graphdef, *program, str(lm.dtype), lm.mesh, lm.rules)
+    compiled, compile_seconds = lm.compiled.get(key, lower)
     start = time.perf_counter()
     outputs = jax.block_until_ready(compiled(*args))
     return outputs, time.perf_counter() - start, compile_seconds
@@ -378,18 +395,3 @@ def decode_text(lm, row: Sequence[int]) -> str:
             break
     cut = [t for t in cut if t != cfg.mask_token_id]
     return lm.tokenizer.decode(cut, skip_special_tokens=True)
-
-
-def kernel_shard(lm, batch: int):
-    """(mesh, batch axes, head axis) for cached attention under lm's mesh, or None without one.
-    Batch and heads split only where the sizes divide (GQA groups stay whole)."""
-    if lm.mesh is None:
-        return None
-    from dlmjax.sharding import axis_size, batch_axes
-
-    head_axis = lm.rules.axes_for("heads")
-    n = axis_size(lm.mesh, head_axis)
-    cfg = lm.config
-    if head_axis is not None and (cfg.num_heads % n or (cfg.num_kv_heads % n and cfg.num_kv_heads != 1)):
-        head_axis = None
-    return (lm.mesh, batch_axes(lm.mesh, lm.rules, batch), head_axis)

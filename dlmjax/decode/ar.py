@@ -109,13 +109,10 @@ class ARState:
         )
 
 
-def _decode_ar(graphdef, state, prompt, prompt_mask, knobs: ARKnobs, key, *, method: ARMethod, tokens: ARTokens, shard=None,
-               layout: Layout | None = None, kernel: str = ""):
+def _decode_ar(graphdef, state, prompt, prompt_mask, knobs: ARKnobs, key, *, method: ARMethod, tokens: ARTokens,
+               layout: Layout | None = None, kernel: str = "auto"):
     """Returns tokens [B, G], nfe (scalar: model calls, the prefill included) and lengths [B].
-
-    `kernel` is DLMJAX_ATTENTION's value: the attention kernel is picked while tracing, and jit's
-    trace cache does not see the environment, so the value is a static argument (another value
-    retraces instead of reusing the other kernel's trace)."""
+    `kernel` (static) is the cached-attention implementation ("auto", "xla", "pallas")."""
     model = nnx.merge(graphdef, state)
     cfg = model.config
     b, p = prompt.shape
@@ -138,11 +135,11 @@ def _decode_ar(graphdef, state, prompt, prompt_mask, knobs: ARKnobs, key, *, met
             lengths=s.lengths + (~s.done).astype(jnp.int32), done=s.done | is_stop(token),
         )
 
-    cache = KVCache.zeros(cfg, b, slots, model.embed[...].dtype, shard)
+    cache = KVCache.zeros(cfg, b, slots, model.embed[...].dtype)
     prefill_mask = mask_spec("causal", key_valid, query_index=jnp.arange(p), key_index=jnp.arange(slots))
     logits, cache = model(
         prompt, position_ids(cfg, prompt_mask), prefill_mask, cache=cache.constrain(layout), cache_index=0, logits_from=p - 1,
-        layout=layout,
+        layout=layout, kernel=kernel,
     )
     init = ARState(
         tokens=jnp.full((b, g), tokens.pad, jnp.int32), step=jnp.int32(0), done=jnp.zeros((b,), bool),
@@ -158,11 +155,12 @@ def _decode_ar(graphdef, state, prompt, prompt_mask, knobs: ARKnobs, key, *, met
         j = s.step  # feed token j - 1 at slot p + j - 1 to get token j
         last = jax.lax.dynamic_slice_in_dim(s.tokens, j - 1, 1, axis=1)
         mask = mask_spec("causal", key_valid, query_index=(p + j - 1)[None], key_index=jnp.arange(slots))
-        logits, cache = model(last, (real + j - 1)[:, None], mask, cache=s.cache, cache_index=p + j - 1, layout=layout)
+        logits, cache = model(last, (real + j - 1)[:, None], mask, cache=s.cache, cache_index=p + j - 1, layout=layout,
+                              kernel=kernel)
         return emit(dataclasses.replace(s, cache=cache), logits[:, -1], j).constrain(layout)
 
     final = jax.lax.while_loop(cond, body, init)
     return final.tokens, final.step, final.lengths
 
 
-decode_ar = jax.jit(_decode_ar, static_argnames=("graphdef", "method", "tokens", "shard", "layout", "kernel"))
+decode_ar = jax.jit(_decode_ar, static_argnames=("graphdef", "method", "tokens", "layout", "kernel"))

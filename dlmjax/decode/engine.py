@@ -83,6 +83,7 @@ class Context:
     method: Method
     tokens: Tokens
     layout: Layout | None
+    kernel: str  # the cached-attention implementation (static)
     key: jax.Array
     prompt_length: int
     full_mask: jax.Array  # [B, P + G]
@@ -131,13 +132,13 @@ def _full_forward(ctx: Context, x, cache):
         unconditional = x.at[:, :p].set(ctx.tokens.mask)
         both, _ = ctx.model(
             jnp.concatenate([x, unconditional]), jnp.concatenate([ctx.positions, ctx.positions]),
-            jnp.concatenate([ctx.attn, ctx.attn]), logits_from=ctx.head_from, layout=ctx.layout,
+            jnp.concatenate([ctx.attn, ctx.attn]), logits_from=ctx.head_from, layout=ctx.layout, kernel=ctx.kernel,
         )
         cond, uncond = both[:b], both[b:]
         logits = uncond + (m.guidance.cfg_scale + 1.0) * (cond - uncond)
     else:
         logits, cache = ctx.model(x, ctx.positions, ctx.attn, cache=cache, cache_index=0, logits_from=ctx.head_from,
-                                  layout=ctx.layout)
+                                  layout=ctx.layout, kernel=ctx.kernel)
     if ctx.shifted:
         logits = shift_right(logits)
     return _clean(ctx, logits[:, p - ctx.head_from:]), cache
@@ -153,7 +154,7 @@ def _window(ctx: Context, x, cache, start, width, keep=None):
     attn = mask_spec(m.attention, ctx.full_mask, query_index=start + jnp.arange(width), block_size=m.block_length,
                      prompt_length=ctx.prompt_length)
     logits, cache = ctx.model(window, window_positions, attn, cache=cache, cache_index=start, cache_keep=keep,
-                              layout=ctx.layout)
+                              layout=ctx.layout, kernel=ctx.kernel)
     if ctx.shifted:
         logits = shift_right(logits)
     return logits, cache
@@ -360,11 +361,31 @@ def _iteration(ctx: Context, s: State) -> State:
     return s.constrain(ctx.layout)
 
 
-def _decode(graphdef, state, prompt, prompt_mask, method: Method, key, *, tokens: Tokens, shard=None,
-            layout: Layout | None = None, kernel: str = ""):
-    # `kernel` is DLMJAX_ATTENTION's value. The attention kernel is picked while tracing and jit's
-    # trace cache does not see the environment, so it is a static argument: another value retraces.
-    del kernel
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """What the engine decodes: left-padded prompt ids [B, P], their mask [B, P] (1 = real), and
+    the model's special ids (static)."""
+
+    prompt: jax.Array
+    mask: jax.Array
+    tokens: Tokens = dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Output:
+    tokens: jax.Array  # [B, G] the generation region
+    nfe: jax.Array  # [B] forward passes each row took part in
+    trajectory: jax.Array  # [B, G] the row's step (1-based) that committed each position
+    steps: jax.Array  # forward passes of the batch
+
+
+def _run(graphdef, state, batch: Batch, method: Method, key, *, layout: Layout | None = None, kernel: str = "auto") -> Output:
+    """Decode `batch` with `method`: arrays in, arrays out, one program. Static: the model's
+    graphdef, the `layout` (None on one device) and the cached-attention implementation `kernel`
+    ("auto", "xla", "pallas"); the method's structure is its pytree structure."""
+    prompt, prompt_mask, tokens = batch.prompt, batch.mask, batch.tokens
     model = nnx.merge(graphdef, state)
     cfg = model.config
     b, p = prompt.shape
@@ -375,28 +396,28 @@ def _decode(graphdef, state, prompt, prompt_mask, method: Method, key, *, tokens
         attn = position_block_causal(positions, full_mask, k)
     else:
         attn = attention_mask(method.attention, full_mask, block_size=k, prompt_length=p)
-    ctx = Context(model=model, method=method, tokens=tokens, layout=layout, key=key, prompt_length=p, full_mask=full_mask,
-                  positions=positions, attn=attn)
+    ctx = Context(model=model, method=method, tokens=tokens, layout=layout, kernel=kernel, key=key, prompt_length=p,
+                  full_mask=full_mask, positions=positions, attn=attn)
     x = jnp.concatenate([prompt, jnp.full((b, g), tokens.mask, prompt.dtype)], axis=1)
     zeros = jnp.zeros((b, g), jnp.float32)
     cached = method.cache.stores
     init = State(
         x=x, nfe=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool), trajectory=jnp.zeros((b, g), jnp.int32),
         steps=jnp.int32(0), x0=jnp.zeros((b, g), jnp.int32), confidence=zeros, entropy=zeros, margin=zeros, rank=zeros,
-        cache=KVCache.zeros(cfg, b, p + g, model.embed[...].dtype, shard) if cached else None,
+        cache=KVCache.zeros(cfg, b, p + g, model.embed[...].dtype) if cached else None,
         sched=method.blocks.init(jnp.ones((b, g), bool), jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)),
     )
     if method.cache.exact:  # the prompt is final from the start: write its K/V once (one forward for every row)
         prompt_attn = attention_mask(method.attention, full_mask, query_index=jnp.arange(p), block_size=k, prompt_length=p)
         _, cache = model(prompt, ctx.positions[:, :p], prompt_attn, cache=init.cache, cache_index=0, logits_from=p,
-                         layout=layout)
+                         layout=layout, kernel=kernel)
         init = dataclasses.replace(init, cache=cache, nfe=init.nfe + 1)
 
     def running(s: State):
         return method.blocks.running(s.sched) & jnp.any(~s.done)
 
     final = jax.lax.while_loop(running, lambda s: _iteration(ctx, s), init.constrain(layout))
-    return final.x[:, p:], final.nfe, final.trajectory, final.steps
+    return Output(tokens=final.x[:, p:], nfe=final.nfe, trajectory=final.trajectory, steps=final.steps)
 
 
-decode = jax.jit(_decode, static_argnames=("graphdef", "tokens", "shard", "layout", "kernel"))
+run = jax.jit(_run, static_argnames=("graphdef", "layout", "kernel"))
