@@ -46,6 +46,9 @@ def _m(name, path, old, new, tests):
 
 
 RULES, EXITS, ENGINE, API = "dlmjax/decode/rules.py", "dlmjax/decode/exits.py", "dlmjax/decode/engine.py", "dlmjax/decode/presets.py"
+SCHEDULES = "dlmjax/decode/schedules.py"
+D2F_TESTS = ["tests/test_decode_d2f.py"]
+FDV2_TESTS = ["tests/test_decode_fdv2.py"]
 MUTATIONS = [
     # every comparison of the commit rules
     _m("threshold >= becomes >", RULES, "(confidence >= threshold)", "(confidence > threshold)", ENGINE_TESTS),
@@ -93,6 +96,24 @@ MUTATIONS = [
     _m("block-causal blocks from 1", "dlmjax/attention.py", "return index // block_size", "return (index + 1) // block_size", CACHE_TESTS),
     _m("block mask q >= k becomes >", "dlmjax/attention.py", "(self.q_block[:, None] >= self.k_block[None, :])",
        "(self.q_block[:, None] > self.k_block[None, :])", CACHE_TESTS),
+    # D2F's pipeline and rule, Fast-dLLM v2's blocks
+    _m("d2f tau_conf > becomes >=", RULES, "sure = candidates & (step.confidence > self.tau_conf)",
+       "sure = candidates & (step.confidence >= self.tau_conf)", D2F_TESTS),
+    _m("d2f fallback in every window", RULES, "stuck = ~jnp.any(sure, axis=-1) if step.force is None else step.force & ~jnp.any(sure, axis=-1)",
+       "stuck = ~jnp.any(sure, axis=-1)", D2F_TESTS),
+    _m("d2f topk_margin ranks by probability", RULES, "            return margins(probs)\n        return jnp.sum(probs",
+       "            return jnp.max(probs, axis=-1)\n        return jnp.sum(probs", D2F_TESTS),
+    _m("d2f tau_add >= becomes >", SCHEDULES, "(newest >= self.tau_add)", "(newest > self.tau_add)", D2F_TESTS),
+    _m("d2f tau_act >= becomes >", SCHEDULES, "(before >= self.tau_act)", "(before > self.tau_act)", D2F_TESTS),
+    _m("d2f activation skips the prompt", SCHEDULES, "before = jnp.concatenate([jnp.ones_like(ratio[:, :1]), ratio[:, :-1]], axis=1)",
+       "before = jnp.concatenate([jnp.zeros_like(ratio[:, :1]), ratio[:, :-1]], axis=1)", D2F_TESTS),
+    _m("fdv2 threshold > becomes >=", API, 'rule="threshold", strict=True,', 'rule="threshold", strict=False,',
+       FDV2_TESTS + ["tests/test_presets.py"]),
+    _m("fdv2 prefill only past one block", SCHEDULES, "prefill = prompt_lengths >= self.block_length",
+       "prefill = prompt_lengths > self.block_length", FDV2_TESTS),
+    _m("fdv2 sub-blocks ignored", SCHEDULES, "window = in_block & (sub == current)", "window = in_block", FDV2_TESTS),
+    _m("fdv2 stop with a mask before it", SCHEDULES, "stopped = jnp.any(is_stop, axis=-1) & ~jnp.any(masked & (g < first_stop[:, None]), axis=-1)",
+       "stopped = jnp.any(is_stop, axis=-1)", FDV2_TESTS),
     # RoPE
     _m("rope theta / 10", "dlmjax/attention.py", "inv_freq = 1.0 / (theta ** (", "inv_freq = 1.0 / ((theta / 10) ** (",
        ["tests/test_model_parity.py", "tests/test_attention.py"]),

@@ -74,3 +74,37 @@ def test_bad_d2f_knobs_are_refused(loaded):
     ]:
         with pytest.raises(DlmjaxError, match=words.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
             lm.generate([PROMPTS[0]], method="d2f", gen_length=16, **knobs)
+
+
+def test_the_d2f_rule_on_crafted_statistics():
+    """The rule alone, on windows where the cases differ: tau_conf is strict (a probability equal to it
+    does not pass), a window that must commit and passes nothing commits its best by `alg`, and one
+    that need not commits nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    from dlmjax.decode import rules
+
+    # one window of 3 positions over a vocabulary of 3: position 0 has the top probability (0.50) and the
+    # lowest entropy, position 1 the widest top-1 - top-2 margin (0.22)
+    probs = jnp.asarray([[[0.50, 0.49, 0.01], [0.48, 0.26, 0.26], [0.45, 0.45, 0.10]]], jnp.float32)
+    ranked = {alg: int(jnp.argmax(rules.D2F(alg=alg).rank(probs)[0])) for alg in rules.D2F_ALGS}
+    assert ranked == {"maskgit_plus": 0, "topk_margin": 1, "entropy": 0}, ranked
+    candidates = jnp.ones((1, 3), bool)
+    confidence = jnp.max(probs, axis=-1)
+
+    def commit(alg, tau, force):
+        rule = rules.D2F(tau_conf=tau, alg=alg)
+        step = rules.Step(candidates=candidates, confidence=confidence, entropy=None, quota=None,
+                          select_key=jax.random.key(0), rank=rule.rank(probs), force=jnp.asarray([force]))
+        return [bool(c) for c in rule.commit(step)[0]]
+
+    assert commit("maskgit_plus", 0.48, False) == [True, False, False]  # 0.48 is not > 0.48
+    assert commit("maskgit_plus", 0.50, False) == [False, False, False]  # nothing passes, nothing forced
+    assert commit("maskgit_plus", 0.50, True) == [True, False, False]  # forced: the most probable
+    assert commit("topk_margin", 0.50, True) == [False, True, False]  # forced: the widest margin
+    assert commit("entropy", 0.50, True) == [True, False, False]
+    step = rules.Step(candidates=candidates, confidence=confidence, entropy=None, quota=None, select_key=jax.random.key(0))
+    strict = rules.Threshold(threshold=0.48, strict=True)
+    assert [bool(c) for c in strict.commit(step)[0]] == [True, False, False]  # Fast-dLLM v2: > 0.48, plus the best
+    assert [bool(c) for c in rules.Threshold(threshold=0.48).commit(step)[0]] == [True, True, False]  # v1: >= 0.48

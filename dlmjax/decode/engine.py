@@ -414,7 +414,7 @@ def _run(graphdef, state, batch: Batch, method: Method, key, *, layout: Layout |
         init = dataclasses.replace(init, cache=cache, nfe=init.nfe + 1)
 
     def running(s: State):
-        return method.blocks.running(s.sched) & jnp.any(~s.done)
+        return method.blocks.running(s.sched) & jnp.any(~s.done) & (s.steps < method.blocks.max_steps)
 
     final = jax.lax.while_loop(running, lambda s: _iteration(ctx, s), init.constrain(layout))
     return Output(tokens=final.x[:, p:], nfe=final.nfe, trajectory=final.trajectory, steps=final.steps)

@@ -54,6 +54,12 @@ class Schedule(Part):
     def num_blocks(self) -> int:
         return self.gen_length // self.block_length
 
+    @property
+    def max_steps(self) -> int:
+        """The most steps (forwards) a decode can take: the loop's hard bound, so that no state,
+        however wrong, can keep it running."""
+        raise NotImplementedError
+
     def _check_lengths(self) -> None:
         gen, block = self.gen_length, self.block_length
         if gen <= 0 or block <= 0:
@@ -94,6 +100,10 @@ class SemiAR(Schedule):
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+    @property
+    def max_steps(self) -> int:  # each block: its fixed steps, or one commit a step at least
+        return self.num_blocks * max(self.steps_per_block, self.block_length)
 
     def masks_in_block(self, masked, block) -> jax.Array:
         return jnp.sum(masked & block_span(block, self.gen_length, self.block_length), axis=-1).astype(jnp.int32)
@@ -148,6 +158,10 @@ class Pipeline(Schedule):
             value = getattr(self, knob)
             if not 0 <= value <= 1:
                 raise DlmjaxError(f"{knob} {value} is outside [0, 1]; it is a fraction of a block, e.g. 0.5")
+
+    @property
+    def max_steps(self) -> int:  # every step commits a token (the earliest block with masks is fully activated)
+        return self.gen_length
 
     def init(self, masked, prompt_lengths) -> PipelineState:
         b = masked.shape[0]
@@ -216,6 +230,10 @@ class Hierarchy(Schedule):
         sub, block = self.sub_block_length, self.block_length
         if sub <= 0 or block % sub:
             raise DlmjaxError(f"sub_block_length {sub} does not divide block_length {block}; pick a divisor such as 8")
+
+    @property
+    def max_steps(self) -> int:  # the prefill, a token a step, and a commit pass a block
+        return 1 + self.gen_length + self.num_blocks
 
     def init(self, masked, prompt_lengths) -> HierarchyState:
         prefill = prompt_lengths >= self.block_length  # upstream: > (SPEC.md: a prompt of exactly one block is fed)
