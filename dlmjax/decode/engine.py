@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dlmjax.attention import attention_mask, mask_spec, position_block_causal
+from dlmjax.attention import attention_mask, mask_spec
 from dlmjax.cache import KVCache
 from dlmjax.decode import rules
 from dlmjax.decode.caches import Dual
 from dlmjax.decode.exits import margins
 from dlmjax.decode.method import Method
 from dlmjax.decode.sampling import block_noise, gumbel_argmax
-from dlmjax.decode.schedules import Hierarchy, Pipeline, SemiAR, View
+from dlmjax.decode.schedules import View
 from dlmjax.model import position_ids, shift_right
 from dlmjax.sharding import Layout, constrain
 
@@ -207,8 +207,7 @@ def _predictions(ctx: Context, s: State, logits, offset, v: View, noise, skip_fi
     [B, G] arrays. Sampling noise covers the view's block (SemiAR) or the whole region."""
     m, tokens = ctx.method, ctx.tokens
     width = logits.shape[1]
-    noise_start, noise_length = _noise_span(m, v)
-    x0 = gumbel_argmax(logits, m.temperature, noise, offset, noise_start, noise_length)
+    x0 = gumbel_argmax(logits, m.temperature, noise, offset, v.noise_start, v.noise_length)
     probs = jax.nn.softmax(logits, axis=-1)
     confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
     if m.confidence_eos_eot_inf:
@@ -232,12 +231,6 @@ def _predictions(ctx: Context, s: State, logits, offset, v: View, noise, skip_fi
     return dataclasses.replace(s, **out)
 
 
-def _noise_span(m: Method, v: View):
-    if not isinstance(m.blocks, SemiAR):  # windows anywhere in the region
-        return 0, m.gen_length
-    return v.block * m.block_length, m.block_length
-
-
 # --- the commit rule, per window -------------------------------------------------------------------
 
 
@@ -259,8 +252,7 @@ def _decide(ctx: Context, s: State, v: View, sample_key, select_key):
             s = dataclasses.replace(s, margin=margins(logits))
         return x0, commit, s
 
-    noise_start, noise_length = _noise_span(m, v)
-    noise = block_noise(sample_key, m.temperature, noise_start, noise_length, b, cfg.vocab_size, m.gumbel_x64)
+    noise = block_noise(sample_key, m.temperature, v.noise_start, v.noise_length, b, cfg.vocab_size, m.gumbel_x64)
     s = _forward(ctx, s, v, noise)
     quota = None
     if isinstance(rule, rules.Quota):
@@ -332,32 +324,19 @@ def _write(ctx: Context, s: State, v: View, x0, commit) -> State:
 # --- the loop ----------------------------------------------------------------------------------------
 
 
-def _view(ctx: Context, s: State) -> tuple[State, View]:
-    m = ctx.method
-    masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
-    if isinstance(m.blocks, Pipeline):
-        s = dataclasses.replace(s, sched=m.blocks.open(s.sched, masked, s.done))
-        return s, m.blocks.view(s.sched, s.done)
-    if isinstance(m.blocks, Hierarchy):
-        return s, m.blocks.view(s.sched, masked, s.done)
-    st = s.sched
-    if ctx.refresh_commits_one and isinstance(m.rule, rules.Quota):  # quotas split what the refresh left
-        st = dataclasses.replace(st, quota_base=jnp.where(st.i == 1, m.blocks.masks_in_block(masked, st.block), st.quota_base))
-    return dataclasses.replace(s, sched=st), m.blocks.view(st, masked, s.done, m.rule.fixed_steps)
-
-
 def _iteration(ctx: Context, s: State) -> State:
-    """One iteration of the loop: one step (a forward and its commits) of the active rows."""
+    """One iteration of the loop: the schedule's view, one forward through the cache policy, the
+    rule's commits per window, and the schedule's state after them."""
     m = ctx.method
-    s, v = _view(ctx, s.constrain(ctx.layout))
+    s = s.constrain(ctx.layout)
+    masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
+    sched, v = m.blocks.begin(s.sched, masked, s.done, m.rule, ctx.refresh_commits_one)
+    s = dataclasses.replace(s, sched=sched)
     sample_key, select_key = jax.random.split(jax.random.fold_in(ctx.key, s.steps))
     x0, commit, s = _decide(ctx, s, v, sample_key, select_key)
     s = _write(ctx, s, v, x0, commit)
-    if isinstance(m.blocks, SemiAR):  # the block is over for every row: the next iteration starts the next one
-        masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
-        over = ~m.blocks.view(s.sched, masked, s.done, m.rule.fixed_steps).run
-        moved = m.blocks.next_block(s.sched, masked)
-        s = dataclasses.replace(s, sched=jax.tree_util.tree_map(lambda a, b: jnp.where(over, a, b), moved, s.sched))
+    masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
+    s = dataclasses.replace(s, sched=m.blocks.settle(s.sched, masked, s.done, m.rule))
     return s.constrain(ctx.layout)
 
 
@@ -392,10 +371,7 @@ def _run(graphdef, state, batch: Batch, method: Method, key, *, layout: Layout |
     g, k = method.gen_length, method.block_length
     full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, g), prompt_mask.dtype)], axis=1)
     positions = position_ids(cfg, full_mask)
-    if isinstance(method.blocks, Hierarchy):  # blocks from each row's position 0, whatever its padding
-        attn = position_block_causal(positions, full_mask, k)
-    else:
-        attn = attention_mask(method.attention, full_mask, block_size=k, prompt_length=p)
+    attn = method.blocks.mask(method.attention, positions, full_mask, p)
     ctx = Context(model=model, method=method, tokens=tokens, layout=layout, kernel=kernel, key=key, prompt_length=p,
                   full_mask=full_mask, positions=positions, attn=attn)
     x = jnp.concatenate([prompt, jnp.full((b, g), tokens.mask, prompt.dtype)], axis=1)

@@ -29,6 +29,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from dlmjax.attention import attention_mask, position_block_causal
 from dlmjax.decode.parts import Part, part, static, traced
 from dlmjax.errors import DlmjaxError
 
@@ -42,13 +43,32 @@ class View:
     region: jax.Array  # [B, G] positions a commit may touch
     windows: int  # the rule sees [B * windows, G / windows]: one row per window
     force: jax.Array | None  # [B, windows] windows that must commit at least one candidate (None: every window)
-    block: jax.Array  # scalar: the window a cache policy and the sampling noise work on (SemiAR)
+    block: jax.Array  # scalar: the block a cache policy works on (SemiAR)
     i: jax.Array  # scalar: the step within that block (SemiAR)
+    noise_start: jax.Array | int  # the positions [start, start + length) a step may sample (Gumbel noise)
+    noise_length: int
 
 
 class Schedule(Part):
+    """What every schedule gives the engine's loop (`dlmjax/decode/engine.py:_iteration`):
+
+    init(masked, prompt_lengths) -> state      its state before the first step
+    begin(state, masked, done, rule, refresh_commits_one) -> (state, View)   the start of a step
+    after(state, before, x_gen, tokens) -> (state, finished [B], keep [B, G] | None)
+        after the commits: rows the schedule ends, and the positions they keep (the rest reads
+        as EOS; None: the schedule ends no row)
+    settle(state, masked, done, rule) -> state  once the step's rows are done or not (SemiAR: the
+        batch moves to the next block)
+    running(state) -> scalar bool, max_steps    the loop's bounds
+    mask(attention, positions, full_mask, prompt_length)   the canvas's attention mask
+    """
+
     gen_length: int
     block_length: int
+
+    def mask(self, attention: str, positions, full_mask, prompt_length: int):
+        """The canvas's attention mask [B, T, T] under the method's `attention` mode."""
+        return attention_mask(attention, full_mask, block_size=self.block_length, prompt_length=prompt_length)
 
     @property
     def num_blocks(self) -> int:
@@ -114,6 +134,11 @@ class SemiAR(Schedule):
     def running(self, st: SemiARState) -> jax.Array:
         return st.block < self.num_blocks
 
+    def begin(self, st: SemiARState, masked, done, rule, refresh_commits_one: bool):
+        if refresh_commits_one and rule.name == "quota":  # quotas split what the block's refresh step left
+            st = dataclasses.replace(st, quota_base=jnp.where(st.i == 1, self.masks_in_block(masked, st.block), st.quota_base))
+        return st, self.view(st, masked, done, rule.fixed_steps)
+
     def view(self, st: SemiARState, masked, done, fixed_steps: bool) -> View:
         span = block_span(st.block, self.gen_length, self.block_length)
         if fixed_steps:  # quota and Dream: exactly steps_per_block steps a block
@@ -123,15 +148,18 @@ class SemiAR(Schedule):
         cap = self.steps_per_block if fixed_steps else self.block_length
         run = (st.i < cap) & jnp.any(active)
         return View(run=run, active=active, region=span[None, :] & active[:, None], windows=1, force=None, block=st.block,
-                    i=st.i)
-
-    def next_block(self, st: SemiARState, masked) -> SemiARState:
-        block = st.block + 1
-        return SemiARState(block=block, i=jnp.int32(0), quota_base=self.masks_in_block(masked, block))
+                    i=st.i, noise_start=st.block * self.block_length, noise_length=self.block_length)
 
     def after(self, st: SemiARState, before, x_gen, tokens):
         """The state after a step; SemiAR finishes no row itself (the engine's EOS and mask rules do)."""
         return dataclasses.replace(st, i=st.i + 1), jnp.zeros(x_gen.shape[:1], bool), None
+
+    def settle(self, st: SemiARState, masked, done, rule) -> SemiARState:
+        """The block is over for every row: the next step starts the next block."""
+        over = ~self.view(st, masked, done, rule.fixed_steps).run
+        block = st.block + 1
+        moved = SemiARState(block=block, i=jnp.int32(0), quota_base=self.masks_in_block(masked, block))
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(over, a, b), moved, st)
 
 
 @jax.tree_util.register_dataclass
@@ -190,11 +218,15 @@ class Pipeline(Schedule):
         complete = st.complete | ((index[None, :] < added[:, None]) & (before >= self.tau_act))
         return PipelineState(added=added, complete=complete, eos=st.eos)
 
-    def view(self, st: PipelineState, done) -> View:
+    def begin(self, st: PipelineState, masked, done, rule, refresh_commits_one: bool):
+        st = self.open(st, masked, done)
         added = jnp.arange(self.gen_length)[None, :] // self.block_length < st.added[:, None]
         active = ~done
-        return View(run=jnp.bool_(True), active=active, region=added & active[:, None], windows=self.num_blocks,
-                    force=st.complete, block=jnp.int32(0), i=jnp.int32(0))
+        return st, View(run=jnp.bool_(True), active=active, region=added & active[:, None], windows=self.num_blocks,
+                        force=st.complete, block=jnp.int32(0), i=jnp.int32(0), noise_start=0, noise_length=self.gen_length)
+
+    def settle(self, st: PipelineState, masked, done, rule) -> PipelineState:
+        return st
 
     def after(self, st: PipelineState, before, x_gen, tokens):
         """The state after a step (an EOS committed stops the adding of blocks), the rows with nothing
@@ -252,6 +284,16 @@ class Hierarchy(Schedule):
         hi = (first + jnp.maximum(st.block, 0) + 1) * bs - st.prompt_length  # the current block's end
         return block, position // sbs, hi
 
+    def mask(self, attention: str, positions, full_mask, prompt_length: int):
+        """Block-causal by position: blocks from each row's position 0, whatever its padding."""
+        return position_block_causal(positions, full_mask, self.block_length)
+
+    def begin(self, st: HierarchyState, masked, done, rule, refresh_commits_one: bool):
+        return st, self.view(st, masked, done)
+
+    def settle(self, st: HierarchyState, masked, done, rule) -> HierarchyState:
+        return st
+
     def view(self, st: HierarchyState, masked, done) -> View:
         block, sub, hi = self._geometry(st)
         g = jnp.arange(self.gen_length)[None, :]
@@ -267,7 +309,7 @@ class Hierarchy(Schedule):
         region = jnp.where((st.block == -1)[:, None], prefill, jnp.where(decoding[:, None], window, commit_pass))
         active = ~done
         return View(run=jnp.bool_(True), active=active, region=region & active[:, None], windows=1, force=None,
-                    block=jnp.int32(0), i=jnp.int32(0))
+                    block=jnp.int32(0), i=jnp.int32(0), noise_start=0, noise_length=self.gen_length)
 
     def after(self, st: HierarchyState, before, x_gen, tokens):
         """The state after a step, the rows that are finished, and the positions they keep."""
