@@ -254,13 +254,7 @@ def _decide(ctx: Context, s: State, v: View, sample_key, select_key):
 
     noise = block_noise(sample_key, m.temperature, v.noise_start, v.noise_length, b, cfg.vocab_size, m.gumbel_x64)
     s = _forward(ctx, s, v, noise)
-    quota = None
-    if isinstance(rule, rules.Quota):
-        spb, base = m.steps_per_block, s.sched.quota_base
-        if ctx.refresh_commits_one:  # the refresh committed one token; the rest share spb - 1 steps
-            quota = base // (spb - 1) + ((v.i - 1) < base % (spb - 1)).astype(jnp.int32)
-        else:
-            quota = base // spb + (v.i < base % spb).astype(jnp.int32)
+    quota = v.quota
     w = v.windows
 
     def per_window(a):  # [B, G] -> [B * W, G / W]: the rule handles each window as a row

@@ -2,9 +2,12 @@
 
 A rule is a frozen pytree dataclass (`dlmjax.decode.parts`): its tuned numbers are traced
 fields, its structure static ones. `commit(step)` maps a step's statistics to a boolean
-commit mask [B, G]; it is pure, works on whole batches, and breaks ties by position (lower
-first), as `torch.topk` on distinct values and `argmax` do. `needs` names the statistics the
-engine must compute for it ("confidence", "entropy"; "logits" for a rule that samples itself).
+commit mask [R, W]: one row per window the block schedule opened (a row of the batch for
+SemiAR's single block, a (row, block) pair for D2F's pipeline), W its positions. It is pure,
+works on whole batches, and breaks ties by position (lower first), as `torch.topk` on distinct
+values and `argmax` do. `needs` names the statistics the engine must compute for it
+("confidence", "entropy", "rank" for the rule's own `rank(probs)`; "logits" for a rule that
+samples itself).
 
 A new rule is one class here, registered in `RULES` under the name users pass as `rule=`; its
 fields become `lm.generate` knobs and CLI flags by themselves.

@@ -47,6 +47,7 @@ class View:
     i: jax.Array  # scalar: the step within that block (SemiAR)
     noise_start: jax.Array | int  # the positions [start, start + length) a step may sample (Gumbel noise)
     noise_length: int
+    quota: jax.Array | None = None  # [B] tokens this step commits, for the quota rule (LLaDA's schedule)
 
 
 class Schedule(Part):
@@ -135,9 +136,19 @@ class SemiAR(Schedule):
         return st.block < self.num_blocks
 
     def begin(self, st: SemiARState, masked, done, rule, refresh_commits_one: bool):
-        if refresh_commits_one and rule.name == "quota":  # quotas split what the block's refresh step left
-            st = dataclasses.replace(st, quota_base=jnp.where(st.i == 1, self.masks_in_block(masked, st.block), st.quota_base))
-        return st, self.view(st, masked, done, rule.fixed_steps)
+        view = self.view(st, masked, done, rule.fixed_steps)
+        if rule.name != "quota":
+            return st, view
+        # LLaDA's schedule: the block's masks spread evenly over its steps, the first steps taking
+        # the remainder. Under Fast-dLLM's approximate caches a shifted family's refresh step commits
+        # the block's first token only, and the other steps share what it left.
+        spb, i = self.steps_per_block, st.i
+        if refresh_commits_one:
+            st = dataclasses.replace(st, quota_base=jnp.where(i == 1, self.masks_in_block(masked, st.block), st.quota_base))
+            quota = st.quota_base // (spb - 1) + ((i - 1) < st.quota_base % (spb - 1)).astype(jnp.int32)
+        else:
+            quota = st.quota_base // spb + (i < st.quota_base % spb).astype(jnp.int32)
+        return st, dataclasses.replace(view, quota=quota)
 
     def view(self, st: SemiARState, masked, done, fixed_steps: bool) -> View:
         span = block_span(st.block, self.gen_length, self.block_length)
