@@ -279,6 +279,9 @@ def test_export_round_trip_is_bit_exact(hf_checkpoint, converted, tmp_path):
     [
         (dict(method="llada"), "qwen2 is an autoregressive model, which decodes with method='ar' only"),
         (dict(method="fast-dllm"), "decodes with method='ar' only; drop method='fast-dllm'"),
+        (dict(method="d2f"), "decodes with method='ar' only; drop method='d2f'"),  # D2F needs diffusion training
+        (dict(method="fast-dllm-v2"), "decodes with method='ar' only; drop method='fast-dllm-v2'"),
+        (dict(stop_token_ids=[4096]), r"stop token id 4096 is outside the vocabulary"),
         (dict(block_length=8), "block_length is for diffusion decoding only; drop it"),
         (dict(steps=4, cache="dual"), "steps, cache are for diffusion decoding only; drop them"),
         (dict(top_p=0.0), r"top_p 0.0 is outside \(0, 1\]"),
