@@ -152,6 +152,28 @@ def exit_tau(schedule: str, progress: torch.Tensor, tau_high: float, tau_low: fl
     raise ValueError(f"unknown exit schedule {schedule!r}")
 
 
+def _canvas(forward: TorchForward, prompt, mask_id: int, gen_length: int):
+    """The start of a timed decode: (canvas [B, P + G] on the model's device, the prompt and then
+    `gen_length` masks; P; the start time)."""
+    synchronize(forward.device)
+    start = time.perf_counter()
+    prompt = torch.as_tensor(prompt, dtype=torch.long).to(forward.device)
+    b, p = prompt.shape
+    x = torch.full((b, p + gen_length), mask_id, dtype=torch.long, device=forward.device)
+    x[:, :p] = prompt
+    return x, p, start
+
+
+def _result(forward: TorchForward, x, p: int, nfe, forwards: int, start: float, fill: int | None = None,
+            mask_id: int | None = None) -> dict:
+    """The end of a timed decode: tokens [B, G] (masks left read as `fill`, when given), nfe [B],
+    forwards and seconds, on the CPU."""
+    if fill is not None:
+        x[:, p:] = torch.where(x[:, p:] == mask_id, fill, x[:, p:])
+    synchronize(forward.device)
+    return dict(tokens=x[:, p:].cpu(), nfe=nfe.cpu(), forwards=forwards, seconds=time.perf_counter() - start)
+
+
 @torch.no_grad()
 def generate(
     forward: TorchForward,
@@ -179,16 +201,12 @@ def generate(
         raise ValueError("the early exits read the whole generation region; run them with cache='none'")
     device = forward.device
     dual = DualCache(forward.model) if cache == "dual" else None
-    synchronize(device)
-    start = time.perf_counter()
-    prompt = torch.as_tensor(prompt, dtype=torch.long).to(device)
-    b, p = prompt.shape
     g, k = gen_length, block_length
     nb = g // k
     assert g % k == 0 and steps % nb == 0
     spb = steps // nb
-    x = torch.full((b, p + g), mask_id, dtype=torch.long, device=device)
-    x[:, :p] = prompt
+    x, p, start = _canvas(forward, prompt, mask_id, g)
+    b = x.shape[0]
     nfe = torch.zeros(b, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     rows = torch.arange(b, device=device)
@@ -257,13 +275,7 @@ def generate(
             done |= ~(x[:, p:] == mask_id).any(dim=1)
             i += 1
 
-    synchronize(device)
-    return {
-        "tokens": x[:, p:].cpu(),
-        "nfe": nfe.cpu(),
-        "forwards": forwards,
-        "seconds": time.perf_counter() - start,
-    }
+    return _result(forward, x, p, nfe, forwards, start)
 
 
 @torch.no_grad()
@@ -299,14 +311,10 @@ def generate_d2f(forward: TorchForward, prompt: torch.Tensor, *, mask_id: int, s
     active block decoded in turn with torch ops. Prompts [B, P] without padding; temperature 0.
     Returns tokens [B, G] (blocks never added read as the first stop id), nfe [B], forwards, seconds."""
     device = forward.device
-    synchronize(device)
-    start = time.perf_counter()
-    prompt = torch.as_tensor(prompt, dtype=torch.long).to(device)
-    b, p = prompt.shape
     g, k = gen_length, block_length
     nb = g // k
-    x = torch.full((b, p + g), mask_id, dtype=torch.long, device=device)
-    x[:, :p] = prompt
+    x, p, start = _canvas(forward, prompt, mask_id, g)
+    b = x.shape[0]
     index = torch.arange(p + g, device=device)
     block_of = torch.where(index < p, 0, 1 + (index - p) // k)
     allowed = block_of[None, :] <= block_of[:, None]
@@ -358,10 +366,7 @@ def generate_d2f(forward: TorchForward, prompt: torch.Tensor, *, mask_id: int, s
             left = bool((x[r, p:p + added[r] * k] == mask_id).any())
             if not left and (added[r] == nb or stopped[r]):
                 done[r] = True
-    fill = stops[0] if stops else mask_id
-    x[:, p:] = torch.where(x[:, p:] == mask_id, fill, x[:, p:])
-    synchronize(device)
-    return dict(tokens=x[:, p:].cpu(), nfe=nfe, forwards=forwards, seconds=time.perf_counter() - start)
+    return _result(forward, x, p, nfe, forwards, start, fill=stops[0] if stops else mask_id, mask_id=mask_id)
 
 
 @torch.no_grad()
@@ -376,14 +381,9 @@ def generate_fdv2(forward: TorchForward, prompt: torch.Tensor, *, mask_id: int, 
     mask before it. Temperature 0. Returns tokens [B, G] (the rest of a stopped row reads as the
     first stop id), nfe [B], forwards, seconds."""
     device = forward.device
-    synchronize(device)
-    start = time.perf_counter()
-    prompt = torch.as_tensor(prompt, dtype=torch.long).to(device)
-    b, p = prompt.shape
     g, bs, sbs = gen_length, block_length, sub_block_length
-    length = p + g
-    x = torch.full((b, length), mask_id, dtype=torch.long, device=device)
-    x[:, :p] = prompt
+    x, p, start = _canvas(forward, prompt, mask_id, g)
+    b, length = x.shape
     index = torch.arange(length, device=device)
     allowed = (index[None, :] // bs) <= (index[:, None] // bs)
     stop_ids = torch.as_tensor(stops or (-1,), device=device)
@@ -444,7 +444,4 @@ def generate_fdv2(forward: TorchForward, prompt: torch.Tensor, *, mask_id: int, 
         nfe += live.long()
         x[:, hi] = torch.where(live.to(device), torch.argmax(logits[:, hi], dim=-1), x[:, hi])
         check_stops()
-    fill = stops[0] if stops else mask_id
-    x[:, p:] = torch.where(x[:, p:] == mask_id, fill, x[:, p:])
-    synchronize(device)
-    return dict(tokens=x[:, p:].cpu(), nfe=nfe, forwards=forwards, seconds=time.perf_counter() - start)
+    return _result(forward, x, p, nfe, forwards, start, fill=stops[0] if stops else mask_id, mask_id=mask_id)

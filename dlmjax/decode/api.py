@@ -19,7 +19,6 @@ from dlmjax.decode import engine
 from dlmjax.decode.engine import Batch, Tokens
 from dlmjax.decode.method import Method
 from dlmjax.decode.presets import PRESETS
-from dlmjax.decode.schedules import Hierarchy
 from dlmjax.errors import DlmjaxError
 from dlmjax.sharding import on_model_mesh
 from dlmjax.tokenizer import check_vocabulary
@@ -260,9 +259,7 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
             f"(the refresh commits only the first token); raise steps to {2 * m.num_blocks} or more"
         )
     cfg = lm.config
-    if isinstance(m.blocks, Hierarchy) and cfg.bd_size is None:
-        raise DlmjaxError(f"method 'fast-dllm-v2' needs a block-diffusion model trained block-causal (family fast_dllm_v2); "
-                          f"this is {cfg.family}: use 'fast-dllm', 'd2f' or 'llada'")
+    m.blocks.check_model(cfg)
     if (m.stop_at_eos or m.logits_eos_inf or m.confidence_eos_eot_inf) and cfg.eos_token_id is None:
         raise DlmjaxError("this model's config has no eos_token_id; set it in config.json or drop the EOS options")
     ids, mask, limit = _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat, gen_length)

@@ -25,7 +25,7 @@ from dlmjax.decode.caches import Dual
 from dlmjax.decode.exits import margins
 from dlmjax.decode.method import Method
 from dlmjax.decode.sampling import block_noise, gumbel_argmax
-from dlmjax.decode.schedules import View
+from dlmjax.decode.schedules import View, first_stop
 from dlmjax.model import position_ids, shift_right
 from dlmjax.sharding import Layout, constrain
 
@@ -282,7 +282,6 @@ def _write(ctx: Context, s: State, v: View, x0, commit) -> State:
     m, tokens, p = ctx.method, ctx.tokens, ctx.prompt_length
     x_gen = s.x[:, p:]
     masked = x_gen == tokens.mask
-    gen_index = jnp.arange(m.gen_length)
     exited = jnp.zeros_like(s.done)
     if m.exit is not None:
         progress = s.nfe.astype(jnp.float32) / (ctx.passes * m.steps)
@@ -295,11 +294,8 @@ def _write(ctx: Context, s: State, v: View, x0, commit) -> State:
     trajectory = jnp.where(commit, nfe[:, None], s.trajectory)
     done = s.done | exited
     if m.stop_at_eos and tokens.stops:
-        is_stop = jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype))
-        first_stop = jnp.argmax(is_stop, axis=-1)
-        still_masked = x_gen == tokens.mask
-        settled = v.active & jnp.any(is_stop, axis=-1) & ~jnp.any(still_masked & (gen_index < first_stop[:, None]), axis=-1)
-        fill = still_masked & settled[:, None]
+        settled = v.active & first_stop(x_gen, tokens)[0]
+        fill = (x_gen == tokens.mask) & settled[:, None]
         x_gen = jnp.where(fill, tokens.eos if tokens.eos is not None else tokens.stops[0], x_gen)
         trajectory = jnp.where(fill, nfe[:, None], trajectory)
         done = done | settled

@@ -24,7 +24,7 @@ from dlmjax.decode.caches import Cache, NoCache
 from dlmjax.decode.exits import Exit
 from dlmjax.decode.parts import Part, part, static, traced
 from dlmjax.decode.rules import Rule
-from dlmjax.decode.schedules import Hierarchy, Pipeline, Schedule, SemiAR
+from dlmjax.decode.schedules import Pipeline, Schedule, SemiAR
 from dlmjax.errors import DlmjaxError
 
 ATTENTIONS = ("bidirectional", "block_causal", "prompt_block_causal")
@@ -96,7 +96,7 @@ class Method(Part):
             raise DlmjaxError("cache='block' is exact only under block-causal attention; pass attention='prompt_block_causal' "
                               "or 'block_causal', or use cache='prefix' or 'dual'")
         if not isinstance(self.blocks, SemiAR):
-            what = {Pipeline: "D2F's pipeline", Hierarchy: "Fast-dLLM v2's blocks"}[type(self.blocks)]
+            what = self.blocks.title
             if self.rule.fixed_steps:
                 raise DlmjaxError(f"rule '{self.rule.name}' runs a fixed number of steps per block, which {what} does "
                                   "not have; use rule 'd2f', 'threshold', 'factor' or 'entropy'")
@@ -137,9 +137,8 @@ def _owners() -> list[tuple[str, type[Part]]]:
     """(what users call the owner, part class) for every class that has knobs."""
     owners: list[tuple[str, type[Part]]] = [(f"rule '{name}'", cls) for name, cls in rules.RULES.items()]
     owners += [(f"schedule '{name}'", cls) for name, (cls, _) in exits.EXITS.items()]
-    owners += [("the semi-autoregressive blocks", SemiAR), ("Fast-dLLM v2's blocks", Hierarchy), ("D2F's pipeline", Pipeline),
-               ("classifier-free guidance", CFG),
-               ("every method", Method)]
+    owners += [(cls.title, cls) for cls in schedules.SCHEDULES.values()]
+    owners += [("classifier-free guidance", CFG), ("every method", Method)]
     return owners
 
 

@@ -50,6 +50,25 @@ class View:
     quota: jax.Array | None = None  # [B] tokens this step commits, for the quota rule (LLaDA's schedule)
 
 
+def gen_length_field():
+    return static(128, "tokens to generate (default: max_new_tokens of the model's generation_config.json, else 128)")
+
+
+def block_length_field(default: int):
+    return static(default, "tokens per block, decoded left to right (default: the method's)")
+
+
+def first_stop(x_gen, tokens):
+    """([B] rows whose first stop id has no mask before it, [B] that stop's index): where a row's
+    answer ends (stop_at_eos, Fast-dLLM v2's stop rule)."""
+    if not tokens.stops:
+        return jnp.zeros(x_gen.shape[:1], bool), jnp.zeros(x_gen.shape[:1], jnp.int32)
+    is_stop = jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype))
+    first = jnp.argmax(is_stop, axis=-1)
+    before = jnp.arange(x_gen.shape[1])[None, :] < first[:, None]
+    return jnp.any(is_stop, axis=-1) & ~jnp.any((x_gen == tokens.mask) & before, axis=-1), first
+
+
 class Schedule(Part):
     """What every schedule gives the engine's loop (`dlmjax/decode/engine.py:_iteration`):
 
@@ -62,10 +81,15 @@ class Schedule(Part):
         batch moves to the next block)
     running(state) -> scalar bool, max_steps    the loop's bounds
     mask(attention, positions, full_mask, prompt_length)   the canvas's attention mask
+    check_model(cfg)                            a one-line error for a model it cannot decode
     """
 
+    title: ClassVar[str] = ""  # what messages call it
     gen_length: int
     block_length: int
+
+    def check_model(self, cfg) -> None:
+        """Raise a one-line DlmjaxError if the model `cfg` cannot be decoded this way."""
 
     def mask(self, attention: str, positions, full_mask, prompt_length: int):
         """The canvas's attention mask [B, T, T] under the method's `attention` mode."""
@@ -105,8 +129,9 @@ class SemiARState:
 @part
 class SemiAR(Schedule):
     name: ClassVar[str] = "semi_ar"
-    gen_length: int = static(128, "tokens to generate (default: max_new_tokens of the model's generation_config.json, else 128)")
-    block_length: int = static(128, "tokens per block, decoded left to right (default: the method's)")
+    title: ClassVar[str] = "the semi-autoregressive blocks"
+    gen_length: int = gen_length_field()
+    block_length: int = block_length_field(128)
     steps: int = static(128, "forward passes of the quota schedule, spread evenly over the blocks (default: gen-length)")
 
     def check(self) -> None:
@@ -186,8 +211,9 @@ class Pipeline(Schedule):
     """D2F's pipeline (SPEC.md, D2F): the state is per row, so rows of a batch pipeline independently."""
 
     name: ClassVar[str] = "d2f"
-    gen_length: int = static(128, "tokens to generate (default: max_new_tokens of the model's generation_config.json, else 128)")
-    block_length: int = static(32, "tokens per block, decoded left to right (default: the method's)")
+    title: ClassVar[str] = "D2F's pipeline"
+    gen_length: int = gen_length_field()
+    block_length: int = block_length_field(32)
     tau_add: float = traced(0.5, "D2F: add a block once the newest one is decoded to at least this fraction")
     tau_act: float = traced(0.9, "D2F: fully activate a block once its predecessor is decoded to at least this fraction")
 
@@ -264,8 +290,9 @@ class Hierarchy(Schedule):
     """Fast-dLLM v2 (SPEC.md, Fast-dLLM v2): per row, because each row's blocks start at its own position 0."""
 
     name: ClassVar[str] = "fdv2"
-    gen_length: int = static(128, "tokens to generate (default: max_new_tokens of the model's generation_config.json, else 128)")
-    block_length: int = static(32, "tokens per block, decoded left to right (default: the method's)")
+    title: ClassVar[str] = "Fast-dLLM v2's blocks"
+    gen_length: int = gen_length_field()
+    block_length: int = block_length_field(32)
     sub_block_length: int = static(8, "Fast-dLLM v2: tokens per sub-block, decoded left to right inside a block")
 
     def check(self) -> None:
@@ -273,6 +300,11 @@ class Hierarchy(Schedule):
         sub, block = self.sub_block_length, self.block_length
         if sub <= 0 or block % sub:
             raise DlmjaxError(f"sub_block_length {sub} does not divide block_length {block}; pick a divisor such as 8")
+
+    def check_model(self, cfg) -> None:
+        if cfg.bd_size is None:
+            raise DlmjaxError(f"method 'fast-dllm-v2' needs a block-diffusion model trained block-causal (family "
+                              f"fast_dllm_v2); this is {cfg.family}: use 'fast-dllm', 'd2f' or 'llada'")
 
     @property
     def max_steps(self) -> int:  # the prefill, a token a step, and a commit pass a block
@@ -286,8 +318,9 @@ class Hierarchy(Schedule):
         return jnp.bool_(True)
 
     def _geometry(self, st: HierarchyState):
-        """Generation index of every position [G], the block's bounds [B] (generation indices), and
-        every position's block [B, G] and sub-block, counted from the row's position 0."""
+        """Every generation position's block [B, G] (0 = the block the row's first generated token is
+        in) and sub-block [B, G], counted from the row's position 0, and the end [B] of the row's
+        current block (a generation index)."""
         bs, sbs = self.block_length, self.sub_block_length
         position = st.prompt_length[:, None] + jnp.arange(self.gen_length)[None, :]
         first = st.prompt_length // bs  # the block holding the prompt's end (or starting right after it)
@@ -329,16 +362,14 @@ class Hierarchy(Schedule):
         st = dataclasses.replace(st, block=jnp.where((st.block == -1) | ~was_decoding, st.block + 1, st.block))
         block, _, hi = self._geometry(st)
         masked = x_gen == tokens.mask
-        is_stop = jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype)) if tokens.stops else jnp.zeros_like(masked)
         # stop: a stop token after the prompt with no mask before it (upstream checks the current block's
         # masks and, at a block start, everything; earlier blocks have no mask left)
-        first_stop = jnp.argmax(is_stop, axis=-1)
+        stopped, stop_at = first_stop(x_gen, tokens)
         g = jnp.arange(self.gen_length)[None, :]
-        stopped = jnp.any(is_stop, axis=-1) & ~jnp.any(masked & (g < first_stop[:, None]), axis=-1)
         current_left = jnp.any(masked & (block == st.block[:, None]), axis=-1)
         out_of_room = (st.block >= 0) & ~current_left & (hi >= self.gen_length)  # its next token would not fit
         finished = stopped | (st.block >= self.num_blocks) | out_of_room
-        keep = ~masked & ~(stopped[:, None] & (g > first_stop[:, None]))  # upstream cuts after the first stop
+        keep = ~masked & ~(stopped[:, None] & (g > stop_at[:, None]))  # upstream cuts after the first stop
         return st, finished, keep
 
 
