@@ -77,11 +77,21 @@ METHODS = {
     "prophet": dict(block_length=32),
     # D2F (LLaDA weights, D2F block mask) and Fast-dLLM v2 (a block-diffusion Qwen2 of the same size):
     # the presets' settings; no `steps` (their blocks end by themselves)
-    "d2f": dict(block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9),
-    "fast-dllm-v2": dict(block_length=32, sub_block_length=8, threshold=0.9),
+    "d2f": dict(block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9, cache="none"),
+    "fast-dllm-v2": dict(block_length=32, sub_block_length=8, threshold=0.9, cache="none"),
 }
+# their caches: "block" is exact (same tokens as the full recompute), "dual" is the sub-block DualCache
+# (approximate; the PyTorch loop recomputes, so agreement may fall below 1)
+METHODS["d2f/block"] = {**METHODS["d2f"], "cache": "block"}
+METHODS["fast-dllm-v2/block"] = {**METHODS["fast-dllm-v2"], "cache": "block"}
+METHODS["fast-dllm-v2/dual"] = {**METHODS["fast-dllm-v2"], "cache": "dual"}
 FAMILY = {"fast-dllm-v2": "fast_dllm_v2"}  # the model each method runs on (default: llada)
 UNSTEPPED = ("d2f", "fast-dllm-v2")
+
+
+def method_of(name: str) -> str:
+    """The method a row runs ("d2f/block" is d2f with cache="block")."""
+    return name.split("/")[0]
 
 
 def build_model(workdir: pathlib.Path, quick: bool, family: str = "llada"):
@@ -151,6 +161,7 @@ def torch_forward_seconds(forward, batch: int, length: int, reps: int) -> float:
 
 
 def run_dlmjax(lm, prompt: np.ndarray, name: str, knobs: dict, common: dict, repeats: int) -> dict:
+    name = method_of(name)
     kwargs = dict(method=name, temperature=0.0, prompt_bucket=prompt.shape[1], **common)  # no padding
     kwargs.update({k: v for k, v in knobs.items() if v is not None})
     if knobs.get("block_length", 0) is None:
@@ -170,11 +181,12 @@ def run_dlmjax(lm, prompt: np.ndarray, name: str, knobs: dict, common: dict, rep
 
 def run_torch(forward, prompt: np.ndarray, name: str, knobs: dict, common: dict, mask_id: int, repeats: int,
               lm=None) -> dict:
+    name = method_of(name)
     if name in UNSTEPPED:
         from dlmjax.decode.api import resolve_stops
 
         kwargs = dict(mask_id=mask_id, stops=resolve_stops(lm.config, None), gen_length=common["gen_length"],
-                      **{k: v for k, v in knobs.items() if v is not None})
+                      **{k: v for k, v in knobs.items() if v is not None and k != "cache"})  # one full forward a step
         x = torch.as_tensor(prompt, dtype=torch.long)
         if name == "d2f":
             run = functools.partial(torch_decoders.generate_d2f, shifted=bool(lm.config.shifted_logits), **kwargs)
@@ -283,7 +295,7 @@ def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> Non
     lm, model, family, size = build_model(workdir, args.quick)
     models = {"llada": (lm, torch_decoders.TorchForward(model))}
     for name in args.methods:
-        fam = FAMILY.get(name, "llada")
+        fam = FAMILY.get(method_of(name), "llada")
         if fam not in models:
             other_lm, other_model, _, _ = build_model(workdir, args.quick, fam)
             models[fam] = (other_lm, torch_decoders.TorchForward(other_model))
@@ -312,7 +324,7 @@ def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> Non
     rows = []
     for name in args.methods:
         knobs = METHODS[name]
-        fam = FAMILY.get(name, "llada")
+        fam = FAMILY.get(method_of(name), "llada")
         lm, forward = models[fam]
         for b in batches:
             prompt = prompts[:b]

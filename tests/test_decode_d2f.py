@@ -26,13 +26,17 @@ def _expected(lm, prompt, gen_length, eos_id, **knobs):
     return tokens, nfe
 
 
-@pytest.mark.parametrize("family,alg", [("llada", "maskgit_plus"), ("llada", "topk_margin"), ("llada", "entropy"),
-                                        ("dream", "maskgit_plus")])
-def test_pipelined_decode_matches_the_reference(loaded, family, alg, monkeypatch):
+@pytest.mark.parametrize("family,alg,cache", [("llada", "maskgit_plus", "none"), ("llada", "topk_margin", "none"),
+                                              ("llada", "entropy", "block"), ("dream", "maskgit_plus", "none"),
+                                              ("llada", "maskgit_plus", "block"), ("dream", "maskgit_plus", "block")])
+def test_pipelined_decode_matches_the_reference(loaded, family, alg, cache, monkeypatch):
+    """cache="block" (D2F's in-order block cache) is exact: the same tokens and NFE as the reference,
+    which recomputes the canvas every forward."""
     lm = loaded(family)
-    knobs = dict(block_length=4, tau_add=0.25, tau_act=0.75, tau_conf=0.6, alg=alg)
+    knobs = dict(block_length=4, tau_add=0.25, tau_act=0.75, tau_conf=0.6, alg=alg, cache=cache)
     monkeypatch.setattr(lm, "config", dataclasses.replace(lm.config, eos_token_id=NEVER))  # nothing stops the pipeline
     out = _engine(lm, PROMPTS, gen_length=16, **knobs)
+    del knobs["cache"]
     trace = []
     reference_d2f(lm, PROMPTS[0], gen_length=16, eos_id=NEVER, trace=trace, **knobs)
     in_flight = {}
@@ -47,14 +51,14 @@ def test_pipelined_decode_matches_the_reference(loaded, family, alg, monkeypatch
     assert out.trajectory.max() <= out.steps and (out.trajectory > 0).all()
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
-def test_an_eos_stops_adding_blocks(loaded, family, monkeypatch):
+@pytest.mark.parametrize("family,cache", [("llada", "none"), ("dream", "none"), ("dream", "block")])
+def test_an_eos_stops_adding_blocks(loaded, family, cache, monkeypatch):
     lm = loaded(family)
     knobs = dict(block_length=4, tau_add=0.5, tau_act=0.5, tau_conf=0.7)
     free = reference_d2f(lm, PROMPTS[0], gen_length=16, eos_id=NEVER, **knobs)[0]
     eos = free[5]  # a token the model commits in the second block
     monkeypatch.setattr(lm, "config", dataclasses.replace(lm.config, eos_token_id=eos))
-    out = _engine(lm, [PROMPTS[0]], gen_length=16, **knobs)
+    out = _engine(lm, [PROMPTS[0]], gen_length=16, cache=cache, **knobs)
     tokens, nfe = _expected(lm, PROMPTS[0], 16, eos, **knobs)
     assert len(reference_d2f(lm, PROMPTS[0], gen_length=16, eos_id=eos, **knobs)[0]) < 16  # the EOS stopped it
     np.testing.assert_array_equal(out.tokens[0], tokens)
@@ -68,7 +72,7 @@ def test_bad_d2f_knobs_are_refused(loaded):
         (dict(tau_conf=-0.1), "tau_conf -0.1 is outside [0, 1]"),
         (dict(alg="origin"), "unknown D2F alg 'origin'"),
         (dict(block_length=5), "not divisible by block_length 5"),
-        (dict(cache="dual"), "cache='none'"),
+        (dict(cache="dual"), "takes cache='none' or 'block', not 'dual'"),
         (dict(steps=4), "steps does not apply to method 'd2f'"),
         (dict(rule="quota"), "fixed number of steps"),
     ]:
@@ -108,3 +112,39 @@ def test_the_d2f_rule_on_crafted_statistics():
     strict = rules.Threshold(threshold=0.48, strict=True)
     assert [bool(c) for c in strict.commit(step)[0]] == [True, False, False]  # Fast-dLLM v2: > 0.48, plus the best
     assert [bool(c) for c in rules.Threshold(threshold=0.48).commit(step)[0]] == [True, True, False]  # v1: >= 0.48
+
+
+def test_the_d2f_cache_window_starts_at_the_first_block_not_final():
+    """Pipeline's in-order block cache: the window covers every block whose K/V are not final in some
+    running row (the first forward, the whole canvas), in the narrowest compiled width; after a step,
+    a row's final blocks are its leading blocks that were fully decoded when the step's forward ran."""
+    import jax.numpy as jnp
+
+    from dlmjax.decode.schedules import Pipeline
+
+    sched = Pipeline(gen_length=32, block_length=4)  # 8 blocks; the prompt is 10 tokens
+    masked = jnp.ones((2, 32), bool)
+    st = sched.init(masked, jnp.asarray([10, 7]))
+
+    def width(final, done=(False, False), shifted=False):
+        win = sched.exact_window(dataclasses.replace(st, final=jnp.asarray(final)), masked, jnp.asarray(done), shifted, 10)
+        assert int(win.end) == 32
+        return win.widths[int(win.which)], win.widths
+
+    assert width([-1, -1]) == (42, (4, 8, 16, 32, 42))  # nothing cached: the whole canvas
+    assert width([3, 5])[0] == 32  # blocks 3..7 of row 0: 20 tokens
+    assert width([6, 7])[0] == 8
+    assert width([0, 7], done=(True, False))[0] == 4  # a done row no longer holds the window back
+    assert width([7, 7], shifted=True) == (5, (5, 9, 17, 33, 42))  # one slot more on the left
+    before = np.ones((2, 32), bool)
+    before[0, :8] = False  # row 0: blocks 0 and 1 decoded, block 2 not, block 3 decoded
+    before[0, 12:16] = False
+    before[1, 4:8] = False  # row 1: block 0 not decoded
+    after, _, _ = sched.after(st, jnp.asarray(before), jnp.zeros((2, 32), jnp.int32), _tokens())
+    assert after.final.tolist() == [2, 0]
+
+
+def _tokens():
+    from dlmjax.decode.engine import Tokens
+
+    return Tokens(mask=-7, eos=None, eot=None)

@@ -18,15 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dlmjax.attention import attention_mask, mask_spec
 from dlmjax.cache import KVCache
-from dlmjax.decode import rules
-from dlmjax.decode.caches import Dual
+from dlmjax.decode import forward, rules
 from dlmjax.decode.exits import margins
 from dlmjax.decode.method import Method
-from dlmjax.decode.sampling import block_noise, gumbel_argmax
+from dlmjax.decode.sampling import block_noise
 from dlmjax.decode.schedules import View, first_stop
-from dlmjax.model import position_ids, shift_right
+from dlmjax.model import position_ids
 from dlmjax.sharding import Layout, constrain
 
 STATISTICS = ("x0", "confidence", "entropy", "margin", "rank")
@@ -109,126 +107,7 @@ class Context:
     def refresh_commits_one(self) -> bool:
         # Fast-dLLM's Dream under an approximate cache: the refresh commits the block's first token only
         m = self.method
-        return m.cache.stores and not m.cache.exact and self.shifted
-
-
-# --- the forward, through the cache policy -----------------------------------------------------
-
-
-def _clean(ctx: Context, logits):
-    # The mask token is never a prediction: trained models give it ~zero probability, and
-    # committing it would leave the position masked (upstream can loop on it).
-    logits = logits.at[..., ctx.tokens.mask].set(-jnp.inf)
-    if ctx.method.logits_eos_inf:
-        logits = logits.at[..., ctx.tokens.eos].set(-jnp.inf)
-    return logits
-
-
-def _full_forward(ctx: Context, x, cache):
-    """Logits [B, G, V] of the whole generation region (and, with a cache, a refresh of every slot)."""
-    p, m = ctx.prompt_length, ctx.method
-    if m.guidance is not None:
-        b = x.shape[0]
-        unconditional = x.at[:, :p].set(ctx.tokens.mask)
-        both, _ = ctx.model(
-            jnp.concatenate([x, unconditional]), jnp.concatenate([ctx.positions, ctx.positions]),
-            jnp.concatenate([ctx.attn, ctx.attn]), logits_from=ctx.head_from, layout=ctx.layout, kernel=ctx.kernel,
-        )
-        cond, uncond = both[:b], both[b:]
-        logits = uncond + (m.guidance.cfg_scale + 1.0) * (cond - uncond)
-    else:
-        logits, cache = ctx.model(x, ctx.positions, ctx.attn, cache=cache, cache_index=0, logits_from=ctx.head_from,
-                                  layout=ctx.layout, kernel=ctx.kernel)
-    if ctx.shifted:
-        logits = shift_right(logits)
-    return _clean(ctx, logits[:, p - ctx.head_from:]), cache
-
-
-def _window(ctx: Context, x, cache, start, width, keep=None):
-    """Queries [start, start + width) against the cache: their logits (shifted for Dream; the
-    window's first has no left neighbour) and the cache with the window's K/V written."""
-    m = ctx.method
-    window = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
-    window_positions = jax.lax.dynamic_slice_in_dim(ctx.positions, start, width, axis=1)
-    # factored, so that a cached step can run the Pallas cached-block kernel
-    attn = mask_spec(m.attention, ctx.full_mask, query_index=start + jnp.arange(width), block_size=m.block_length,
-                     prompt_length=ctx.prompt_length)
-    logits, cache = ctx.model(window, window_positions, attn, cache=cache, cache_index=start, cache_keep=keep,
-                              layout=ctx.layout, kernel=ctx.kernel)
-    if ctx.shifted:
-        logits = shift_right(logits)
-    return logits, cache
-
-
-def _forward(ctx: Context, s: State, v: View, noise) -> State:
-    """One forward through the cache policy; the predictions of the positions it computed."""
-    m, p = ctx.method, ctx.prompt_length
-    g, k = m.gen_length, m.block_length
-    length = p + g
-    if not m.cache.stores:
-        logits, _ = _full_forward(ctx, s.x, None)
-        return _predictions(ctx, s, logits, 0, v, noise, skip_first=False)
-    if m.cache.exact:
-        # Queries [start, e) attend to the cached finished blocks and themselves. A block's first
-        # step starts one block early (width 2K), rewriting the previous block's K/V from its final
-        # tokens; later steps start one slot early for shifted logits.
-        block_start = p + v.block * k
-
-        def exact_step(width):
-            def run(s):
-                start = jnp.clip(block_start + k - width, 0, length - width)
-                logits, cache = _window(ctx, s.x, s.cache, start, width)
-                block_logits = _clean(ctx, jax.lax.dynamic_slice_in_dim(logits, block_start - start, k, axis=1))
-                return _predictions(ctx, dataclasses.replace(s, cache=cache), block_logits, v.block * k, v, noise,
-                                    skip_first=False)
-
-            return run
-
-        return jax.lax.cond(v.i == 0, exact_step(2 * k), exact_step(k + int(ctx.shifted)), s)
-
-    def refresh(s):
-        logits, cache = _full_forward(ctx, s.x, s.cache)
-        return _predictions(ctx, dataclasses.replace(s, cache=cache), logits, 0, v, noise, skip_first=False)
-
-    def cached_step(s):
-        if isinstance(m.cache, Dual):  # only the block
-            start, width, keep = p + v.block * k, k, None
-        else:  # prefix: the whole region as queries; slots before the block keep the refresh's K/V
-            start, width, keep = p, g, jnp.arange(g) < v.block * k
-        logits, cache = _window(ctx, s.x, s.cache, start, width, keep)
-        return _predictions(ctx, dataclasses.replace(s, cache=cache), _clean(ctx, logits), start - p, v, noise,
-                            skip_first=ctx.shifted)
-
-    return jax.lax.cond(v.i == 0, refresh, cached_step, s)
-
-
-def _predictions(ctx: Context, s: State, logits, offset, v: View, noise, skip_first: bool) -> State:
-    """Write the window's x0, confidence and the statistics the method needs into the carried
-    [B, G] arrays. Sampling noise covers the view's block (SemiAR) or the whole region."""
-    m, tokens = ctx.method, ctx.tokens
-    width = logits.shape[1]
-    x0 = gumbel_argmax(logits, m.temperature, noise, offset, v.noise_start, v.noise_length)
-    probs = jax.nn.softmax(logits, axis=-1)
-    confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
-    if m.confidence_eos_eot_inf:
-        special = x0 == tokens.eos
-        if tokens.eot is not None:
-            special = special | (x0 == tokens.eot)
-        confidence = jnp.where(special, -jnp.inf, confidence)
-    fresh = dict(x0=x0, confidence=confidence)
-    needs = m.needs
-    if "entropy" in needs:
-        fresh["entropy"] = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
-    if "margin" in needs:
-        fresh["margin"] = margins(logits)
-    if "rank" in needs:
-        fresh["rank"] = m.rule.rank(probs)
-    use = jnp.arange(width) > 0 if skip_first else jnp.ones((width,), bool)
-    out = {}
-    for name, value in fresh.items():
-        old = jax.lax.dynamic_slice_in_dim(getattr(s, name), offset, width, axis=1)
-        out[name] = jax.lax.dynamic_update_slice_in_dim(getattr(s, name), jnp.where(use, value, old), offset, axis=1)
-    return dataclasses.replace(s, **out)
+        return m.cache.stores and not m.cache.exact and self.shifted and m.blocks.block_refresh
 
 
 # --- the commit rule, per window -------------------------------------------------------------------
@@ -242,7 +121,7 @@ def _decide(ctx: Context, s: State, v: View, sample_key, select_key):
     candidates = masked & v.region
     b, g = masked.shape
     if "logits" in m.needs:  # Dream's samplers draw from the block's logits themselves
-        logits, _ = _full_forward(ctx, s.x, None)
+        logits, _ = forward.full_forward(ctx, s.x, None)
         k = m.block_length
         span = masked & (jnp.arange(g) >= v.block * k) & (jnp.arange(g) < (v.block + 1) * k)
         x0, commit = rule.decide(logits, candidates, span, v.block * k, k, v.i, m.steps_per_block, m.temperature,
@@ -253,7 +132,7 @@ def _decide(ctx: Context, s: State, v: View, sample_key, select_key):
         return x0, commit, s
 
     noise = block_noise(sample_key, m.temperature, v.noise_start, v.noise_length, b, cfg.vocab_size, m.gumbel_x64)
-    s = _forward(ctx, s, v, noise)
+    s = m.cache.forward(ctx, s, v, noise)  # one forward through the cache policy
     quota = v.quota
     w = v.windows
 
@@ -358,7 +237,7 @@ def _run(graphdef, state, batch: Batch, method: Method, key, *, layout: Layout |
     model = nnx.merge(graphdef, state)
     cfg = model.config
     b, p = prompt.shape
-    g, k = method.gen_length, method.block_length
+    g = method.gen_length
     full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, g), prompt_mask.dtype)], axis=1)
     positions = position_ids(cfg, full_mask)
     attn = method.blocks.mask(method.attention, positions, full_mask, p)
@@ -366,18 +245,12 @@ def _run(graphdef, state, batch: Batch, method: Method, key, *, layout: Layout |
                   full_mask=full_mask, positions=positions, attn=attn)
     x = jnp.concatenate([prompt, jnp.full((b, g), tokens.mask, prompt.dtype)], axis=1)
     zeros = jnp.zeros((b, g), jnp.float32)
-    cached = method.cache.stores
+    cache, nfe = method.cache.prefill(ctx, prompt, method.cache.init(ctx, b), jnp.zeros((b,), jnp.int32))
     init = State(
-        x=x, nfe=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool), trajectory=jnp.zeros((b, g), jnp.int32),
+        x=x, nfe=nfe, done=jnp.zeros((b,), bool), trajectory=jnp.zeros((b, g), jnp.int32),
         steps=jnp.int32(0), x0=jnp.zeros((b, g), jnp.int32), confidence=zeros, entropy=zeros, margin=zeros, rank=zeros,
-        cache=KVCache.zeros(cfg, b, p + g, model.embed[...].dtype) if cached else None,
-        sched=method.blocks.init(jnp.ones((b, g), bool), jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)),
+        cache=cache, sched=method.blocks.init(jnp.ones((b, g), bool), jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)),
     )
-    if method.cache.exact:  # the prompt is final from the start: write its K/V once (one forward for every row)
-        prompt_attn = attention_mask(method.attention, full_mask, query_index=jnp.arange(p), block_size=k, prompt_length=p)
-        _, cache = model(prompt, ctx.positions[:, :p], prompt_attn, cache=init.cache, cache_index=0, logits_from=p,
-                         layout=layout, kernel=kernel)
-        init = dataclasses.replace(init, cache=cache, nfe=init.nfe + 1)
 
     def running(s: State):
         return method.blocks.running(s.sched) & jnp.any(~s.done) & (s.steps < method.blocks.max_steps)

@@ -102,9 +102,9 @@ class Method(Part):
                                   "not have; use rule 'd2f', 'threshold', 'factor' or 'entropy'")
             if self.exit is not None or self.guidance is not None:
                 raise DlmjaxError(f"{what} takes no early-exit schedule and no cfg_scale; drop them")
-            if self.cache.stores:
-                raise DlmjaxError(f"{what} decodes with cache='none' for now (the exact block cache is not built for it "
-                                  f"yet; the uncached forward gives the same tokens); drop cache='{self.cache.name}'")
+            allowed = ("none", "block", "dual") if self.blocks.has_sub_blocks else ("none", "block")
+            if self.cache.name not in allowed:
+                raise DlmjaxError(f"{what} takes cache={' or '.join(repr(c) for c in allowed)}, not '{self.cache.name}'")
         if isinstance(self.rule, rules.D2F) and not isinstance(self.blocks, Pipeline):
             raise DlmjaxError("rule 'd2f' needs D2F's pipeline of blocks; use method='d2f' (blocks='d2f')")
         if isinstance(self.rule, rules.Dream) and (self.guidance is not None or self.gumbel_x64):

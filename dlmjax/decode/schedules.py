@@ -29,7 +29,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from dlmjax.attention import attention_mask, position_block_causal
+from dlmjax.attention import attention_mask, mask_spec, position_block_causal
+from dlmjax.decode.caches import Window
 from dlmjax.decode.parts import Part, part, static, traced
 from dlmjax.errors import DlmjaxError
 
@@ -81,10 +82,21 @@ class Schedule(Part):
         batch moves to the next block)
     running(state) -> scalar bool, max_steps    the loop's bounds
     mask(attention, positions, full_mask, prompt_length)   the canvas's attention mask
+    window_mask(attention, positions, full_mask, prompt_length, query_index)   a window's mask
     check_model(cfg)                            a one-line error for a model it cannot decode
+
+    and, for the cache policies (dlmjax.decode.caches):
+
+    exact_window(state, masked, done, shifted, prompt_length) -> Window   where the exact block
+        cache's queries go this step (a schedule without it takes no cache='block')
+    sub_window(state, masked, done) -> (reuse [B], start [B], width)   the sub-block DualCache
+        (schedules with sub-blocks)
     """
 
     title: ClassVar[str] = ""  # what messages call it
+    prefills_prompt: ClassVar[bool] = False  # the exact cache writes the prompt before the loop (else the first step does)
+    has_sub_blocks: ClassVar[bool] = False  # cache='dual' is the sub-block DualCache (Fast-dLLM v2)
+    block_refresh: ClassVar[bool] = False  # Fast-dLLM's approximate caches refresh at the first step of a block
     gen_length: int
     block_length: int
 
@@ -94,6 +106,14 @@ class Schedule(Part):
     def mask(self, attention: str, positions, full_mask, prompt_length: int):
         """The canvas's attention mask [B, T, T] under the method's `attention` mode."""
         return attention_mask(attention, full_mask, block_size=self.block_length, prompt_length=prompt_length)
+
+    def window_mask(self, attention: str, positions, full_mask, prompt_length: int, query_index):
+        """The mask of queries at canvas indices `query_index` [W] against every slot."""
+        return mask_spec(attention, full_mask, query_index=query_index, block_size=self.block_length,
+                         prompt_length=prompt_length)
+
+    def exact_window(self, st, masked, done, shifted: bool, prompt_length: int) -> Window:
+        raise NotImplementedError(f"{self.title} has no exact cache window")
 
     @property
     def num_blocks(self) -> int:
@@ -130,6 +150,8 @@ class SemiARState:
 class SemiAR(Schedule):
     name: ClassVar[str] = "semi_ar"
     title: ClassVar[str] = "the semi-autoregressive blocks"
+    prefills_prompt: ClassVar[bool] = True
+    block_refresh: ClassVar[bool] = True
     gen_length: int = gen_length_field()
     block_length: int = block_length_field(128)
     steps: int = static(128, "forward passes of the quota schedule, spread evenly over the blocks (default: gen-length)")
@@ -186,6 +208,15 @@ class SemiAR(Schedule):
         return View(run=run, active=active, region=span[None, :] & active[:, None], windows=1, force=None, block=st.block,
                     i=st.i, noise_start=st.block * self.block_length, noise_length=self.block_length)
 
+    def exact_window(self, st: SemiARState, masked, done, shifted: bool, prompt_length: int) -> Window:
+        """The block's queries (a shifted family's from the slot before it, whose output predicts
+        the block's first token); a block's first step starts one block early, rewriting the
+        previous block's K/V from its final tokens. Predictions are kept for the block only."""
+        k = self.block_length
+        writes = jnp.broadcast_to(block_span(st.block, self.gen_length, k)[None, :], masked.shape)
+        return Window(end=(st.block + 1) * k, widths=(k + int(shifted), 2 * k), which=(st.i == 0).astype(jnp.int32),
+                      writes=writes)
+
     def after(self, st: SemiARState, before, x_gen, tokens):
         """The state after a step; SemiAR finishes no row itself (the engine's EOS and mask rules do)."""
         return dataclasses.replace(st, i=st.i + 1), jnp.zeros(x_gen.shape[:1], bool), None
@@ -204,6 +235,7 @@ class PipelineState:
     added: jax.Array  # [B] blocks added so far
     complete: jax.Array  # [B, num_blocks] fully activated (sticky)
     eos: jax.Array  # [B] a stop id (the EOS) was committed: no more blocks are added
+    final: jax.Array  # [B] leading blocks whose K/V in the cache are final (-1: not even the prompt's yet)
 
 
 @part
@@ -231,7 +263,7 @@ class Pipeline(Schedule):
     def init(self, masked, prompt_lengths) -> PipelineState:
         b = masked.shape[0]
         return PipelineState(added=jnp.zeros((b,), jnp.int32), complete=jnp.zeros((b, self.num_blocks), bool),
-                             eos=jnp.zeros((b,), bool))
+                             eos=jnp.zeros((b,), bool), final=jnp.full((b,), -1, jnp.int32))
 
     def running(self, st: PipelineState) -> jax.Array:
         return jnp.bool_(True)  # rows end by themselves (`finished`)
@@ -253,7 +285,7 @@ class Pipeline(Schedule):
         added = st.added + add.astype(jnp.int32)
         before = jnp.concatenate([jnp.ones_like(ratio[:, :1]), ratio[:, :-1]], axis=1)  # block j's predecessor
         complete = st.complete | ((index[None, :] < added[:, None]) & (before >= self.tau_act))
-        return PipelineState(added=added, complete=complete, eos=st.eos)
+        return dataclasses.replace(st, added=added, complete=complete)
 
     def begin(self, st: PipelineState, masked, done, rule, refresh_commits_one: bool):
         st = self.open(st, masked, done)
@@ -265,11 +297,30 @@ class Pipeline(Schedule):
     def settle(self, st: PipelineState, masked, done, rule) -> PipelineState:
         return st
 
+    def exact_window(self, st: PipelineState, masked, done, shifted: bool, prompt_length: int) -> Window:
+        """D2F's in-order block cache: the queries run from the first block whose K/V are not final
+        (the batch's earliest; a shifted family's from the slot before it) to the end of the
+        canvas; the first step feeds the whole canvas and writes the prompt's K/V. The width is
+        the smallest of a few compiled ones (1, 2, 4, ... blocks, the region, the canvas) that
+        covers it: re-feeding final tokens rewrites their K/V unchanged."""
+        nb, k, g = self.num_blocks, self.block_length, self.gen_length
+        length = prompt_length + g
+        cached = jnp.min(jnp.where(done, nb, st.final))
+        need = jnp.where(cached < 0, length, g - jnp.maximum(cached, 0) * k + int(shifted))
+        blocks = [1 << e for e in range(nb.bit_length()) if (1 << e) < nb]
+        widths = tuple(sorted({min(n * k + int(shifted), length) for n in blocks} | {min(g + int(shifted), length), length}))
+        which = jnp.sum(jnp.asarray(widths) < need).astype(jnp.int32)
+        return Window(end=jnp.int32(g), widths=widths, which=which)
+
     def after(self, st: PipelineState, before, x_gen, tokens):
         """The state after a step (an EOS committed stops the adding of blocks), the rows with nothing
         left (every added block decoded and no block left to add), and the positions they keep (blocks
         never added read as EOS)."""
         masked = x_gen == tokens.mask
+        # the step's forward fed every block not final before it: those it saw fully decoded are final now
+        b = before.shape[0]
+        decoded = ~jnp.any(before.reshape(b, self.num_blocks, self.block_length), axis=-1)
+        st = dataclasses.replace(st, final=jnp.sum(jnp.cumprod(decoded, axis=1), axis=1).astype(jnp.int32))
         if tokens.stops:  # a stop id committed (upstream: the EOS) ends the adding of blocks
             committed_stop = before & jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype))
             st = dataclasses.replace(st, eos=st.eos | jnp.any(committed_stop, axis=-1))
@@ -283,6 +334,8 @@ class Pipeline(Schedule):
 class HierarchyState:
     block: jax.Array  # [B] -1: the prompt's prefill is next; 0 .. nb - 1: the block being decoded; nb: finished
     prompt_length: jax.Array  # [B] real prompt tokens (blocks are aligned to the row's position 0)
+    fresh: jax.Array  # [B] the row's next forward is the first of its block (the sub-block DualCache runs it whole)
+    cold: jax.Array  # scalar: no forward yet (a cache's first forward writes the whole canvas)
 
 
 @part
@@ -291,6 +344,7 @@ class Hierarchy(Schedule):
 
     name: ClassVar[str] = "fdv2"
     title: ClassVar[str] = "Fast-dLLM v2's blocks"
+    has_sub_blocks: ClassVar[bool] = True
     gen_length: int = gen_length_field()
     block_length: int = block_length_field(32)
     sub_block_length: int = static(8, "Fast-dLLM v2: tokens per sub-block, decoded left to right inside a block")
@@ -312,7 +366,8 @@ class Hierarchy(Schedule):
 
     def init(self, masked, prompt_lengths) -> HierarchyState:
         prefill = prompt_lengths >= self.block_length  # upstream: > (SPEC.md: a prompt of exactly one block is fed)
-        return HierarchyState(block=jnp.where(prefill, -1, 0).astype(jnp.int32), prompt_length=prompt_lengths)
+        return HierarchyState(block=jnp.where(prefill, -1, 0).astype(jnp.int32), prompt_length=prompt_lengths,
+                              fresh=jnp.ones_like(prefill), cold=jnp.bool_(True))
 
     def running(self, st: HierarchyState) -> jax.Array:
         return jnp.bool_(True)
@@ -331,6 +386,33 @@ class Hierarchy(Schedule):
     def mask(self, attention: str, positions, full_mask, prompt_length: int):
         """Block-causal by position: blocks from each row's position 0, whatever its padding."""
         return position_block_causal(positions, full_mask, self.block_length)
+
+    def window_mask(self, attention: str, positions, full_mask, prompt_length: int, query_index):
+        """[B, W, P + G]: the queries at canvas indices `query_index` ([W] or [B, W]) by position."""
+        query_index = jnp.broadcast_to(query_index, (positions.shape[0],) + query_index.shape[-1:])
+        query_block = jnp.take_along_axis(positions, query_index, axis=1) // self.block_length
+        key_block = positions // self.block_length
+        return full_mask.astype(bool)[:, None, :] & (key_block[:, None, :] <= query_block[:, :, None])
+
+    def exact_window(self, st: HierarchyState, masked, done, shifted: bool, prompt_length: int) -> Window:
+        """The row's current block and the position after it (whose prediction, from the block's
+        last token, is the next block's first token), per row; the first step feeds the whole
+        canvas (the prompt's prefill, or a short prompt's first block)."""
+        _, _, hi = self._geometry(st)
+        return Window(end=hi + 1, widths=(self.block_length + 1, prompt_length + self.gen_length),
+                      which=st.cold.astype(jnp.int32))
+
+    def sub_window(self, st: HierarchyState, masked, done):
+        """(rows that reuse their block's K/V this step, the generation index of their sub-block's
+        start, its width): upstream runs the block whole on its first forward and while the current
+        sub-block's first token is masked, and else the sub-block alone."""
+        block, sub, _ = self._geometry(st)
+        left = masked & (block == st.block[:, None])
+        current = jnp.take_along_axis(sub, jnp.argmax(left, axis=-1)[:, None], axis=-1)[:, 0]
+        start = current * self.sub_block_length - st.prompt_length  # may fall in the prompt (a block it ends in)
+        first_masked = jnp.take_along_axis(masked, jnp.clip(start, 0, self.gen_length - 1)[:, None], axis=-1)[:, 0] & (start >= 0)
+        reuse = jnp.any(left, axis=-1) & ~st.fresh & ~first_masked & ~st.cold & (st.block >= 0)
+        return reuse, start, self.sub_block_length
 
     def begin(self, st: HierarchyState, masked, done, rule, refresh_commits_one: bool):
         return st, self.view(st, masked, done)
@@ -359,7 +441,8 @@ class Hierarchy(Schedule):
         """The state after a step, the rows that are finished, and the positions they keep."""
         block_before, _, _ = self._geometry(st)
         was_decoding = jnp.any(before & (block_before == st.block[:, None]), axis=-1)
-        st = dataclasses.replace(st, block=jnp.where((st.block == -1) | ~was_decoding, st.block + 1, st.block))
+        moves = (st.block == -1) | ~was_decoding
+        st = dataclasses.replace(st, block=jnp.where(moves, st.block + 1, st.block), fresh=moves, cold=jnp.bool_(False))
         block, _, hi = self._geometry(st)
         masked = x_gen == tokens.mask
         # stop: a stop token after the prompt with no mask before it (upstream checks the current block's
