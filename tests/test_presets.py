@@ -26,12 +26,14 @@ PINS = {
     # 2.4 (line 217-218): DreamGenerationConfig defaults eps 1e-3, alg 'origin'; one block (no block loop upstream)
     "dream": dict(rule="dream", alg="origin", eps=1e-3, block_length=None),
     # d2f-fdv2-decoding.md 1.1 (lines 44-46): the eval scripts' common setting, blocks of 32 with tau_add 0.1
-    # (LLaDA math/humaneval, Dream gsm8k_cot), tau_act 0.95 and tau_conf 0.9 everywhere; line 40: fallback "default" = max prob
+    # (LLaDA math/humaneval, Dream gsm8k_cot), tau_act 0.95 and tau_conf 0.9 everywhere; line 40: fallback "default" = max prob;
+    # 1.2: the official decoder always runs its (exact) in-order block cache
     "d2f": dict(rule="d2f", blocks="d2f", tau_add=0.1, tau_act=0.95, tau_conf=0.9, alg="maskgit_plus", block_length=32,
-                attention="prompt_block_causal"),
-    # d2f-fdv2-decoding.md 2.1 (lines 176-178): bd_size 32, small_block_size 8, eval.py threshold 0.9; 2.3: `c > threshold`
+                attention="prompt_block_causal", cache="block"),
+    # d2f-fdv2-decoding.md 2.1 (lines 176-178): bd_size 32, small_block_size 8, eval.py threshold 0.9, use_block_cache
+    # False (the block-level prefix cache only, no sub-block DualCache); 2.3: `c > threshold`
     "fast-dllm-v2": dict(rule="threshold", blocks="fdv2", threshold=0.9, strict=True, sub_block_length=8, block_length=32,
-                         attention="block_causal"),
+                         attention="block_causal", cache="block"),
 }
 
 
@@ -46,6 +48,7 @@ def test_preset_defaults(method):
     blocks = pins.pop("blocks", "semi_ar")
     assert m.blocks.name == blocks, m.blocks
     assert m.attention == pins.pop("attention", "bidirectional")
+    assert m.cache.name == pins.pop("cache", "none")
     schedule = pins.pop("schedule", None)
     assert (m.exit is None) == (schedule is None), m.exit
     if schedule == "prophet":

@@ -46,6 +46,9 @@ SCRIPT = textwrap.dedent(
         "fast-dllm": fast, "llada": dict(method="llada", **quota), "sched": dict(method="sched", **quota),
         "dream": dict(method="dream", gen_length=16, steps=8), "prefix": dict(fast, cache="prefix"),
         "block": dict(method="llada", attention="prompt_block_causal", cache="block", **quota),
+        # D2F's in-order block cache; Fast-dLLM v2's sub-block DualCache (per-row cache windows)
+        "d2f": dict(method="d2f", gen_length=16, block_length=4, tau_add=0.25, tau_act=0.75, tau_conf=0.6, cache="block"),
+        "fdv2": dict(method="fast-dllm-v2", gen_length=16, block_length=8, sub_block_length=4, threshold=0.5, cache="dual"),
     }
     # preset -> (the mesh as a user builds it, the other runs compared with one device); fast-dllm
     # with the dual cache runs last on every mesh (the fast-dllm run of every preset).
@@ -60,7 +63,7 @@ SCRIPT = textwrap.dedent(
             "tp": (Mesh(devices[::-1].reshape(2, 1, 4), ("data", "expert", "tensor"), axis_types=(Auto, Explicit, Explicit)),
                    []),
             # the issue's mesh, also set as JAX's context mesh (explicit sharding's way in)
-            "fsdp_tp": (jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor")), ["prefix", "block"]),
+            "fsdp_tp": (jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor")), ["prefix", "block", "d2f"]),
         }
         # Dream (shifted logits, positions from the mask, 2 KV heads that tensor=4 cannot split) on
         # the two jax.make_mesh meshes and tp, its own sampler on dp and the dual cache (the GQA
@@ -68,6 +71,8 @@ SCRIPT = textwrap.dedent(
         # run sharded, do not depend on the family
         if family == "llada":
             return every
+        if family == "fast_dllm_v2":
+            return {"tp": (every["tp"][0], ["fdv2"])}
         return {"dp": (every["dp"][0], ["dream"]), "tp": every["tp"], "fsdp_tp": (every["fsdp_tp"][0], [])}
 
     results, errors = [], {}
@@ -156,18 +161,19 @@ SCRIPT = textwrap.dedent(
 
 
 def test_any_mesh_matches_one_device(converted):
-    """LLaDA and Dream on 8 devices, every preset, on the meshes users build: jax.make_mesh's
+    """LLaDA and Dream on 8 devices, every preset (and Fast-dLLM v2's per-row sub-block DualCache on tp), on the meshes users build: jax.make_mesh's
     (Explicit axes), mixed Auto/Explicit, typed Manual, with extra size-1 axes and devices in
     another order. Logits within 1e-4 and the tokens of one device for every method and cache;
     the decode carry keeps its sharding; a mesh that cannot work says which one does."""
-    paths = {"llada": str(converted("llada")), "dream": str(converted("dream"))}  # dream: GQA, 2 kv heads
+    paths = {"llada": str(converted("llada")), "dream": str(converted("dream")),  # dream: GQA, 2 kv heads
+             "fast_dllm_v2": str(converted("fast_dllm_v2"))}
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent), env.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(paths)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     results = out["results"]
-    assert len(results) == 8
+    assert len(results) == 9
     assert all(r["kernel"] for r in results if r["preset"] == "tp")
     for r in results:
         assert r["logits"] <= 1e-4, r
@@ -175,7 +181,7 @@ def test_any_mesh_matches_one_device(converted):
         assert r["devices"] == 8 and r["same_devices"], r
         assert r["axes"] == ["('data', 'fsdp', 'tensor')", "(Auto, Auto, Auto)"], r
     tried = {m for r in results for m in r["tokens"]}
-    assert tried == {"llada", "dream", "sched", "prefix", "block"}, tried  # and fast-dllm (dual) on every mesh
+    assert tried == {"llada", "dream", "sched", "prefix", "block", "d2f", "fdv2"}, tried  # and fast-dllm (dual) on every mesh
     by = {(r["family"], r["preset"]): r for r in results}
     # single replicates the parameters; tp splits q_proj's heads over 4 devices, fsdp its embed dim over 8
     assert by["llada", "single"]["shard_shape"] == by["llada", "single"]["shape"]
@@ -189,6 +195,7 @@ def test_any_mesh_matches_one_device(converted):
     kv_heads = {
         "llada": {"single": 4, "dp": 4, "fsdp": 4, "tp": 1, "fsdp_tp": 2},
         "dream": {"dp": 2, "tp": 2, "fsdp_tp": 1},
+        "fast_dllm_v2": {"tp": 2},
     }
     for (family, preset), r in by.items():
         assert r["cache"] == [f"{rows[preset]},{kv_heads[family][preset]},48,16"], r

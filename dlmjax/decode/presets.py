@@ -54,17 +54,19 @@ def dream(gen_length: int, **knobs) -> Method:
 def fast_dllm_v2(gen_length: int, **knobs) -> Method:
     """Fast-dLLM v2: blocks of 32 from position 0, sub-blocks of 8 left to right, commit every token with
     confidence > 0.9 (and the best one), each block's first token from the previous block's last pass
-    (eval.py's threshold; SPEC.md, Fast-dLLM v2)."""
+    (eval.py's threshold; SPEC.md, Fast-dLLM v2), with upstream's exact block-level cache (cache="dual" adds
+    its sub-block DualCache)."""
     defaults = dict(rule="threshold", strict=True, threshold=0.9, blocks="fdv2", attention="block_causal", block_length=32,
-                    sub_block_length=8)
+                    sub_block_length=8, cache="block")
     return _preset("fast-dllm-v2", defaults, gen_length, knobs)
 
 
 def d2f(gen_length: int, **knobs) -> Method:
     """D2F: pipelined blocks of 32 under the D2F block mask; add a block at tau_add 0.1, fully activate
-    at 0.95, commit above 0.9 (the official eval scripts' common setting; SPEC.md, D2F)."""
+    at 0.95, commit above 0.9 (the official eval scripts' common setting; SPEC.md, D2F), with the exact
+    in-order block cache."""
     defaults = dict(rule="d2f", blocks="d2f", attention="prompt_block_causal", block_length=32, tau_add=0.1, tau_act=0.95,
-                    tau_conf=0.9)
+                    tau_conf=0.9, cache="block")
     return _preset("d2f", defaults, gen_length, knobs)
 
 
