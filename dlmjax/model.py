@@ -20,6 +20,7 @@ from flax import nnx
 from dlmjax.attention import apply_rope, attend, restrict_keys, rope_tables
 from dlmjax.cache import KVCache
 from dlmjax.config import ModelConfig
+from dlmjax.errors import DlmjaxError
 from dlmjax.sharding import Layout, constrain
 
 # Logical axes of the activations (see dlmjax/sharding.py).
@@ -158,6 +159,7 @@ class Transformer(nnx.Module):
         layout: Layout | None = None,
         kv=None,
         kernel: str = "auto",
+        remat: str | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Raw per-position logits (float32 [B, T, V], before any shift) and the cache.
 
@@ -170,6 +172,9 @@ class Transformer(nnx.Module):
         `layout` (static; None on one device) pins the activations to their shardings over a mesh.
         `kernel` (static) is the cached-attention implementation ("auto", "xla", "pallas"; see
         `dlmjax.kernels.cached_block_attention`).
+        `remat` (static; training) recomputes each transformer block's activations in the backward
+        pass under a named policy (REMAT_POLICIES: "full" saves nothing inside a block, "dots_saveable"
+        keeps the matmul outputs, ...); None or "none" keeps everything.
         `kv` (no cache; for callers that keep K/V themselves, such as the tests' independent cache
         reference): a function (layer, k, v) -> (k_all, v_all) given each layer's fresh post-RoPE
         keys and values [B, Hkv, T, D] and returning the [B, Hkv, Tk, D] the queries attend to under
@@ -193,13 +198,37 @@ class Transformer(nnx.Module):
                 attended.append(inner(layer, k, v))
                 return attended[-1]
 
+        policy = remat_policy(remat)
         for i, layer in enumerate(self.layers):
+            if policy is not None and cache is None and kv is None:
+                def block(x, cos, sin, mask, layer=layer, i=i):
+                    return layer(x, cos, sin, mask, None, i, 0, None, layout, None, kernel)[0]
+
+                x = jax.checkpoint(block, policy=policy)(x, cos, sin, mask)
+                continue
             x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep, layout, kv, kernel)
         x = self.final_norm(x[:, logits_from:])
         head = self.embed if self.lm_head is None else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x, head[...], preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "vocab"), layout)
         return logits, (tuple(attended) if kv is not None else cache)
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat_policy(name: str | None):
+    """The jax.checkpoint policy of a named remat setting (None: no rematerialisation)."""
+    if name is None or name == "none":
+        return None
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
+    if name not in policies:
+        raise DlmjaxError(f"unknown remat policy {name!r}; use one of {', '.join(REMAT_POLICIES)}")
+    return policies[name]
 
 
 def position_ids(cfg: ModelConfig, attention_mask: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
 """The training loop: rows, batches, objectives, checkpoints and exact resumption after a kill."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -246,3 +247,100 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     assert a.files == b.files
     for name in a.files:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+def _params(model):
+    return {jax.tree_util.keystr(p): np.asarray(x, np.float32)
+            for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model)))}
+
+
+def _max_rel(a, b):
+    return max(float(np.max(np.abs(a[k] - b[k])) / max(np.max(np.abs(b[k])), 1e-12)) for k in b)
+
+
+@pytest.mark.parametrize("objective", ["mdm", "ar"])
+def test_gradient_accumulation_equals_the_whole_batch(objective):
+    """grad_accum=4 splits a batch of 8 (and the noise drawn for it) into 4 micro-batches of 2: the
+    same loss and gradients as the whole batch at once, within fp32 tolerance; remat (recomputing
+    each block in the backward pass) changes nothing either."""
+    from dlmjax.train.loop import make_optimizer
+    from dlmjax.train.objectives import make_objective
+    from dlmjax.train.step import build_gradients, initial_state
+
+    cfg = _cfg("llada" if objective == "mdm" else "dream")
+    batch = {k: jnp.asarray(v[:8]) for k, v in _arrays(objective, n=16).items()}
+    key = jax.random.key(3)
+    found = {}
+    for name, knobs in {"whole": {}, "accum": dict(grad_accum=4), "remat": dict(remat="full"),
+                        "dots": dict(remat="dots_saveable", grad_accum=2)}.items():
+        tc = TrainConfig(objective=objective, batch_size=8, **knobs)
+        state, _ = initial_state(init_model(cfg, seed=1, std=0.5), make_optimizer(tc)[0], tc)
+        gradients = jax.jit(build_gradients(state, make_objective(objective), tc, None))
+        loss, sums, grads = gradients(state.params, state.frozen, batch, key)
+        found[name] = (float(loss), {k: float(s) for k, (s, _) in sums.items()},
+                       {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)})
+    loss, sums, grads = found["whole"]
+    scale = max(float(np.abs(g).max()) for g in grads.values())
+    assert scale > 1e-3
+    for name in ("accum", "remat", "dots"):
+        other_loss, other_sums, other_grads = found[name]
+        assert other_loss == pytest.approx(loss, rel=1e-6), name
+        assert other_sums == pytest.approx(sums, rel=1e-6), name
+        for k, g in grads.items():
+            np.testing.assert_allclose(other_grads[k], g, rtol=1e-5, atol=1e-5 * scale, err_msg=f"{name} {k}")
+
+
+def test_lora_training_moves_only_the_adapters(tmp_path):
+    from dlmjax.model import LoRAConfig
+
+    cfg = _cfg()
+    base = init_model(cfg, seed=1, std=0.5)
+    before = _params(base)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    tc = TrainConfig(steps=20, batch_size=8, learning_rate=2e-2, warmup_steps=2, save_every=10, log_every=10)
+    result = train(base, _arrays(n=8), tmp_path / "lora", tc, lora=lora, progress=False)
+    after = _params(result.model)
+    adapters = {k for k in after if "lora" in k}
+    assert adapters and len(adapters) == 2 * 3 * cfg.num_layers
+    for k, v in before.items():  # the base weights are bitwise unchanged
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+    assert any(np.abs(after[k]).max() > 0 for k in adapters if "lora_b" in k)  # B starts at zero and moved
+    batch = {k: jnp.asarray(v) for k, v in _arrays(n=8).items()}
+
+    def mean_loss(model):
+        return np.mean([float(masked_diffusion_loss(model, batch, jax.random.key(i))[0]) for i in range(8)])
+
+    assert mean_loss(result.model) < 0.9 * mean_loss(base)
+    resumed = train(init_model(cfg, seed=1, std=0.5), _arrays(n=8), tmp_path / "lora", tc, lora=lora, progress=False)
+    assert resumed.resumed_from == 20
+    with pytest.raises(DlmjaxError, match=r"lora: \{.*\} -> None"):  # a resume without the adapters is another run
+        train(init_model(cfg, seed=1, std=0.5), _arrays(n=8), tmp_path / "lora", tc, progress=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16_compute", "bf16"])
+def test_bf16_training(tmp_path, precision):
+    """bf16_compute keeps fp32 weights and trains like fp32 (loosely); bf16 stores bf16 weights
+    with an fp32 optimizer state."""
+    cfg = _cfg()
+    tc = TrainConfig(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=2, save_every=20, log_every=20, precision=precision)
+    result = train(init_model(cfg, seed=1, std=0.5), _arrays(n=8), tmp_path / precision, tc, progress=False)
+    dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(result.model))}
+    assert dtypes == ({jnp.dtype(jnp.bfloat16)} if precision == "bf16" else {jnp.dtype(jnp.float32)})
+    fp32 = train(init_model(cfg, seed=1, std=0.5), _arrays(n=8), tmp_path / "fp32",
+                 dataclasses.replace(tc, precision="fp32"), progress=False)
+    np.testing.assert_allclose(result.history[-1]["loss"], fp32.history[-1]["loss"], rtol=0.1)
+
+
+def test_bad_training_setups_are_refused_before_compiling(tmp_path):
+    from dlmjax.model import LoRAConfig
+
+    cfg = _cfg()
+    with pytest.raises(DlmjaxError, match="unknown LoRA target 'attn_out'"):
+        train(init_model(cfg), _arrays(), tmp_path / "a", TrainConfig(steps=1, batch_size=4),
+              lora=LoRAConfig(rank=2, alpha=2.0, targets=("attn_out",)), progress=False)
+    with pytest.raises(DlmjaxError, match="grad_accum 3 must be at least 1 and divide batch_size 4"):
+        TrainConfig(batch_size=4, grad_accum=3).validate()
+    with pytest.raises(DlmjaxError, match="remat must be one of"):
+        TrainConfig(remat="some").validate()
+    with pytest.raises(DlmjaxError, match="precision must be one of"):
+        TrainConfig(precision="fp8").validate()

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from dlmjax.errors import DlmjaxError
-from dlmjax.model import Transformer
+from dlmjax.model import REMAT_POLICIES, LoRAConfig, Transformer
 from dlmjax.train.data import BatchStream
-from dlmjax.train.objectives import OBJECTIVES, T_SAMPLING
+from dlmjax.train.objectives import OBJECTIVES, T_SAMPLING, make_objective
+from dlmjax.train.step import PRECISIONS, build_step, initial_state, placed_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     b1: float = 0.9
     b2: float = 0.98
+    adam_eps: float = 1e-8  # Adam's epsilon (a larger one damps the updates of parameters whose gradient is ~0)
     grad_clip: float = 1.0
     eps: float = 1e-3  # lowest masking rate of the diffusion loss
     t_sampling: str = "stratified"  # masking rates per batch: "stratified" (low-discrepancy) or "iid" (LLaDA's draw)
@@ -52,10 +53,19 @@ class TrainConfig:
     save_every: int = 500
     keep: int = 2
     log_every: int = 50
+    grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum rows each), accumulated in the jitted step
+    remat: str = "none"  # rematerialisation per transformer block: none, full, dots_saveable, dots_with_no_batch_dims_saveable
+    precision: str = "fp32"  # fp32; bf16_compute (fp32 master weights, bf16 forward); bf16 (bf16 weights, fp32 optimizer state)
 
     def validate(self) -> "TrainConfig":
         if self.objective not in OBJECTIVES:
             raise DlmjaxError(f"objective must be one of {sorted(OBJECTIVES)}, not {self.objective!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise DlmjaxError(f"remat must be one of {', '.join(REMAT_POLICIES)}, not {self.remat!r}")
+        if self.precision not in PRECISIONS:
+            raise DlmjaxError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise DlmjaxError(f"grad_accum {self.grad_accum} must be at least 1 and divide batch_size {self.batch_size}")
         for name in ("steps", "batch_size", "save_every", "keep", "log_every"):
             if getattr(self, name) < 1:
                 raise DlmjaxError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -83,7 +93,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     decay = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay),
+        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.adam_eps, weight_decay=tc.weight_decay, mask=decay),
     ), schedule
 
 
@@ -91,12 +101,16 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
-def _check_run_config(run_dir: pathlib.Path, tc: TrainConfig) -> None:
+def _check_run_config(run_dir: pathlib.Path, tc: TrainConfig, lora: LoRAConfig | None = None) -> None:
     path = run_dir / "train_config.json"
     mine = dataclasses.asdict(tc)
+    mine["lora"] = None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
     if path.is_file():
         saved = json.loads(path.read_text())
-        changed = {k: (saved.get(k), v) for k, v in mine.items() if k not in ("steps", "log_every") and saved.get(k) != v}
+        defaults = {**dataclasses.asdict(TrainConfig()), "lora": None}  # keys an older run did not record hold their defaults
+        free = ("steps", "log_every", "grad_accum", "remat")  # the length of the run and memory settings may change
+        changed = {k: (saved.get(k, defaults.get(k)), v) for k, v in mine.items()
+                   if k not in free and saved.get(k, defaults.get(k)) != v}
         if changed:
             details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise DlmjaxError(
@@ -116,6 +130,9 @@ def train(
     run_dir: str | pathlib.Path,
     tc: TrainConfig,
     *,
+    mesh=None,
+    rules=None,
+    lora: LoRAConfig | None = None,
     progress: bool = True,
     stop_after: int | None = None,
     log: Callable[[str], None] | None = None,
@@ -124,21 +141,24 @@ def train(
     """Train `model` on `arrays` (see `sft_arrays`), resuming from the latest checkpoint in `run_dir`.
 
     `model` gives the architecture and the starting parameters of a fresh run; a resumed
-    run takes its parameters from the checkpoint. `stop_after` ends the call after that
-    step (as if killed there) without a final save, for tests of resumption. `on_save(step,
-    model)` runs after every checkpoint (e.g. an evaluation).
+    run takes its parameters from the checkpoint. `mesh` (any mesh, as `dlmjax.load` takes) and
+    `rules` (`dlmjax.sharding.ShardingRules`, default fsdp_tp) shard the parameters, the
+    optimizer state and the batch; `lora` trains fresh LoRA adapters on the frozen weights (a
+    model loaded with lora="keep" trains its own). `stop_after` ends the call after that step (as
+    if killed there) without a final save, for tests of resumption. `on_save(step, model)` runs
+    after every checkpoint (e.g. an evaluation).
     """
     tc = tc.validate()
     missing = {"input_ids", "attention_mask", "loss_mask"} - set(arrays)
     if missing:
         raise DlmjaxError(f"training arrays lack {sorted(missing)}; build them with dlmjax.train.sft_arrays")
     run_dir = pathlib.Path(run_dir)
-    _check_run_config(run_dir, tc)
     stream = BatchStream(arrays, tc.batch_size, tc.seed)
     tx, schedule = make_optimizer(tc)
-    objective = OBJECTIVES[tc.objective]
-    graphdef, params = nnx.split(model)
-    opt_state = tx.init(params)
+    objective = make_objective(tc.objective, **({"eps": tc.eps, "t_sampling": tc.t_sampling} if tc.objective == "mdm" else {}))
+    state, layout = initial_state(model, tx, tc, mesh=mesh, rules=rules, lora=lora)  # checks before anything compiles
+    _check_run_config(run_dir, tc, lora=state.lora)
+    step_fn = build_step(state, tx, schedule, objective, tc, layout)
 
     manager = ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(),
@@ -150,23 +170,14 @@ def train(
         restored = manager.restore(
             resumed_from,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(params)), opt_state=ocp.args.StandardRestore(_abstract(opt_state))
+                params=ocp.args.StandardRestore(_abstract(state.params)),
+                opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
             ),
         )
-        params, opt_state, start = restored.params, restored.opt_state, resumed_from
+        state = dataclasses.replace(state, params=restored.params, opt_state=restored.opt_state)
+        start = resumed_from
         if log:
             log(f"resumed from step {resumed_from} in {run_dir}")
-
-    def loss_fn(p, batch, key):
-        options = {"eps": tc.eps, "t_sampling": tc.t_sampling} if tc.objective == "mdm" else {}
-        return objective(nnx.merge(graphdef, p), batch, key, **options)
-
-    @jax.jit
-    def step_fn(p, o, batch, key, step):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, key)
-        updates, o = tx.update(grads, o, p)
-        p = optax.apply_updates(p, updates)
-        return p, o, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step), **metrics}
 
     base_key = jax.random.key(tc.seed)
     history: list[dict[str, float]] = []
@@ -179,10 +190,12 @@ def train(
         bar = tqdm(total=tc.steps, initial=start, desc=f"train {tc.objective}", dynamic_ncols=True)
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     tick, tick_step = time.perf_counter(), start
+    params, opt_state = state.params, state.opt_state
     try:
         for step in range(start, end):
-            batch = {k: jnp.asarray(v) for k, v in stream.batch(step).items()}
-            params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step), step)
+            batch = placed_batch(stream.batch(step), layout)
+            params, opt_state, metrics = step_fn(params, opt_state, state.frozen, batch, jax.random.fold_in(base_key, step),
+                                                 jnp.int32(step))
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
                 now = time.perf_counter()
@@ -200,7 +213,7 @@ def train(
                     args=ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)),
                 )
                 if on_save is not None:
-                    on_save(done, nnx.merge(graphdef, params))
+                    on_save(done, state.model(params))
             if bar is not None:
                 bar.update(1)
     finally:
@@ -209,5 +222,4 @@ def train(
             bar.close()
         manager.wait_until_finished()
         manager.close()
-    return TrainResult(nnx.merge(graphdef, params), max(end, start), resumed_from, history)
-
+    return TrainResult(state.model(params), max(end, start), resumed_from, history)

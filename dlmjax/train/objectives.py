@@ -10,11 +10,16 @@ masked_diffusion_loss (LLaDA SFT, dllm-algorithms.md 1.5): t ~ U(eps, 1) per row
   variance, which matters for the 1/t weight. t_sampling="iid" is LLaDA's draw exactly.
 autoregressive_loss: next-token cross entropy on the scored tokens under causal attention.
 
-Both return (loss, metrics). Families with shifted logits (Dream, Qwen) read the
-prediction for position i from output i-1.
+Each is an `Objective` with its randomness explicit (`noise(key, batch)`, then the deterministic
+`terms(model, batch, noise)`), so that gradient accumulation splits the noise with the batch and
+equals the whole batch; `masked_diffusion_loss` and `autoregressive_loss` are the plain
+(loss, metrics) functions. Families with shifted logits (Dream, Qwen) read the prediction for
+position i from output i-1.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -44,34 +49,111 @@ def sample_t(key, batch_size: int, eps: float, t_sampling: str = "stratified") -
     return eps + (1.0 - eps) * u
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Terms:
+    """What a (micro-)batch contributes: the loss's numerator, and for each metric a (sum, count)
+    pair. The loss of a batch is sum(loss_sum) / weight, where `Objective.weight` depends only on
+    the whole batch, so micro-batches add up to the whole batch exactly (gradient accumulation)."""
+
+    loss_sum: jax.Array
+    metrics: dict
+
+
+class Objective:
+    """A training objective with its randomness explicit (../shared/reference/training-recipes.md
+    section 5): `noise(key, batch)` draws every random input of the loss as [B, ...] arrays (they
+    are split with the batch), `weight(batch)` is the loss's denominator over the whole batch, and
+    `terms(model, batch, noise, layout, remat)` is a deterministic function of its inputs."""
+
+    name = ""
+
+    def noise(self, key, batch) -> dict:
+        return {}
+
+    def weight(self, batch) -> jax.Array:
+        raise NotImplementedError
+
+    def terms(self, model, batch, noise, layout=None, remat=None) -> Terms:
+        raise NotImplementedError
+
+    def __call__(self, model, batch, key=None, **settings):
+        """(loss, metrics) of one batch: the objective as a plain function."""
+        noise = self.noise(key, batch) if key is not None else {}
+        out = self.terms(model, batch, noise)
+        metrics = {k: total / jnp.maximum(count, 1) for k, (total, count) in out.metrics.items()}
+        return out.loss_sum / self.weight(batch), metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedDiffusion(Objective):
+    """LLaDA's masked-diffusion loss (module docstring)."""
+
+    eps: float = 1e-3
+    t_sampling: str = "stratified"
+    name = "mdm"
+
+    def noise(self, key, batch) -> dict:
+        ids, scored = batch["input_ids"], batch["loss_mask"] > 0
+        t_key, m_key = jax.random.split(key)
+        t = sample_t(t_key, ids.shape[0], self.eps, self.t_sampling)
+        return {"t": t, "masked": (jax.random.uniform(m_key, ids.shape) < t) & scored}
+
+    def weight(self, batch) -> jax.Array:
+        return jnp.float32(batch["input_ids"].shape[0])  # the mean over rows
+
+    def terms(self, model, batch, noise, layout=None, remat=None) -> Terms:
+        cfg = model.config
+        ids, attn, scored = batch["input_ids"], batch["attention_mask"], batch["loss_mask"] > 0
+        t, masked = noise["t"], noise["masked"]
+        noisy = jnp.where(masked, cfg.mask_token_id, ids)
+        logits, _ = model(noisy, position_ids(cfg, attn), attention_mask("bidirectional", attn), layout=layout, remat=remat)
+        if cfg.shifted_logits:
+            logits = shift_right(logits)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
+        per_row = jnp.sum(jnp.where(masked, ce / t, 0.0), axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1)
+        n_masked = jnp.sum(masked)
+        correct = jnp.sum((jnp.argmax(logits, -1) == ids) & masked)
+        return Terms(jnp.sum(per_row), {"masked_ce": (jnp.sum(jnp.where(masked, ce, 0.0)), n_masked),
+                                         "masked_acc": (correct.astype(jnp.float32), n_masked)})
+
+
+@dataclasses.dataclass(frozen=True)
+class NextToken(Objective):
+    """Next-token cross entropy on the scored tokens under causal attention (no noise)."""
+
+    name = "ar"
+
+    def weight(self, batch) -> jax.Array:
+        return jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:] > 0), 1).astype(jnp.float32)
+
+    def terms(self, model, batch, noise, layout=None, remat=None) -> Terms:
+        cfg = model.config
+        ids, attn, scored = batch["input_ids"], batch["attention_mask"], batch["loss_mask"] > 0
+        logits, _ = model(ids, position_ids(cfg, attn), _causal_mask(attn), layout=layout, remat=remat)
+        logits, targets, weights = logits[:, :-1], ids[:, 1:], scored[:, 1:]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        count = jnp.sum(weights)
+        correct = jnp.sum((jnp.argmax(logits, -1) == targets) & weights)
+        return Terms(jnp.sum(jnp.where(weights, ce, 0.0)), {"token_acc": (correct.astype(jnp.float32), count)})
+
+
 def masked_diffusion_loss(model, batch, key, *, eps: float = 1e-3, t_sampling: str = "stratified"):
-    cfg = model.config
-    ids, attn, scored = batch["input_ids"], batch["attention_mask"], batch["loss_mask"] > 0
-    t_key, m_key = jax.random.split(key)
-    t = sample_t(t_key, ids.shape[0], eps, t_sampling)
-    masked = (jax.random.uniform(m_key, ids.shape) < t) & scored
-    noisy = jnp.where(masked, cfg.mask_token_id, ids)
-    logits, _ = model(noisy, position_ids(cfg, attn), attention_mask("bidirectional", attn))
-    if cfg.shifted_logits:
-        logits = shift_right(logits)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
-    per_row = jnp.sum(jnp.where(masked, ce / t, 0.0), axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1)
-    n_masked = jnp.maximum(jnp.sum(masked), 1)
-    accuracy = jnp.sum((jnp.argmax(logits, -1) == ids) & masked) / n_masked
-    return jnp.mean(per_row), {"masked_ce": jnp.sum(jnp.where(masked, ce, 0.0)) / n_masked, "masked_acc": accuracy}
+    """(loss, metrics) of LLaDA's masked-diffusion objective on one batch."""
+    return MaskedDiffusion(eps=eps, t_sampling=t_sampling)(model, batch, key)
 
 
 def autoregressive_loss(model, batch, key=None):
-    del key
-    cfg = model.config
-    ids, attn, scored = batch["input_ids"], batch["attention_mask"], batch["loss_mask"] > 0
-    logits, _ = model(ids, position_ids(cfg, attn), _causal_mask(attn))
-    logits, targets, weights = logits[:, :-1], ids[:, 1:], scored[:, 1:]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    count = jnp.maximum(jnp.sum(weights), 1)
-    loss = jnp.sum(jnp.where(weights, ce, 0.0)) / count
-    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) & weights) / count
-    return loss, {"token_acc": accuracy}
+    """(loss, metrics) of the next-token objective on one batch."""
+    return NextToken()(model, batch)
+
+
+def make_objective(name: str, **settings) -> Objective:
+    if name == "mdm":
+        return MaskedDiffusion(**settings)
+    if name == "ar":
+        return NextToken()
+    raise DlmjaxError(f"objective must be one of {sorted(OBJECTIVES)}, not {name!r}")
 
 
 OBJECTIVES = {"mdm": masked_diffusion_loss, "ar": autoregressive_loss}

@@ -1,0 +1,174 @@
+"""The train step: trainable and frozen parameters, placed over a mesh, and one jitted update with
+gradient accumulation, rematerialisation and a precision policy.
+
+* Trainable: every parameter, or with LoRA only the adapters (`nnx.LoRAParam`); only they have
+  optimizer state. The rest of the weights are `frozen` (passed in, never updated).
+* Mesh: the parameters, the optimizer state and the batch follow the model's logical-axis rules
+  (`dlmjax.sharding`): fsdp shards parameters and optimizer state alike, the batch splits over
+  data and fsdp. The step's outputs keep their inputs' shardings (`out_shardings`), and the
+  parameters and optimizer state are donated.
+* Accumulation: the step draws the objective's noise for the whole batch, splits batch and noise
+  into `grad_accum` micro-batches and sums their gradients in a `lax.scan`; every micro-batch's
+  loss is divided by the whole batch's weight, so the sum is the whole batch's gradient.
+* Precision: "fp32"; "bf16_compute" keeps fp32 master weights and runs the forward in bf16;
+  "bf16" stores bf16 weights and keeps the optimizer state (and the update) in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dlmjax import sharding
+from dlmjax.errors import DlmjaxError
+from dlmjax.model import LoRAConfig, Transformer
+
+PRECISIONS = ("fp32", "bf16_compute", "bf16")
+
+
+@dataclasses.dataclass
+class TrainState:
+    graphdef: nnx.GraphDef
+    params: nnx.State  # trainable
+    frozen: nnx.State  # everything else (the base weights under LoRA)
+    opt_state: object
+    lora: LoRAConfig | None
+
+    def model(self, params) -> Transformer:
+        return nnx.merge(self.graphdef, params, self.frozen)
+
+
+def _floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def with_lora(model: Transformer, lora: LoRAConfig, seed: int) -> Transformer:
+    """`model`'s weights with fresh LoRA adapters on `lora.targets`: A ~ N(0, 1 / in), B = 0 (so
+    the adapted model starts as the base)."""
+    if model.lora is not None:
+        raise DlmjaxError("the model already carries LoRA adapters (loaded with lora='keep'); drop lora= to train them")
+    cfg = model.config
+    dtype = model.embed[...].dtype
+    fresh = Transformer(cfg, dtype=dtype, lora=lora, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(fresh)
+    pure, base = nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.state(model))
+
+    def fill(target, source):
+        for key, value in target.items():
+            if isinstance(value, dict):
+                fill(value, source[key])
+            elif key in source:
+                target[key] = source[key]
+
+    fill(pure, base)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def initial_state(model: Transformer, tx, tc, *, mesh=None, rules=None, lora: LoRAConfig | None = None):
+    """(TrainState, layout or None): the model split into trainable and frozen state, placed on the
+    mesh, with the optimizer state. Checks the mesh and the batch before anything compiles."""
+    cfg = model.config
+    layout = None
+    if mesh is not None:
+        mesh = sharding.resolve_mesh(mesh)
+        rules = sharding.fit_rules(rules or sharding.ShardingRules.preset("fsdp_tp"), mesh, cfg)
+        micro = tc.batch_size // tc.grad_accum
+        n = sharding.axis_size(mesh, rules.axes_for("batch"))
+        if micro % n:
+            raise DlmjaxError(
+                f"the micro-batch of {micro} rows (batch_size {tc.batch_size} / grad_accum {tc.grad_accum}) does not split "
+                f"over the {n} devices of the batch axes {rules.axes_for('batch')}; use a micro-batch that is a multiple of {n}"
+            )
+        layout = sharding.Layout(mesh, rules)
+    if lora is not None:
+        bad = [t for t in lora.targets if t not in cfg_projections()]
+        if bad:
+            raise DlmjaxError(f"unknown LoRA target {bad[0]!r}; this model's linear layers are {', '.join(cfg_projections())}")
+        model = with_lora(model, lora, tc.seed)
+    if mesh is not None:
+        graphdef, state = nnx.split(model)
+        shardings = sharding.param_shardings(state, mesh, rules)
+        pure = jax.tree.map(lambda x, s: jax.device_put(x, s), nnx.to_pure_dict(state), shardings)
+        nnx.replace_by_pure_dict(state, pure)
+        model = nnx.merge(graphdef, state)
+    trainable = nnx.LoRAParam if model.lora is not None else nnx.Param
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    params = _floats(params, jnp.bfloat16 if tc.precision == "bf16" else jnp.float32)
+    opt_state = jax.jit(tx.init)(_floats(params, jnp.float32))
+    return TrainState(graphdef, params, frozen, opt_state, model.lora), layout
+
+
+def cfg_projections() -> tuple[str, ...]:
+    from dlmjax.model import PROJECTIONS
+
+    return PROJECTIONS
+
+
+def placed_batch(batch: dict[str, np.ndarray], layout) -> dict[str, jax.Array]:
+    """The batch on the device, or split over the mesh's batch axes (each process hands over the
+    shards of its own devices)."""
+    if layout is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    return {k: sharding.put_global(v, sharding.batch_sharding(layout.mesh, layout.rules, np.shape(v))) for k, v in batch.items()}
+
+
+def build_gradients(state: TrainState, objective, tc, layout):
+    """gradients(params, frozen, batch, key) -> (loss, metric sums, grads) of the whole batch, its
+    noise drawn whole and split with it into `grad_accum` micro-batches (not jitted)."""
+    graphdef, n = state.graphdef, tc.grad_accum
+    compute = jnp.bfloat16 if tc.precision in ("bf16_compute", "bf16") else None
+    remat = None if tc.remat == "none" else tc.remat
+
+    def micro_loss(params, frozen, batch, noise, weight):
+        if compute is not None:
+            params, frozen = _floats(params, compute), _floats(frozen, compute)
+        out = objective.terms(nnx.merge(graphdef, params, frozen), batch, noise, layout, remat)
+        return out.loss_sum / weight, out.metrics
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def gradients(params, frozen, batch, key):
+        noise = objective.noise(key, batch)
+        weight = objective.weight(batch)
+        if n == 1:
+            (loss, sums), grads = grad_fn(params, frozen, batch, noise, weight)
+            return loss, sums, grads
+        micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), (batch, noise))
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(grad_fn, params, frozen, first[0], first[1], weight)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        def accumulate(total, one):
+            out = grad_fn(params, frozen, one[0], one[1], weight)
+            return jax.tree.map(jnp.add, total, out), None
+
+        ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        return loss, sums, grads
+
+    return gradients
+
+
+def build_step(state: TrainState, tx, schedule, objective, tc, layout):
+    """step(params, opt_state, frozen, batch, key, step) -> (params, opt_state, metrics), jitted."""
+    gradients = build_gradients(state, objective, tc, layout)
+
+    def step(params, opt_state, frozen, batch, key, step):
+        loss, sums, grads = gradients(params, frozen, batch, key)
+        metrics = {k: total / jnp.maximum(count, 1) for k, (total, count) in sums.items()}
+        grads32 = _floats(grads, jnp.float32)
+        params32 = _floats(params, jnp.float32)
+        updates, opt_state = tx.update(grads32, opt_state, params32)
+        new = optax.apply_updates(params32, updates)
+        new = jax.tree.map(lambda x, old: x.astype(old.dtype), new, params)
+        return new, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads32), "lr": schedule(step), **metrics}
+
+    if layout is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    keep = (jax.tree.map(lambda x: x.sharding, state.params), jax.tree.map(lambda x: x.sharding, state.opt_state), None)
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=keep)
