@@ -113,3 +113,48 @@ def _adapter_file(path: pathlib.Path) -> pathlib.Path:
     if (path / "adapter_model.bin").is_file():
         raise DlmjaxError(f"{path} holds a pickled adapter_model.bin; convert it to adapter_model.safetensors first")
     raise DlmjaxError(f"{path} has no adapter_model.safetensors; pass a complete PEFT adapter directory")
+
+
+def write_adapter(model, directory, *, base_name: str = "", overwrite: bool = False) -> pathlib.Path:
+    """Write `model`'s LoRA adapters as a PEFT adapter directory (adapter_config.json and
+    adapter_model.safetensors, PEFT's tensor names base_model.model.<HF module>.lora_{A,B}.weight)
+    that `peft.PeftModel.from_pretrained` loads onto the Hugging Face model and `dlmjax.load(base,
+    adapter=...)` loads back. Written to a temporary directory first, then renamed."""
+    import shutil
+    import tempfile
+
+    import jax
+    from flax import nnx
+
+    cfg, lora = model.config, model.lora
+    if lora is None:
+        raise DlmjaxError("the model has no LoRA adapters to save; train with lora=LoRAConfig(...) or load with lora='keep'")
+    directory = pathlib.Path(directory)
+    if directory.exists() and not overwrite:
+        raise DlmjaxError(f"{directory} exists; pass overwrite=True or another directory")
+    state = nnx.to_pure_dict(nnx.state(model))
+    names = layouts.block_names(cfg)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for role in lora.targets:
+            module = layouts.block_prefix(cfg, layer) + names[role]
+            linear = state["layers"][layer][role]
+            tensors[f"base_model.model.{module}.lora_A.weight"] = np.asarray(jax.device_get(linear["lora_a"]))
+            tensors[f"base_model.model.{module}.lora_B.weight"] = np.asarray(jax.device_get(linear["lora_b"]))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0,
+        "target_modules": sorted({names[role].split(".")[-1] for role in lora.targets}), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_name,
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        safetensors_io.save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory

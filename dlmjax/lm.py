@@ -235,6 +235,15 @@ class LM:
         return export_lm(self, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
+    def save_adapter(self, dst: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+        """Write the LoRA adapters (trained with `dlmjax.train.train(..., lora=...)` or loaded with
+        lora="keep") as a PEFT adapter directory: `peft.PeftModel.from_pretrained` loads it onto the
+        PyTorch model, and `dlmjax.load(base, adapter=dst)` loads it back."""
+        from dlmjax.convert.lora import write_adapter
+
+        return write_adapter(self.model, dst, base_name=self.source, overwrite=overwrite)
+
+
 def _release_freed_memory() -> None:
     """Hand the restore buffers glibc keeps after each group back to the OS (Linux only):
     without it a loaded model holds ~1.25x its size on the host instead of ~1x."""

@@ -100,8 +100,25 @@ def initial_state(model: Transformer, tx, tc, *, mesh=None, rules=None, lora: Lo
     trainable = nnx.LoRAParam if model.lora is not None else nnx.Param
     graphdef, params, frozen = nnx.split(model, trainable, ...)
     params = _floats(params, jnp.bfloat16 if tc.precision == "bf16" else jnp.float32)
-    opt_state = jax.jit(tx.init)(_floats(params, jnp.float32))
+    params32 = _floats(params, jnp.float32)
+    if layout is None:
+        opt_state = jax.jit(tx.init)(params32)
+    else:  # the optimizer's moments follow their parameters' shardings; counts are replicated
+        opt_state = jax.jit(tx.init, out_shardings=_like_params(jax.eval_shape(tx.init, params32), params, layout.mesh))(params32)
     return TrainState(graphdef, params, frozen, opt_state, model.lora), layout
+
+
+def _like_params(abstract_opt_state, params, mesh):
+    """Shardings for an optimizer state: each subtree shaped like the parameters takes their
+    shardings (Adam's moments), any other leaf is replicated."""
+    structure = jax.tree.structure(params)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def like(node):
+        return shardings if jax.tree.structure(node) == structure else jax.tree.map(lambda _: replicated, node)
+
+    return jax.tree.map(like, abstract_opt_state, is_leaf=lambda n: jax.tree.structure(n) == structure)
 
 
 def cfg_projections() -> tuple[str, ...]:

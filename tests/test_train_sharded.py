@@ -1,0 +1,95 @@
+"""The trainer on a mesh (8 simulated CPU devices, in a fresh interpreter): every sharding preset
+trains to one device's parameters, full and LoRA; the compiled step keeps its carry's shardings;
+a micro-batch the batch axes do not divide is refused before compiling."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, tempfile, pathlib
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from flax import nnx
+    from dlmjax.config import from_hf_config
+    from dlmjax.errors import DlmjaxError
+    from dlmjax.testing import tiny_hf_config
+    from dlmjax.model import LoRAConfig
+    from dlmjax.sharding import ShardingRules, make_mesh
+    from dlmjax.train import TrainConfig, init_model, sft_arrays, train
+    from dlmjax.train.loop import make_optimizer
+    from dlmjax.train.objectives import make_objective
+    from dlmjax.train.step import build_step, initial_state, placed_batch
+
+    hf = tiny_hf_config("llada", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=64)
+    cfg = from_hf_config(hf)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 90, rng.integers(2, 8))) for _ in range(32)]
+    answers = [list(rng.integers(0, 90, rng.integers(1, 6))) for _ in range(32)]
+    arrays = sft_arrays(prompts, answers, prompt_length=8, gen_length=8, pad_id=120, eos_id=121, objective="mdm")
+    tc = TrainConfig(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=2, save_every=20, log_every=20)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "up_proj"))
+
+    def flat(model):
+        return {jax.tree_util.keystr(p): np.asarray(x)
+                for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model)))}
+
+    d = pathlib.Path(tempfile.mkdtemp())
+    meshes = {"dp": "data=8", "fsdp": "fsdp=8", "tp": "data=4,tensor=2", "fsdp_tp": "data=2,fsdp=2,tensor=2"}
+    out = {"relative": {}, "moved": {}}
+    for kind, lo in (("full", None), ("lora", lora)):
+        start = flat(init_model(cfg, seed=1, std=0.5))
+        one = flat(train(init_model(cfg, seed=1, std=0.5), arrays, d / f"one-{kind}", tc, lora=lo, progress=False).model)
+        out["moved"][kind] = max(float(np.abs(one[k] - start.get(k, 0.0)).max()) for k in one if lo is None or "lora_b" in k)
+        for preset, text in meshes.items():
+            got = flat(train(init_model(cfg, seed=1, std=0.5), arrays, d / f"{preset}-{kind}", tc, lora=lo, progress=False,
+                             mesh=make_mesh(text), rules=ShardingRules.preset(preset)).model)
+            out["relative"][f"{kind}/{preset}"] = max(
+                float(np.abs(got[k] - one[k]).max() / max(float(np.abs(one[k]).max()), 1e-12)) for k in one)
+
+    # the compiled step: parameters and optimizer state come out as they went in (fsdp_tp)
+    tx, schedule = make_optimizer(tc)
+    state, layout = initial_state(init_model(cfg, seed=1), tx, tc, mesh=make_mesh(meshes["fsdp_tp"]),
+                                  rules=ShardingRules.preset("fsdp_tp"))
+    step = build_step(state, tx, schedule, make_objective("mdm"), tc, layout)
+    batch = placed_batch({k: v[:8] for k, v in arrays.items()}, layout)
+    compiled = step.lower(state.params, state.opt_state, state.frozen, batch, jax.random.key(0), jnp.int32(0)).compile()
+    ins, outs = compiled.input_shardings[0][:2], compiled.output_shardings[:2]
+    same = [a.is_equivalent_to(b, len(x.shape)) for a, b, x in
+            zip(jax.tree.leaves(ins), jax.tree.leaves(outs), jax.tree.leaves((state.params, state.opt_state)))]
+    out["stable"] = bool(all(same)) and len(same) > 0
+    embed = state.params["embed"][...]
+    out["embed_shard"] = list(embed.addressable_shards[0].data.shape)
+    mu = jax.tree.leaves(state.opt_state)
+    out["moment_shards"] = sorted({str(x.sharding.spec) for x in mu if x.ndim == 2})
+    try:
+        train(init_model(cfg), arrays, d / "bad", TrainConfig(steps=1, batch_size=8, grad_accum=4), mesh=make_mesh("data=8"),
+              rules=ShardingRules.preset("dp"), progress=False)
+        out["bad"] = None
+    except DlmjaxError as e:
+        out["bad"] = str(e)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_training_on_a_mesh_matches_one_device():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent), env.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["moved"]["full"] > 1e-2 and out["moved"]["lora"] > 1e-3  # 20 steps changed the parameters
+    assert set(out["relative"]) == {f"{k}/{p}" for k in ("full", "lora") for p in ("dp", "fsdp", "tp", "fsdp_tp")}
+    for run_name, relative in out["relative"].items():
+        assert relative < 1e-5, (run_name, relative)
+    assert out["stable"]
+    assert out["embed_shard"] == [64, 16]  # vocab 128 over tensor=2, embed 32 over fsdp=2
+    assert any("fsdp" in spec for spec in out["moment_shards"]), out["moment_shards"]  # Adam's moments are sharded too
+    assert "micro-batch of 2 rows (batch_size 8 / grad_accum 4) does not split over the 8 devices" in out["bad"]
