@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,6 +204,9 @@ _DRIVER = textwrap.dedent(
     def on_save(step, model):
         import time; time.sleep(slow)
     result = train(init_model(from_hf_config(hf)), arrays, sys.argv[1], tc, progress=False, on_save=on_save, log=print)
+    if result.preempted:
+        print("preempted", result.step, flush=True)
+        sys.exit(0)
     flat = jax.tree.leaves(nnx.to_pure_dict(nnx.state(result.model)))
     np.savez(sys.argv[1] + "/final.npz", *[np.asarray(x) for x in flat])
     print("finished", result.step, flush=True)
@@ -344,3 +348,33 @@ def test_bad_training_setups_are_refused_before_compiling(tmp_path):
         TrainConfig(remat="some").validate()
     with pytest.raises(DlmjaxError, match="precision must be one of"):
         TrainConfig(precision="fp8").validate()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """SIGTERM (a preemption notice) during training: the process saves the step it is at, exits 0,
+    and the restarted run ends with the parameters of a run that was never interrupted."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    whole = subprocess.run([sys.executable, str(driver), str(tmp_path / "whole"), "16", "0"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run_dir = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, str(driver), str(run_dir), "16", "0.3"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "checkpoints" / "2").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    stopped_at = int(re.search(r"^preempted (\d+)$", out, re.M)[1])
+    assert 2 <= stopped_at < 16
+    assert (run_dir / "checkpoints" / str(stopped_at)).is_dir()  # the step it stopped at is saved
+    resumed = subprocess.run([sys.executable, str(driver), str(run_dir), "16", "0"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0 and f"resumed from step {stopped_at}" in resumed.stdout, resumed.stderr[-2000:]
+    a, b = np.load(tmp_path / "whole" / "final.npz"), np.load(run_dir / "final.npz")
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name])

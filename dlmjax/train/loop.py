@@ -82,6 +82,7 @@ class TrainResult:
     step: int  # the last completed step
     resumed_from: int | None  # the checkpoint step the run started from, if any
     history: list[dict[str, float]]  # the metrics logged by this call
+    preempted: bool = False  # a SIGTERM ended the call early, after saving the step it stopped at
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -162,7 +163,7 @@ def train(
 
     manager = ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True, enable_async_checkpointing=False),
+        options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True, enable_async_checkpointing=True),
     )
     resumed_from = manager.latest_step()
     start = 0
@@ -191,6 +192,8 @@ def train(
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     tick, tick_step = time.perf_counter(), start
     params, opt_state = state.params, state.opt_state
+    preemption = _Preemption()
+    done = start
     try:
         for step in range(start, end):
             batch = placed_batch(stream.batch(step), layout)
@@ -207,7 +210,8 @@ def train(
                 metrics_file.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            if done % tc.save_every == 0 or done == tc.steps:
+            stop = preemption.requested(done)
+            if done % tc.save_every == 0 or done == tc.steps or stop:
                 manager.save(
                     done,
                     args=ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)),
@@ -216,10 +220,52 @@ def train(
                     on_save(done, state.model(params))
             if bar is not None:
                 bar.update(1)
+            if stop:
+                if log:
+                    log(f"preempted: saved step {done} in {run_dir} and stopped; run again to continue")
+                break
     finally:
+        preemption.close()
         metrics_file.close()
         if bar is not None:
             bar.close()
         manager.wait_until_finished()
         manager.close()
-    return TrainResult(state.model(params), max(end, start), resumed_from, history)
+    return TrainResult(state.model(params), done if preemption.seen else max(end, start), resumed_from, history,
+                       preempted=preemption.seen)
+
+
+class _Preemption:
+    """SIGTERM (a TPU preemption notice) asks the loop to save the step it is at and stop. With
+    several processes, JAX's preemption sync point makes every process stop at the same step (it
+    needs jax.distributed.initialize); one process uses its own signal handler."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.seen = False
+        self._flag = False
+        self._previous = None
+        self._multi = jax.process_count() > 1
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self._flag = True
+
+    def requested(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            self.seen = bool(multihost_utils.reached_preemption_sync_point(step))
+        else:
+            self.seen = self._flag
+        return self.seen
+
+    def close(self) -> None:
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
