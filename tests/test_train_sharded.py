@@ -93,3 +93,86 @@ def test_training_on_a_mesh_matches_one_device():
     assert out["embed_shard"] == [64, 16]  # vocab 128 over tensor=2, embed 32 over fsdp=2
     assert any("fsdp" in spec for spec in out["moment_shards"]), out["moment_shards"]  # Adam's moments are sharded too
     assert "micro-batch of 2 rows (batch_size 8 / grad_accum 4) does not split over the 8 devices" in out["bad"]
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from dlmjax import distributed
+    distributed.initialize()  # from the DLMJAX_* variables
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from flax import nnx
+    from dlmjax.config import from_hf_config
+    from dlmjax.sharding import ShardingRules, to_host
+    from dlmjax.testing import tiny_hf_config
+    from dlmjax.train import TrainConfig, init_model, sft_arrays, train
+    sys.path.insert(0, sys.argv[2])
+    from test_train_sharded import setup
+    cfg, arrays, tc = setup()
+    result = train(init_model(cfg, seed=1, std=0.5), arrays, sys.argv[1], tc, mesh="data=4,tensor=2",
+                   rules=ShardingRules.preset("tp"), progress=False)
+    flat = {jax.tree_util.keystr(p): to_host(x) for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(result.model)))}
+    if jax.process_index() == 0:
+        np.savez(sys.argv[1] + "/final.npz", **flat)
+    print("devices", jax.process_index(), jax.local_device_count(), jax.device_count(), flush=True)
+    """
+)
+
+
+def setup():
+    """The tiny model, rows and settings of the two-process test."""
+    import numpy as np
+
+    from dlmjax.config import from_hf_config
+    from dlmjax.testing import tiny_hf_config
+    from dlmjax.train import TrainConfig, sft_arrays
+
+    hf = tiny_hf_config("llada", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=64)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 90, rng.integers(2, 8))) for _ in range(32)]
+    answers = [list(rng.integers(0, 90, rng.integers(1, 6))) for _ in range(32)]
+    arrays = sft_arrays(prompts, answers, prompt_length=8, gen_length=8, pad_id=120, eos_id=121, objective="mdm")
+    tc = TrainConfig(steps=8, batch_size=8, learning_rate=3e-3, warmup_steps=2, save_every=4, log_every=4)
+    return from_hf_config(hf), arrays, tc
+
+
+def test_two_processes_train_as_one(tmp_path):
+    """Two processes with 4 CPU devices each join through jax.distributed on localhost and train on
+    one 8-device mesh, each reading only its rows of every batch: the parameters of one process
+    alone, within 1e-5 relative."""
+    import socket
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from dlmjax.train import init_model, train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLMJAX_") or k == "DLMJAX_CACHE"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               DLMJAX_COORDINATOR=f"127.0.0.1:{port}", DLMJAX_NUM_PROCESSES="2")
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-c", WORKER, str(run_dir), str(pathlib.Path(__file__).parent)]
+    procs = [subprocess.Popen(args, env={**env, "DLMJAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "devices 0 4 8" in outs[0][0] and "devices 1 4 8" in outs[1][0]
+    cfg, arrays, tc = setup()
+    one = train(init_model(cfg, seed=1, std=0.5), arrays, tmp_path / "one", tc, progress=False).model
+    got = np.load(run_dir / "final.npz")
+    for path, want in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(one))):
+        want = np.asarray(want)
+        diff = np.abs(got[jax.tree_util.keystr(path)] - want).max() / np.abs(want).max()
+        assert diff < 1e-5, (jax.tree_util.keystr(path), diff)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["4", "8"]

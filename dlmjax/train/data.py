@@ -58,7 +58,10 @@ def sft_arrays(
 class BatchStream:
     """Batch `step` of an endless sequence of shuffled epochs, a pure function of (seed, step).
 
-    Resuming at step s therefore sees exactly the batches an uninterrupted run would.
+    Resuming at step s therefore sees exactly the batches an uninterrupted run would, on any
+    number of hosts: the global batch is fixed by (seed, step), and each process reads only the
+    rows its devices hold (`batch(step, rows)`). The iterator's position is the step, which the
+    checkpoint holds.
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int = 0):
@@ -82,6 +85,7 @@ class BatchStream:
         flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return np.array([self._order(int(i) // self.size)[int(i) % self.size] for i in flat])
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        idx = self.indices(step)
+    def batch(self, step: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        """Batch `step`, or only its rows `rows` (a process reads just the rows its devices hold)."""
+        idx = self.indices(step)[rows]
         return {k: v[idx] for k, v in self.arrays.items()}

@@ -31,7 +31,7 @@ from dlmjax.errors import DlmjaxError
 from dlmjax.model import REMAT_POLICIES, LoRAConfig, Transformer
 from dlmjax.train.data import BatchStream
 from dlmjax.train.objectives import OBJECTIVES, T_SAMPLING, make_objective
-from dlmjax.train.step import PRECISIONS, build_step, initial_state, placed_batch
+from dlmjax.train.step import PRECISIONS, build_step, initial_state, streamed_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _check_run_config(run_dir: pathlib.Path, tc: TrainConfig, lora: LoRAConfig |
                 f"{run_dir} holds a run with a different training config ({details}); "
                 "resume with the same settings or use a new run directory"
             )
-    else:
+    elif jax.process_index() == 0:  # one writer on a pod
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(mine, indent=2) + "\n")
@@ -185,18 +185,20 @@ def train(
     tokens_per_step = float(np.mean(np.sum(arrays["attention_mask"], 1))) * tc.batch_size
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = None
-    if progress:
+    primary = jax.process_index() == 0  # the process that prints and writes the metrics
+    if progress and primary:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc=f"train {tc.objective}", dynamic_ncols=True)
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if primary else None
     tick, tick_step = time.perf_counter(), start
     params, opt_state = state.params, state.opt_state
     preemption = _Preemption()
     done = start
     try:
         for step in range(start, end):
-            batch = placed_batch(stream.batch(step), layout)
+            batch = streamed_batch(stream, step, layout)
             params, opt_state, metrics = step_fn(params, opt_state, state.frozen, batch, jax.random.fold_in(base_key, step),
                                                  jnp.int32(step))
             done = step + 1
@@ -206,8 +208,9 @@ def train(
                 row["tokens_per_s"] = tokens_per_step * (done - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, done
                 history.append(row)
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
             stop = preemption.requested(done)
@@ -226,7 +229,8 @@ def train(
                 break
     finally:
         preemption.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if bar is not None:
             bar.close()
         manager.wait_until_finished()

@@ -135,6 +135,25 @@ def placed_batch(batch: dict[str, np.ndarray], layout) -> dict[str, jax.Array]:
     return {k: sharding.put_global(v, sharding.batch_sharding(layout.mesh, layout.rules, np.shape(v))) for k, v in batch.items()}
 
 
+def streamed_batch(stream, step: int, layout) -> dict[str, jax.Array]:
+    """Batch `step` of a `BatchStream` as global arrays: each process reads from the stream only
+    the rows of the global batch that its own devices hold (whatever the mesh's device order)."""
+    if layout is None:
+        return placed_batch(stream.batch(step), None)
+    shapes = {k: (stream.batch_size, *v.shape[1:]) for k, v in stream.arrays.items()}
+    cache: dict = {}
+
+    def rows(index):
+        key = (index[0].start, index[0].stop)
+        if key not in cache:
+            cache[key] = stream.batch(step, index[0])
+        return cache[key]
+
+    return {k: jax.make_array_from_callback(shape, sharding.batch_sharding(layout.mesh, layout.rules, shape),
+                                            lambda index, k=k: rows(index)[k][(slice(None),) + tuple(index[1:])])
+            for k, shape in shapes.items()}
+
+
 def build_gradients(state: TrainState, objective, tc, layout):
     """gradients(params, frozen, batch, key) -> (loss, metric sums, grads) of the whole batch, its
     noise drawn whole and split with it into `grad_accum` micro-batches (not jitted)."""
