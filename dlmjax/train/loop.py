@@ -138,6 +138,7 @@ def train(
     stop_after: int | None = None,
     log: Callable[[str], None] | None = None,
     on_save: Callable[[int, Transformer], None] | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train `model` on `arrays` (see `sft_arrays`), resuming from the latest checkpoint in `run_dir`.
 
@@ -147,7 +148,7 @@ def train(
     optimizer state and the batch; `lora` trains fresh LoRA adapters on the frozen weights (a
     model loaded with lora="keep" trains its own). `stop_after` ends the call after that step (as
     if killed there) without a final save, for tests of resumption. `on_save(step, model)` runs
-    after every checkpoint (e.g. an evaluation).
+    after every checkpoint (e.g. an evaluation), `on_log(row)` after every logged step.
     """
     tc = tc.validate()
     missing = {"input_ids", "attention_mask", "loss_mask"} - set(arrays)
@@ -208,6 +209,8 @@ def train(
                 row["tokens_per_s"] = tokens_per_step * (done - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, done
                 history.append(row)
+                if on_log is not None:
+                    on_log(row)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
