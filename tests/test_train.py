@@ -378,3 +378,11 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     a, b = np.load(tmp_path / "whole" / "final.npz"), np.load(run_dir / "final.npz")
     for name in a.files:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_resume_with_another_model_is_refused(tmp_path):
+    tc = TrainConfig(steps=2, batch_size=4, save_every=1, log_every=1)
+    train(init_model(_cfg()), _arrays(), tmp_path, tc, progress=False)
+    wider = from_hf_config(tiny_hf_config("llada", vocab_size=128, hidden_size=48, num_layers=1, num_heads=2, intermediate_size=64))
+    with pytest.raises(DlmjaxError, match="different training config \\(model: .*'hidden_size': 32.* -> .*'hidden_size': 48"):
+        train(init_model(wider), _arrays(), tmp_path, dataclasses.replace(tc, steps=4), progress=False)

@@ -176,3 +176,68 @@ def test_two_processes_train_as_one(tmp_path):
         diff = np.abs(got[jax.tree_util.keystr(path)] - want).max() / np.abs(want).max()
         assert diff < 1e-5, (jax.tree_util.keystr(path), diff)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["4", "8"]
+
+
+MESH_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import jax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from flax import nnx
+    from dlmjax.sharding import ShardingRules
+    from dlmjax.train import init_model, train
+    sys.path.insert(0, sys.argv[4])
+    from test_train_sharded import setup
+    import dataclasses
+    cfg, arrays, tc = setup()
+    tc = dataclasses.replace(tc, steps=12, save_every=2)
+    slow = float(sys.argv[3])
+    result = train(init_model(cfg, seed=1, std=0.5), arrays, sys.argv[1], tc, mesh=sys.argv[2],
+                   rules=ShardingRules.preset("fsdp_tp"), progress=False, log=print, on_save=lambda s, m: time.sleep(slow))
+    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(result.model)))}
+    np.savez(sys.argv[1] + "/final.npz", **flat)
+    print("finished", result.step, flush=True)
+    """
+)
+
+
+def test_a_run_killed_under_a_mesh_resumes_bitwise(tmp_path):
+    """SIGKILL a run on 8 simulated devices (fsdp=8) after its second save; the same command on
+    the same mesh ends bitwise with an uninterrupted run, and on another mesh shape
+    (data=2,fsdp=2,tensor=2) it continues from the checkpoint to the same parameters within 1e-5."""
+    import signal
+    import time
+
+    import numpy as np
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    here = str(pathlib.Path(__file__).parent)
+
+    def command(run_dir, mesh, slow="0"):
+        return [sys.executable, "-c", MESH_DRIVER, str(run_dir), mesh, slow, here]
+
+    whole = subprocess.run(command(tmp_path / "whole", "fsdp=8"), env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed, "fsdp=8", "0.5"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "4").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "4").is_dir() and not (killed / "final.npz").exists()
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(killed, other)
+    saved = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    for run_dir, mesh in ((killed, "fsdp=8"), (other, "data=2,fsdp=2,tensor=2")):
+        resumed = subprocess.run(command(run_dir, mesh), env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resumed from step {saved}" in resumed.stdout
+    a, b, c = (np.load(d / "final.npz") for d in (tmp_path / "whole", killed, other))
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        assert np.abs(a[name] - c[name]).max() <= 1e-5 * np.abs(a[name]).max(), name

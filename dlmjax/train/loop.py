@@ -102,13 +102,17 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
-def _check_run_config(run_dir: pathlib.Path, tc: TrainConfig, lora: LoRAConfig | None = None) -> None:
+MODEL_KEYS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+
+
+def _check_run_config(run_dir: pathlib.Path, tc: TrainConfig, lora: LoRAConfig | None = None, cfg=None) -> None:
     path = run_dir / "train_config.json"
     mine = dataclasses.asdict(tc)
+    mine["model"] = None if cfg is None else {k: getattr(cfg, k) for k in MODEL_KEYS}
     mine["lora"] = None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
     if path.is_file():
         saved = json.loads(path.read_text())
-        defaults = {**dataclasses.asdict(TrainConfig()), "lora": None}  # keys an older run did not record hold their defaults
+        defaults = {**dataclasses.asdict(TrainConfig()), "lora": None, "model": mine["model"]}  # keys an older run did not record hold their defaults
         free = ("steps", "log_every", "grad_accum", "remat")  # the length of the run and memory settings may change
         changed = {k: (saved.get(k, defaults.get(k)), v) for k, v in mine.items()
                    if k not in free and saved.get(k, defaults.get(k)) != v}
@@ -159,7 +163,7 @@ def train(
     tx, schedule = make_optimizer(tc)
     objective = make_objective(tc.objective, **({"eps": tc.eps, "t_sampling": tc.t_sampling} if tc.objective == "mdm" else {}))
     state, layout = initial_state(model, tx, tc, mesh=mesh, rules=rules, lora=lora)  # checks before anything compiles
-    _check_run_config(run_dir, tc, lora=state.lora)
+    _check_run_config(run_dir, tc, lora=state.lora, cfg=model.config)
     step_fn = build_step(state, tx, schedule, objective, tc, layout)
 
     manager = ocp.CheckpointManager(
