@@ -213,7 +213,15 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--show", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jsonl", help="write --show examples of --split to this JSONL file (prompt, answer) instead")
     args = parser.parse_args(argv)
+    if args.jsonl:
+        import json
+
+        with open(args.jsonl, "w") as f:
+            for example in make_split(args.split, args.show, args.seed):
+                f.write(json.dumps({"prompt": example.prompt, "answer": example.answer}) + "\n")
+        return
     for example in make_split(args.split, args.show, args.seed):
         print(f"[{example.kind}] {example.prompt}\n    -> {example.answer}")
 

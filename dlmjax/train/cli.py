@@ -44,6 +44,8 @@ from dlmjax.errors import DlmjaxError
 class ModelSection:
     name: str = ""  # a hub id, a local Hugging Face or converted directory, or an embedded model (tiny-llada)
     dtype: str | None = None  # float32 or bfloat16 (default: the checkpoint's)
+    init: bool = False  # train from scratch: the checkpoint's config and tokenizer, random weights (N(0, init_std))
+    init_std: float = 0.02
 
 
 @dataclasses.dataclass
@@ -395,7 +397,12 @@ def run(config: RunConfig, log=print) -> dict:
                 writer.flush()
         log(f"step {step}: eval accuracy {accuracy:.3f} on {len(held_out)} rows ({config.eval.method})")
 
-    result = train(lm.model, arrays, output, config.train, mesh=lm.mesh, rules=lm.rules, lora=lora, log=log,
+    model = lm.model
+    if config.model.init:
+        from dlmjax.train import init_model
+
+        model = init_model(cfg, config.train.seed, std=config.model.init_std)
+    result = train(model, arrays, output, config.train, mesh=lm.mesh, rules=lm.rules, lora=lora, log=log,
                    on_save=on_save, on_log=on_log)
     if writer is not None:
         writer.close()
