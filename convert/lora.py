@@ -142,7 +142,7 @@ def write_adapter(model, directory, *, base_name: str = "", overwrite: bool = Fa
             tensors[f"base_model.model.{module}.lora_A.weight"] = np.asarray(jax.device_get(linear["lora_a"]))
             tensors[f"base_model.model.{module}.lora_B.weight"] = np.asarray(jax.device_get(linear["lora_b"]))
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
         "target_modules": sorted({names[role].split(".")[-1] for role in lora.targets}), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_name,
     }

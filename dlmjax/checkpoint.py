@@ -57,7 +57,7 @@ def read_manifest(path: pathlib.Path) -> tuple[ModelConfig, LoRAConfig | None, d
     cfg = ModelConfig(**manifest["config"])
     lora = manifest.get("lora")
     if lora is not None:
-        lora = LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]))
+        lora = LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"]), dropout=lora.get("dropout", 0.0))
     return cfg, lora, manifest
 
 

@@ -37,6 +37,7 @@ class LoRAConfig:
     rank: int
     alpha: float
     targets: tuple[str, ...]  # a subset of PROJECTIONS
+    dropout: float = 0.0  # training only: dropout on the adapter's input (PEFT's lora_dropout)
 
     @property
     def scale(self) -> float:
@@ -59,13 +60,22 @@ class Linear(nnx.Module):
             self.lora_a = nnx.LoRAParam(init.astype(dtype), logical_axes=(None, axes[1]))
             self.lora_b = _zeros((d_out, lora.rank), dtype, (axes[0], None), nnx.LoRAParam)
             self.lora_scale = lora.scale
+            self.lora_dropout = lora.dropout
         else:
             self.lora_a = self.lora_b = None
+            self.lora_dropout = 0.0
 
-    def __call__(self, x):
+    def __call__(self, x, dropout=None):
+        """`dropout` (training): one PRNG key per row [B]; the adapter's input is dropped with
+        probability lora_dropout, row by row from its own key."""
         y = jnp.einsum("...i,oi->...o", x, self.weight[...], preferred_element_type=jnp.float32)
         if self.lora_a is not None:
-            low = jnp.einsum("...i,ri->...r", x, self.lora_a[...], preferred_element_type=jnp.float32)
+            source = x
+            if dropout is not None and self.lora_dropout > 0:
+                p = self.lora_dropout
+                keep = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - p, x.shape[1:]))(dropout)
+                source = jnp.where(keep, x / (1.0 - p), 0.0).astype(x.dtype)
+            low = jnp.einsum("...i,ri->...r", source, self.lora_a[...], preferred_element_type=jnp.float32)
             y = y + self.lora_scale * jnp.einsum(
                 "...r,or->...o", low.astype(x.dtype), self.lora_b[...], preferred_element_type=jnp.float32
             )
@@ -107,13 +117,17 @@ class Block(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_index, cache_keep=None,
-                 layout: Layout | None = None, kv=None, kernel: str = "auto"):
+                 layout: Layout | None = None, kv=None, kernel: str = "auto", dropout=None):
         b, t, _ = x.shape
+
+        def key(j):  # the row keys of projection j (LoRA dropout)
+            return None if dropout is None else jax.vmap(lambda k: jax.random.fold_in(k, j))(dropout)
+
         h = self.attn_norm(x)
         heads, kv_heads = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
-        q = constrain(apply_rope(self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim), cos, sin), heads, layout)
-        k = constrain(apply_rope(self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin), kv_heads, layout)
-        v = constrain(self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim), kv_heads, layout)
+        q = constrain(apply_rope(self.q_proj(h, key(0)).reshape(b, t, self.num_heads, self.head_dim), cos, sin), heads, layout)
+        k = constrain(apply_rope(self.k_proj(h, key(1)).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin), kv_heads, layout)
+        v = constrain(self.v_proj(h, key(2)).reshape(b, t, self.num_kv_heads, self.head_dim), kv_heads, layout)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
         if cache is not None:
             cache = cache.write(layer, k, v, cache_index, cache_keep)
@@ -124,10 +138,10 @@ class Block(nnx.Module):
         # cached steps under a mesh run the attention kernel per shard, on the layout's axes
         shard = layout.attention_shard(b, self.num_heads, self.num_kv_heads) if layout is not None and cache is not None else None
         a = attend(q, k, v, mask, shard, kernel).reshape(b, t, -1)
-        x = constrain(x + self.o_proj(a), RESIDUAL, layout)
+        x = constrain(x + self.o_proj(a, key(3)), RESIDUAL, layout)
         h = self.mlp_norm(x)
-        hidden = constrain(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h), ("batch", "length", "mlp"), layout)
-        x = constrain(x + self.down_proj(hidden), RESIDUAL, layout)
+        hidden = constrain(jax.nn.silu(self.gate_proj(h, key(4))) * self.up_proj(h, key(5)), ("batch", "length", "mlp"), layout)
+        x = constrain(x + self.down_proj(hidden, key(6)), RESIDUAL, layout)
         return x, cache
 
 
@@ -160,6 +174,7 @@ class Transformer(nnx.Module):
         kv=None,
         kernel: str = "auto",
         remat: str | None = None,
+        dropout=None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Raw per-position logits (float32 [B, T, V], before any shift) and the cache.
 
@@ -175,6 +190,7 @@ class Transformer(nnx.Module):
         `remat` (static; training) recomputes each transformer block's activations in the backward
         pass under a named policy (REMAT_POLICIES: "full" saves nothing inside a block, "dots_saveable"
         keeps the matmul outputs, ...); None or "none" keeps everything.
+        `dropout` (training; LoRA adapters with dropout > 0): one PRNG key per row [B].
         `kv` (no cache; for callers that keep K/V themselves, such as the tests' independent cache
         reference): a function (layer, k, v) -> (k_all, v_all) given each layer's fresh post-RoPE
         keys and values [B, Hkv, T, D] and returning the [B, Hkv, Tk, D] the queries attend to under
@@ -200,13 +216,14 @@ class Transformer(nnx.Module):
 
         policy = remat_policy(remat)
         for i, layer in enumerate(self.layers):
+            keys = None if dropout is None else jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(dropout)
             if policy is not None and cache is None and kv is None:
-                def block(x, cos, sin, mask, layer=layer, i=i):
-                    return layer(x, cos, sin, mask, None, i, 0, None, layout, None, kernel)[0]
+                def block(x, cos, sin, mask, keys, layer=layer, i=i):
+                    return layer(x, cos, sin, mask, None, i, 0, None, layout, None, kernel, keys)[0]
 
-                x = jax.checkpoint(block, policy=policy)(x, cos, sin, mask)
+                x = jax.checkpoint(block, policy=policy)(x, cos, sin, mask, keys)
                 continue
-            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep, layout, kv, kernel)
+            x, cache = layer(x, cos, sin, mask, cache, i, cache_index, cache_keep, layout, kv, kernel, keys)
         x = self.final_norm(x[:, logits_from:])
         head = self.embed if self.lm_head is None else self.lm_head
         logits = jnp.einsum("btd,vd->btv", x, head[...], preferred_element_type=jnp.float32)

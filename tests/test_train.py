@@ -386,3 +386,35 @@ def test_resume_with_another_model_is_refused(tmp_path):
     wider = from_hf_config(tiny_hf_config("llada", vocab_size=128, hidden_size=48, num_layers=1, num_heads=2, intermediate_size=64))
     with pytest.raises(DlmjaxError, match="different training config \\(model: .*'hidden_size': 32.* -> .*'hidden_size': 48"):
         train(init_model(wider), _arrays(), tmp_path, dataclasses.replace(tc, steps=4), progress=False)
+
+
+def test_lora_dropout_is_per_row_noise():
+    """LoRA dropout draws one key per row with the objective's noise: the loss changes with it, and
+    gradient accumulation still equals the whole batch (each row keeps its mask however the batch
+    is split)."""
+    from dlmjax.model import LoRAConfig
+    from dlmjax.train.loop import make_optimizer
+    from dlmjax.train.objectives import make_objective
+    from dlmjax.train.step import build_gradients, initial_state, with_lora
+
+    cfg = _cfg()
+    batch = {k: jnp.asarray(v) for k, v in _arrays(n=8).items()}
+    found = {}
+    for name, dropout, accum in (("plain", 0.0, 1), ("dropout", 0.3, 1), ("accum", 0.3, 4)):
+        lora = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "up_proj"), dropout=dropout)
+        tc = TrainConfig(batch_size=8, grad_accum=accum)
+        model = with_lora(init_model(cfg, seed=1, std=0.5), lora, 0)
+        state = nnx.state(model)  # B = 0 would hide the branch: give the adapters values
+        pure = nnx.to_pure_dict(state)
+        for layer in pure["layers"].values():
+            for role in ("q_proj", "up_proj"):
+                layer[role]["lora_b"] = 0.3 * jax.random.normal(jax.random.key(2), layer[role]["lora_b"].shape)
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(model, state)
+        st, _ = initial_state(model, make_optimizer(tc)[0], tc)
+        loss, _, grads = jax.jit(build_gradients(st, make_objective("mdm"), tc, None))(st.params, st.frozen, batch, jax.random.key(5))
+        found[name] = (float(loss), jax.tree.leaves(grads))
+    assert abs(found["dropout"][0] - found["plain"][0]) > 1e-4
+    assert found["accum"][0] == pytest.approx(found["dropout"][0], rel=1e-6)
+    for a, b in zip(found["accum"][1], found["dropout"][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

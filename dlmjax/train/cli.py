@@ -65,6 +65,7 @@ class DataSection:
 class LoRASection:
     rank: int = 0  # 0: train every weight
     alpha: float = 16.0
+    dropout: float = 0.0  # on the adapters' inputs during training (D2F: 0.1)
     targets: list = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # HF module names
 
 
@@ -240,7 +241,10 @@ def lora_config(section: LoRASection, cfg):
             raise DlmjaxError(f"unknown LoRA target {target!r}; this {cfg.family} model's linear layers are "
                               f"{', '.join(sorted(names))}")
         roles.append(role)
-    return LoRAConfig(rank=section.rank, alpha=float(section.alpha), targets=tuple(sorted(set(roles), key=PROJECTIONS.index)))
+    if not 0 <= section.dropout < 1:
+        raise DlmjaxError(f"lora.dropout {section.dropout} is outside [0, 1)")
+    return LoRAConfig(rank=section.rank, alpha=float(section.alpha), targets=tuple(sorted(set(roles), key=PROJECTIONS.index)),
+                      dropout=float(section.dropout))
 
 
 def _accuracy(texts, answers, pattern: str) -> float:

@@ -109,7 +109,8 @@ def _check_run_config(run_dir: pathlib.Path, tc: TrainConfig, lora: LoRAConfig |
     path = run_dir / "train_config.json"
     mine = dataclasses.asdict(tc)
     mine["model"] = None if cfg is None else {k: getattr(cfg, k) for k in MODEL_KEYS}
-    mine["lora"] = None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
+    mine["lora"] = None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
+                                               "dropout": lora.dropout}
     if path.is_file():
         saved = json.loads(path.read_text())
         defaults = {**dataclasses.asdict(TrainConfig()), "lora": None, "model": mine["model"]}  # keys an older run did not record hold their defaults

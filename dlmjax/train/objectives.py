@@ -49,6 +49,11 @@ def sample_t(key, batch_size: int, eps: float, t_sampling: str = "stratified") -
     return eps + (1.0 - eps) * u
 
 
+def _row_keys(key, rows: int):
+    """One key per row for LoRA dropout (a row's mask does not depend on how the batch is split)."""
+    return jax.random.split(jax.random.fold_in(key, 7), rows)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Terms:
@@ -97,7 +102,7 @@ class MaskedDiffusion(Objective):
         ids, scored = batch["input_ids"], batch["loss_mask"] > 0
         t_key, m_key = jax.random.split(key)
         t = sample_t(t_key, ids.shape[0], self.eps, self.t_sampling)
-        return {"t": t, "masked": (jax.random.uniform(m_key, ids.shape) < t) & scored}
+        return {"t": t, "masked": (jax.random.uniform(m_key, ids.shape) < t) & scored, "dropout": _row_keys(key, ids.shape[0])}
 
     def weight(self, batch) -> jax.Array:
         return jnp.float32(batch["input_ids"].shape[0])  # the mean over rows
@@ -107,7 +112,8 @@ class MaskedDiffusion(Objective):
         ids, attn, scored = batch["input_ids"], batch["attention_mask"], batch["loss_mask"] > 0
         t, masked = noise["t"], noise["masked"]
         noisy = jnp.where(masked, cfg.mask_token_id, ids)
-        logits, _ = model(noisy, position_ids(cfg, attn), attention_mask("bidirectional", attn), layout=layout, remat=remat)
+        logits, _ = model(noisy, position_ids(cfg, attn), attention_mask("bidirectional", attn), layout=layout, remat=remat,
+                          dropout=noise.get("dropout"))
         if cfg.shifted_logits:
             logits = shift_right(logits)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
@@ -124,13 +130,17 @@ class NextToken(Objective):
 
     name = "ar"
 
+    def noise(self, key, batch) -> dict:
+        return {"dropout": _row_keys(key, batch["input_ids"].shape[0])}
+
     def weight(self, batch) -> jax.Array:
         return jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:] > 0), 1).astype(jnp.float32)
 
     def terms(self, model, batch, noise, layout=None, remat=None) -> Terms:
         cfg = model.config
         ids, attn, scored = batch["input_ids"], batch["attention_mask"], batch["loss_mask"] > 0
-        logits, _ = model(ids, position_ids(cfg, attn), _causal_mask(attn), layout=layout, remat=remat)
+        logits, _ = model(ids, position_ids(cfg, attn), _causal_mask(attn), layout=layout, remat=remat,
+                          dropout=noise.get("dropout"))
         logits, targets, weights = logits[:, :-1], ids[:, 1:], scored[:, 1:]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         count = jnp.sum(weights)
