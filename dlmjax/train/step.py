@@ -26,7 +26,7 @@ from flax import nnx
 
 from dlmjax import sharding
 from dlmjax.errors import DlmjaxError
-from dlmjax.model import LoRAConfig, Transformer
+from dlmjax.model import PROJECTIONS, LoRAConfig, Transformer
 
 PRECISIONS = ("fp32", "bf16_compute", "bf16")
 
@@ -49,23 +49,31 @@ def _floats(tree, dtype):
 
 def with_lora(model: Transformer, lora: LoRAConfig, seed: int) -> Transformer:
     """`model`'s weights with fresh LoRA adapters on `lora.targets`: A ~ N(0, 1 / in), B = 0 (so
-    the adapted model starts as the base)."""
+    the adapted model starts as the base). The base arrays are reused as they are (placed or
+    sharded); only the adapters are allocated."""
+    import zlib
+
     if model.lora is not None:
         raise DlmjaxError("the model already carries LoRA adapters (loaded with lora='keep'); drop lora= to train them")
     cfg = model.config
     dtype = model.embed[...].dtype
-    fresh = Transformer(cfg, dtype=dtype, lora=lora, rngs=nnx.Rngs(seed))
-    graphdef, state = nnx.split(fresh)
-    pure, base = nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.state(model))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, lora=lora)))
+    base = nnx.to_pure_dict(nnx.state(model))
+    key = jax.random.key(seed)
 
-    def fill(target, source):
-        for key, value in target.items():
-            if isinstance(value, dict):
-                fill(value, source[key])
-            elif key in source:
-                target[key] = source[key]
+    def fill(path, shape):
+        names = [str(getattr(p, "key", p)) for p in path]
+        node = base
+        for name in path:
+            node = node.get(getattr(name, "key", name)) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+        if names[-1] == "lora_a":  # [rank, in]
+            leaf = jax.random.fold_in(key, zlib.crc32("/".join(names).encode()) % (2**31))
+            return (jax.random.normal(leaf, shape.shape, jnp.float32) / shape.shape[1] ** 0.5).astype(shape.dtype)
+        return jnp.zeros(shape.shape, shape.dtype)  # lora_b
 
-    fill(pure, base)
+    pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -87,9 +95,9 @@ def initial_state(model: Transformer, tx, tc, *, mesh=None, rules=None, lora: Lo
             )
         layout = sharding.Layout(mesh, rules)
     if lora is not None:
-        bad = [t for t in lora.targets if t not in cfg_projections()]
+        bad = [t for t in lora.targets if t not in PROJECTIONS]
         if bad:
-            raise DlmjaxError(f"unknown LoRA target {bad[0]!r}; this model's linear layers are {', '.join(cfg_projections())}")
+            raise DlmjaxError(f"unknown LoRA target {bad[0]!r}; this model's linear layers are {', '.join(PROJECTIONS)}")
         model = with_lora(model, lora, tc.seed)
     if mesh is not None:
         graphdef, state = nnx.split(model)
@@ -119,12 +127,6 @@ def _like_params(abstract_opt_state, params, mesh):
         return shardings if jax.tree.structure(node) == structure else jax.tree.map(lambda _: replicated, node)
 
     return jax.tree.map(like, abstract_opt_state, is_leaf=lambda n: jax.tree.structure(n) == structure)
-
-
-def cfg_projections() -> tuple[str, ...]:
-    from dlmjax.model import PROJECTIONS
-
-    return PROJECTIONS
 
 
 def placed_batch(batch: dict[str, np.ndarray], layout) -> dict[str, jax.Array]:
