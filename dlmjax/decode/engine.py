@@ -2,8 +2,9 @@
 
 Each iteration of the loop (`_iteration`) asks the method's block schedule for a `View` (which
 rows run, which positions they may commit, cut into windows), runs one forward through the
-cache policy (`_forward`), lets the commit rule decide per window (`_decide`), and writes the
-commits, the NFE, EOS handling and the early exit (`_write`), all on the device. A method is a
+cache policy (`Cache.forward`, dlmjax/decode/caches.py), lets the commit rule decide per window
+(`_decide`), and writes the commits, the NFE, EOS handling and the early exit (`_write`), all
+on the device. A method is a
 `Method` pytree (dlmjax.decode.method): its part classes and static fields are the program's
 structure, the numbers a user tunes per call (thresholds, temperature, schedule ends) are
 traced leaves, so changing them does not recompile. The exact rules are in
