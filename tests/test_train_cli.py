@@ -102,3 +102,24 @@ def test_dry_run_prints_per_device_memory(tmp_path):
     assert set(figures) == {"parameters", "optimizer", "gradients", "activations", "peak"}
     assert 0 < figures["parameters"] < figures["peak"]
     assert lines[-1] == "fits in 1.0 GiB per device"
+
+
+def test_rows_from_jsonl_and_parquet(tmp_path):
+    """The same rows from a JSONL file and a Parquet file; a line that is not JSON is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dlmjax.errors import DlmjaxError
+    from dlmjax.train.cli import read_rows
+
+    rows = [{"question": f"q{i}", "reply": f"a{i}", "extra": i} for i in range(5)] + [{"question": "no reply"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = pa.Table.from_pylist([{**r, "reply": r.get("reply")} for r in rows])
+    pq.write_table(table, tmp_path / "rows.parquet")
+    want = [(f"q{i}", f"a{i}") for i in range(5)]  # the row without a reply is not usable
+    assert read_rows(str(tmp_path / "rows.jsonl"), "question", "reply") == want
+    assert read_rows(str(tmp_path / "rows.parquet"), "question", "reply") == want
+    assert read_rows(str(tmp_path / "rows.parquet"), "question", "reply", limit=2) == want[:2]
+    (tmp_path / "bad.jsonl").write_text('{"question": "q", "reply": "a"}\n{oops\n')
+    with pytest.raises(DlmjaxError, match="bad.jsonl line 2 is not JSON"):
+        read_rows(str(tmp_path / "bad.jsonl"), "question", "reply")
