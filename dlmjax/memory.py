@@ -210,9 +210,12 @@ def lm_decode_memory(lm, *, batch: int, prompt_length: int, gen_length: int, blo
         block_length=block_length, cache=cache, mesh=lm.mesh, rules=lm.rules,
         platform=platform or jax.default_backend(),
     )
-    held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-               for x in jax.tree.leaves(nnx.to_pure_dict(lm.state)))
-    return dataclasses.replace(est, parameters=float(held))
+    return dataclasses.replace(est, parameters=sharded_bytes(nnx.to_pure_dict(lm.state)))
+
+
+def sharded_bytes(tree) -> float:
+    """The bytes one device holds of a tree of sharded arrays or `ShapeDtypeStruct`s with shardings."""
+    return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def compile_abstract_decode(cfg: ModelConfig, *, dtype="bfloat16", batch: int, prompt_length: int, gen_length: int,

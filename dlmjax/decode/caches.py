@@ -150,14 +150,15 @@ class Dual(Cache):
         win = m.blocks.exact_window(s.sched, masked, s.done, ctx.shifted, ctx.prompt_length)
         sub = m.blocks.sub_window(s.sched, masked, s.done)  # (reuse [B], start [B], width): generation indices
         reuse, sub_start, sub_width = sub
-        g = masked.shape[1]
-        in_sub = (jnp.arange(g)[None, :] >= sub_start[:, None]) & (jnp.arange(g)[None, :] < sub_start[:, None] + sub_width)
+
+        def in_sub(index):  # [B, N] generation indices -> inside the row's sub-block
+            return (index >= sub_start[:, None]) & (index < sub_start[:, None] + sub_width)
+
         # rows that reuse the block's K/V predict (and write K/V for) their sub-block only
-        writes = jnp.where(reuse[:, None], in_sub, True)
+        writes = jnp.where(reuse[:, None], in_sub(jnp.arange(masked.shape[1])[None, :]), True)
 
         def keep(start, width):  # [B, width]: the slots a reusing row leaves as the block's last full forward wrote them
-            index = start[..., None] + jnp.arange(width) - ctx.prompt_length
-            return reuse[:, None] & ~((index >= sub_start[:, None]) & (index < sub_start[:, None] + sub_width))
+            return reuse[:, None] & ~in_sub(start[..., None] + jnp.arange(width) - ctx.prompt_length)
 
         def narrow(s):  # every running row reuses: run the sub-blocks alone
             one = Window(end=sub_start + sub_width, widths=(sub_width,), which=jnp.int32(0))

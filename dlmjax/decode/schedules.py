@@ -318,8 +318,7 @@ class Pipeline(Schedule):
         never added read as EOS)."""
         masked = x_gen == tokens.mask
         # the step's forward fed every block not final before it: those it saw fully decoded are final now
-        b = before.shape[0]
-        decoded = ~jnp.any(before.reshape(b, self.num_blocks, self.block_length), axis=-1)
+        decoded = self.decoded(before) >= 1.0
         st = dataclasses.replace(st, final=jnp.sum(jnp.cumprod(decoded, axis=1), axis=1).astype(jnp.int32))
         if tokens.stops:  # a stop id committed (upstream: the EOS) ends the adding of blocks
             committed_stop = before & jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype))

@@ -276,63 +276,36 @@ def dry_run(config: RunConfig, cfg, device_memory: float | None = None, out=prin
     from flax import nnx
 
     from dlmjax import sharding
+    from dlmjax.memory import compiled_bytes, sharded_bytes
     from dlmjax.model import Transformer
     from dlmjax.train.loop import make_optimizer
     from dlmjax.train.objectives import make_objective
-    from dlmjax.train.step import TrainState, _like_params, build_step
+    from dlmjax.train.step import _floats, build_step, placed, split_state, train_layout
 
     tc, data = config.train, config.data
     lora = lora_config(config.lora, cfg)
     dtype = jnp.dtype(config.model.dtype or cfg.dtype)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, lora=lora))
-    mesh = sharding.resolve_mesh(config.mesh or "data=1")
-    rules = sharding.fit_rules(sharding.ShardingRules.preset(config.rules), mesh, cfg)
-    layout = sharding.Layout(mesh, rules)
-    micro = tc.batch_size // tc.grad_accum
-    n = sharding.axis_size(mesh, rules.axes_for("batch"))
-    if micro % n:
-        raise DlmjaxError(f"the micro-batch of {micro} rows does not split over the {n} devices of the batch axes; "
-                          f"use a multiple of {n}")
-    graphdef, state = nnx.split(abstract)
-    shardings = sharding.param_shardings(state, mesh, rules)
-    pure = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state), shardings)
-    nnx.replace_by_pure_dict(state, pure)
-    model = nnx.merge(graphdef, state)
-    trainable = nnx.LoRAParam if lora is not None else nnx.Param
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
-    store = jnp.bfloat16 if tc.precision == "bf16" else jnp.float32
-
-    def cast(x, to):
-        return jax.ShapeDtypeStruct(x.shape, to if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=x.sharding)
-
-    params = jax.tree.map(lambda x: cast(x, store), params)
+    layout = train_layout(cfg, tc, config.mesh or "data=1", sharding.ShardingRules.preset(config.rules))
+    mesh, rules = layout.mesh, layout.rules
     tx, schedule = make_optimizer(tc)
-    params32 = jax.tree.map(lambda x: cast(x, jnp.float32), params)
-    opt_abstract = jax.eval_shape(tx.init, params32)
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_abstract,
-                             _like_params(opt_abstract, params, mesh))
-    state = TrainState(graphdef, params, frozen, opt_state, lora)
-    objective = make_objective(tc.objective, **({"eps": tc.eps, "t_sampling": tc.t_sampling} if tc.objective == "mdm" else {}))
+    state = split_state(placed(nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, lora=lora)), layout), tx, tc, layout)
+    params, frozen, opt_state = state.params, state.frozen, state.opt_state
+    objective = make_objective(tc.objective, eps=tc.eps, t_sampling=tc.t_sampling)
     step = build_step(state, tx, schedule, objective, tc, layout)
     width = data.prompt_length + data.gen_length
     batch_sharding = sharding.batch_sharding(mesh, rules, (tc.batch_size, width))
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, width), jnp.int32, sharding=batch_sharding)
              for k in ("input_ids", "attention_mask", "loss_mask")}
     compiled = step.lower(params, opt_state, frozen, batch, jax.random.key(0), jnp.int32(0)).compile()
-    stats = compiled.memory_analysis()
-
-    def per_device(tree):
-        return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
+    gradients = sharded_bytes(_floats(params, jnp.float32))  # the update runs on float32 gradients
     figures = {
-        "parameters": per_device(params) + per_device(frozen),
-        "optimizer": per_device(opt_state),
-        "gradients": per_device(params32),
-        "temporaries": float(stats.temp_size_in_bytes),
+        "parameters": sharded_bytes(params) + sharded_bytes(frozen),
+        "optimizer": sharded_bytes(opt_state),
+        "gradients": gradients,
+        "temporaries": float(compiled.memory_analysis().temp_size_in_bytes),
     }
     figures["activations"] = max(figures["temporaries"] - figures["gradients"], 0.0)
-    figures["peak"] = float(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-                            - stats.alias_size_in_bytes)
+    figures["peak"] = compiled_bytes(compiled)
     gib = 2**30
     what = f"LoRA r={lora.rank} on {', '.join(lora.targets)}" if lora else "full fine-tuning"
     out(f"dry run: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {dtype.name} weights, {what}; "

@@ -162,7 +162,7 @@ def train(
     run_dir = pathlib.Path(run_dir)
     stream = BatchStream(arrays, tc.batch_size, tc.seed)
     tx, schedule = make_optimizer(tc)
-    objective = make_objective(tc.objective, **({"eps": tc.eps, "t_sampling": tc.t_sampling} if tc.objective == "mdm" else {}))
+    objective = make_objective(tc.objective, eps=tc.eps, t_sampling=tc.t_sampling)
     state, layout = initial_state(model, tx, tc, mesh=mesh, rules=rules, lora=lora)  # checks before anything compiles
     _check_run_config(run_dir, tc, lora=state.lora, cfg=model.config)
     step_fn = build_step(state, tx, schedule, objective, tc, layout)

@@ -82,7 +82,7 @@ class Objective:
     def terms(self, model, batch, noise, layout=None, remat=None) -> Terms:
         raise NotImplementedError
 
-    def __call__(self, model, batch, key=None, **settings):
+    def __call__(self, model, batch, key=None):
         """(loss, metrics) of one batch: the objective as a plain function."""
         noise = self.noise(key, batch) if key is not None else {}
         out = self.terms(model, batch, noise)
@@ -158,9 +158,10 @@ def autoregressive_loss(model, batch, key=None):
     return NextToken()(model, batch)
 
 
-def make_objective(name: str, **settings) -> Objective:
+def make_objective(name: str, *, eps: float = 1e-3, t_sampling: str = "stratified") -> Objective:
+    """The objective `name` ("mdm" or "ar"); eps and t_sampling set the masked-diffusion noise."""
     if name == "mdm":
-        return MaskedDiffusion(**settings)
+        return MaskedDiffusion(eps=eps, t_sampling=t_sampling)
     if name == "ar":
         return NextToken()
     raise DlmjaxError(f"objective must be one of {sorted(OBJECTIVES)}, not {name!r}")

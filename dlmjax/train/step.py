@@ -44,7 +44,16 @@ class TrainState:
 
 
 def _floats(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    """Every floating leaf cast to `dtype`: arrays, or abstract `ShapeDtypeStruct`s (their sharding kept)."""
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+
+    return jax.tree.map(cast, tree)
 
 
 def with_lora(model: Transformer, lora: LoRAConfig, seed: int) -> Transformer:
@@ -78,42 +87,69 @@ def with_lora(model: Transformer, lora: LoRAConfig, seed: int) -> Transformer:
     return nnx.merge(graphdef, state)
 
 
+def train_layout(cfg, tc, mesh=None, rules=None) -> sharding.Layout | None:
+    """The layout a run trains under (None on one device): the mesh resolved and the rules fitted
+    to the model, after checking that the micro-batch splits over the batch axes."""
+    if mesh is None:
+        return None
+    mesh = sharding.resolve_mesh(mesh)
+    rules = sharding.fit_rules(rules or sharding.ShardingRules.preset("fsdp_tp"), mesh, cfg)
+    micro = tc.batch_size // tc.grad_accum
+    n = sharding.axis_size(mesh, rules.axes_for("batch"))
+    if micro % n:
+        raise DlmjaxError(
+            f"the micro-batch of {micro} rows (batch_size {tc.batch_size} / grad_accum {tc.grad_accum}) does not split "
+            f"over the {n} devices of the batch axes {rules.axes_for('batch')}; use a micro-batch that is a multiple of {n}"
+        )
+    return sharding.Layout(mesh, rules)
+
+
+def placed(model: Transformer, layout) -> Transformer:
+    """`model` with every parameter on its sharding under `layout`; an abstract model (from
+    `nnx.eval_shape`) gets the shardings on its `ShapeDtypeStruct`s instead."""
+    if layout is None:
+        return model
+    graphdef, state = nnx.split(model)
+    shardings = sharding.param_shardings(state, layout.mesh, layout.rules)
+
+    def put(x, s):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, s)
+
+    pure = jax.tree.map(put, nnx.to_pure_dict(state), shardings)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def split_state(model: Transformer, tx, tc, layout) -> TrainState:
+    """The placed model split into trainable parameters (in the precision's storage dtype) and
+    frozen state, with the optimizer state. For an abstract model everything is abstract (the
+    optimizer state from `jax.eval_shape`), which is what a dry run compiles."""
+    trainable = nnx.LoRAParam if model.lora is not None else nnx.Param
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    params = _floats(params, jnp.bfloat16 if tc.precision == "bf16" else jnp.float32)
+    params32 = _floats(params, jnp.float32)
+    abstract = jax.eval_shape(tx.init, params32)
+    shardings = None if layout is None else _like_params(abstract, params, layout.mesh)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+        opt_state = abstract if shardings is None else jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    elif shardings is None:
+        opt_state = jax.jit(tx.init)(params32)
+    else:  # the optimizer's moments follow their parameters' shardings; counts are replicated
+        opt_state = jax.jit(tx.init, out_shardings=shardings)(params32)
+    return TrainState(graphdef, params, frozen, opt_state, model.lora)
+
+
 def initial_state(model: Transformer, tx, tc, *, mesh=None, rules=None, lora: LoRAConfig | None = None):
     """(TrainState, layout or None): the model split into trainable and frozen state, placed on the
     mesh, with the optimizer state. Checks the mesh and the batch before anything compiles."""
-    cfg = model.config
-    layout = None
-    if mesh is not None:
-        mesh = sharding.resolve_mesh(mesh)
-        rules = sharding.fit_rules(rules or sharding.ShardingRules.preset("fsdp_tp"), mesh, cfg)
-        micro = tc.batch_size // tc.grad_accum
-        n = sharding.axis_size(mesh, rules.axes_for("batch"))
-        if micro % n:
-            raise DlmjaxError(
-                f"the micro-batch of {micro} rows (batch_size {tc.batch_size} / grad_accum {tc.grad_accum}) does not split "
-                f"over the {n} devices of the batch axes {rules.axes_for('batch')}; use a micro-batch that is a multiple of {n}"
-            )
-        layout = sharding.Layout(mesh, rules)
+    layout = train_layout(model.config, tc, mesh, rules)
     if lora is not None:
         bad = [t for t in lora.targets if t not in PROJECTIONS]
         if bad:
             raise DlmjaxError(f"unknown LoRA target {bad[0]!r}; this model's linear layers are {', '.join(PROJECTIONS)}")
         model = with_lora(model, lora, tc.seed)
-    if mesh is not None:
-        graphdef, state = nnx.split(model)
-        shardings = sharding.param_shardings(state, mesh, rules)
-        pure = jax.tree.map(lambda x, s: jax.device_put(x, s), nnx.to_pure_dict(state), shardings)
-        nnx.replace_by_pure_dict(state, pure)
-        model = nnx.merge(graphdef, state)
-    trainable = nnx.LoRAParam if model.lora is not None else nnx.Param
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
-    params = _floats(params, jnp.bfloat16 if tc.precision == "bf16" else jnp.float32)
-    params32 = _floats(params, jnp.float32)
-    if layout is None:
-        opt_state = jax.jit(tx.init)(params32)
-    else:  # the optimizer's moments follow their parameters' shardings; counts are replicated
-        opt_state = jax.jit(tx.init, out_shardings=_like_params(jax.eval_shape(tx.init, params32), params, layout.mesh))(params32)
-    return TrainState(graphdef, params, frozen, opt_state, model.lora), layout
+    return split_state(placed(model, layout), tx, tc, layout), layout
 
 
 def _like_params(abstract_opt_state, params, mesh):
