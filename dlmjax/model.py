@@ -57,8 +57,9 @@ class Linear(nnx.Module):
         if lora is not None:
             # A starts random and B at zero, so a fresh adapter leaves the model unchanged.
             init = jax.random.normal(rngs.params(), (lora.rank, d_in), jnp.float32) / d_in**0.5
-            self.lora_a = nnx.LoRAParam(init.astype(dtype), logical_axes=(None, axes[1]))
-            self.lora_b = _zeros((d_out, lora.rank), dtype, (axes[0], None), nnx.LoRAParam)
+            # the rank dim is "lora_rank": fsdp shards it where the other dim does not take fsdp
+            self.lora_a = nnx.LoRAParam(init.astype(dtype), logical_axes=("lora_rank", axes[1]))
+            self.lora_b = _zeros((d_out, lora.rank), dtype, (axes[0], "lora_rank"), nnx.LoRAParam)
             self.lora_scale = lora.scale
             self.lora_dropout = lora.dropout
         else:

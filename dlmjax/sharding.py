@@ -1,12 +1,14 @@
 """Logical axes -> mesh axes: one rules table, presets, and the mesh parser.
 
 Every parameter carries logical axis names (`logical_axes` metadata: embed, heads,
-kv_heads, mlp, vocab); activations use batch and length. A `ShardingRules` maps each
-logical name to mesh axes among data, fsdp and tensor. Presets:
+kv_heads, mlp, vocab, and lora_rank for LoRA adapters); activations use batch and length. A
+`ShardingRules` maps each logical name to mesh axes among data, fsdp and tensor. Presets:
 
     single    everything replicated
     dp        batch over data
-    fsdp      batch over (data, fsdp); parameters' embed dim over fsdp
+    fsdp      batch over (data, fsdp); parameters' embed dim over fsdp, and LoRA adapters'
+              rank dim over fsdp where their other dim does not take it (B of q/k/v/o/gate/up,
+              A of down), so adapters and their optimizer state shrink with the mesh too
     tp        heads, kv_heads, mlp and vocab over tensor
     fsdp_tp   both
 
@@ -39,16 +41,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dlmjax.errors import DlmjaxError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "lora_rank")
 logger = logging.getLogger("dlmjax.sharding")
 
 _TP = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 PRESETS: dict[str, dict[str, Any]] = {
     "single": {},
     "dp": {"batch": "data"},
-    "fsdp": {"batch": ("data", "fsdp"), "embed": "fsdp"},
+    "fsdp": {"batch": ("data", "fsdp"), "embed": "fsdp", "lora_rank": "fsdp"},
     "tp": {"batch": "data", **_TP},
-    "fsdp_tp": {"batch": ("data", "fsdp"), "embed": "fsdp", **_TP},
+    "fsdp_tp": {"batch": ("data", "fsdp"), "embed": "fsdp", "lora_rank": "fsdp", **_TP},
 }
 
 
@@ -80,8 +82,18 @@ class ShardingRules:
     def axes_for(self, logical: str | None):
         return dict(self.rules).get(logical) if logical is not None else None
 
-    def spec(self, logical_axes: tuple[str | None, ...]) -> P:
-        return P(*(self.axes_for(name) for name in logical_axes))
+    def spec(self, logical_axes: tuple[str | None, ...], shape: tuple[int, ...] | None = None, mesh=None) -> P:
+        """A parameter's PartitionSpec. The lora_rank dim takes its mesh axes last: those no
+        other dim uses, where they divide it (given `shape` and `mesh`); otherwise it is whole."""
+        axes = [None if name == "lora_rank" else self.axes_for(name) for name in logical_axes]
+        used = {a for entry in axes for a in _names(entry)}
+        for i, name in enumerate(logical_axes):
+            if name == "lora_rank":
+                free = tuple(a for a in _names(self.axes_for(name)) if a not in used)
+                if free and shape is not None and mesh is not None and shape[i] % axis_size(mesh, free) == 0:
+                    axes[i] = free[0] if len(free) == 1 else free
+                    used.update(free)
+        return P(*axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,12 +326,11 @@ def _mesh_that_fits(shape: Mapping[str, int], table: Mapping[str, Any], dims: Ma
 
 def param_shardings(abstract_state: nnx.State, mesh, rules: ShardingRules):
     """NamedSharding of every parameter (a pure dict like nnx.to_pure_dict), from its logical axes."""
-    axes = jax.tree.map(
-        lambda v: v.get_metadata().get("logical_axes"), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    return jax.tree.map(
-        lambda a: NamedSharding(mesh, rules.spec(a)), nnx.to_pure_dict(axes), is_leaf=lambda x: isinstance(x, tuple)
-    )
+    def sharding(v):
+        value = v.get_value() if hasattr(v, "get_value") else v.value
+        return NamedSharding(mesh, rules.spec(v.get_metadata().get("logical_axes"), tuple(value.shape), mesh))
+
+    return nnx.to_pure_dict(jax.tree.map(sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def batch_axes(mesh, rules: ShardingRules, batch: int):

@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     from dlmjax.train import TrainConfig, init_model, train
 
     recipe = train_tiny.RECIPES["tiny-llada"]
+    recipe_tc = train_tiny.recipe_config("tiny-llada").train  # experiments/configs/tiny-llada.yaml
     template = train_tiny.write_template(pathlib.Path(tempfile.mkdtemp()), recipe)
     cfg = from_hf_config(json.loads((template / "config.json").read_text()))
     arrays = train_tiny.training_arrays(load_tokenizer(template), 8192, "mdm")
@@ -60,8 +61,8 @@ def main(argv=None) -> None:
             from dlmjax.model import LoRAConfig
 
             extra["lora"] = LoRAConfig(rank=16, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-        tc = TrainConfig(objective="mdm", steps=args.steps, batch_size=recipe["batch"], learning_rate=recipe["lr"],
-                         warmup_steps=recipe["warmup"], save_every=10**9, log_every=1, **knobs)
+        tc = TrainConfig(objective="mdm", steps=args.steps, batch_size=recipe_tc.batch_size, learning_rate=recipe_tc.learning_rate,
+                         warmup_steps=recipe_tc.warmup_steps, save_every=10**9, log_every=1, **knobs)
         times = []
         last = [time.perf_counter()]
 
@@ -75,10 +76,10 @@ def main(argv=None) -> None:
             train(init_model(cfg, 0), arrays, tempfile.mkdtemp(), tc, on_log=on_log, **kwargs)
         except TypeError:  # an older trainer without on_log: time from its metrics
             result = train(init_model(cfg, 0), arrays, tempfile.mkdtemp(), tc, **kwargs)
-            times = [1.0 / (r["tokens_per_s"] / (recipe["batch"] * 64)) for r in result.history]
+            times = [1.0 / (r["tokens_per_s"] / (recipe_tc.batch_size * 64)) for r in result.history]
         steady = times[args.warmup:]
         step = statistics.median(steady)
-        tokens = recipe["batch"] * (train_tiny.PROMPT_LENGTH + train_tiny.GEN_LENGTH)
+        tokens = recipe_tc.batch_size * (train_tiny.PROMPT_LENGTH + train_tiny.GEN_LENGTH)
         rows.append(dict(variant=name, step_ms=round(step * 1e3, 1), tokens_per_s=round(tokens / step),
                          first_step_s=round(times[0], 2)))
         print(f"{name:>6}: {step * 1e3:7.1f} ms/step (median of {len(steady)}), {tokens / step:8.0f} tokens/s, "

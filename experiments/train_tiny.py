@@ -3,12 +3,16 @@
     python experiments/train_tiny.py tiny-llada            # LLaDA architecture, masked diffusion
     python experiments/train_tiny.py tiny-ar               # Qwen2 architecture, next-token loss
 
-Each run trains from scratch with `dlmjax.train` (optax AdamW, orbax checkpoints in
---run-dir, so a killed run continues where it stopped when restarted with the same
-command), evaluates on the test split with the model's baseline decoder, and writes a
-Hugging Face directory (bf16 safetensors, config.json, tokenizer) to --out, by default the
-package's embedded copy in dlmjax/models/NAME, plus train_log.json with the command, the
-steps, the time and the accuracy.
+Each recipe is a config of the training CLI (experiments/configs/NAME.yaml: objective, steps,
+batch, learning rate, eval hook), and this script runs it through `python -m dlmjax.train`'s own
+entry point: it writes the architecture's config.json and the task tokenizer as a randomly
+initialised checkpoint (the run trains from scratch, `model.init`), the training and held-out
+rows as JSONL, then runs the CLI into --run-dir (orbax checkpoints, metrics.jsonl, eval.jsonl
+with the baseline decoder's accuracy on 64 test problems at every save; a killed run continues
+where it stopped when restarted with the same command). It then exports the CLI's `final/`
+as a bf16 Hugging Face directory to --out, by default the package's embedded copy in
+dlmjax/models/NAME, evaluates it on the test split with the model's baseline decoder, and
+writes train_log.json with the command, the config, the steps, the time and the accuracy.
 """
 
 from __future__ import annotations
@@ -40,22 +44,25 @@ PROMPT_LENGTH = 32  # = lm.generate's prompt bucket, so training and decoding pl
 GEN_LENGTH = 32  # the canvas the diffusion model fills: answer (<= 31 tokens), then EOS
 POSITIONS = 256  # max_position_embeddings of both tiny models (and their tokenizer's model_max_length)
 
-# name -> architecture and training recipe
+CONFIGS = ROOT / "experiments" / "configs"
+
+# name -> architecture, and the training CLI config that holds the recipe
 RECIPES = {
     # Masked diffusion learns this task far more slowly than next-token training (about ten
-    # times the steps for the same accuracy). The run first completed a 9000-step cosine
-    # schedule (87.1% on the test split), then continued to 11000 steps under an 11000-step
-    # schedule (its learning rate at step 9000 is 3.5e-4, decaying to 2e-4). `stages` lists
-    # the schedules run to completion before the last, so the command replays exactly that.
-    "tiny-llada": dict(
-        family="llada", objective="mdm", hidden=160, layers=4, heads=5, mlp=480, steps=11000, batch=64, lr=2e-3,
-        warmup=100, stages=[9000],
-    ),
-    "tiny-ar": dict(
-        family="qwen2", objective="ar", hidden=160, layers=4, heads=5, mlp=480, steps=800, batch=64, lr=2e-3,
-        warmup=100,
-    ),
+    # times the steps for the same accuracy). The run first completes a 9000-step cosine
+    # schedule (87.1% on the test split), then continues to the config's 11000 steps under an
+    # 11000-step schedule (its learning rate at step 9000 is 3.5e-4, decaying to 2e-4).
+    # `stages` lists the schedules run to completion before the config's own.
+    "tiny-llada": dict(family="llada", hidden=160, layers=4, heads=5, mlp=480, config="tiny-llada.yaml", stages=[9000]),
+    "tiny-ar": dict(family="qwen2", hidden=160, layers=4, heads=5, mlp=480, config="tiny-ar.yaml"),
 }
+
+
+def recipe_config(name: str, overrides=()):
+    """The training CLI's RunConfig of a recipe (its `train` section is the TrainConfig)."""
+    from dlmjax.train.cli import parse_config
+
+    return parse_config((CONFIGS / RECIPES[name]["config"]).read_text(), list(overrides))
 
 
 def hf_config(recipe: dict) -> dict:
@@ -132,68 +139,80 @@ def in_memory_lm(model):
     return LM(model)
 
 
+def write_rows(path: pathlib.Path, examples) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for e in examples:
+            f.write(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(RECIPES))
     parser.add_argument("--out", type=pathlib.Path, help="HF output directory (default dlmjax/models/NAME)")
-    parser.add_argument("--run-dir", type=pathlib.Path, help="checkpoints and metrics (default runs/NAME)")
-    parser.add_argument("--steps", type=int, help="override the recipe's step count")
+    parser.add_argument("--run-dir", type=pathlib.Path, help="checkpoints, metrics and the run's data (default runs/NAME)")
+    parser.add_argument("--steps", type=int, help="override the recipe's step count (one stage)")
     parser.add_argument("--train-examples", type=int, default=300_000)
     parser.add_argument("--test-examples", type=int, default=512)
     parser.add_argument("--eval-every", type=int, default=400, help="checkpoint, and evaluate on 64 test problems, every N steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from dlmjax.train import TrainConfig, init_model, train
+    import dlmjax
+    from dlmjax.convert.hf_export import export_lm
+    from dlmjax.lm import LM
+    from dlmjax.train import init_model
+    from dlmjax.train.cli import run
 
-    recipe = dict(RECIPES[args.name])
-    if args.steps:
-        recipe["steps"] = args.steps
+    recipe = RECIPES[args.name]
     out = args.out or ROOT / "dlmjax" / "models" / args.name
-    run_dir = args.run_dir or ROOT / "runs" / args.name
+    run_dir = (args.run_dir or ROOT / "runs" / args.name).absolute()
     template = write_template(pathlib.Path(tempfile.mkdtemp(prefix="dlmjax-template-")), recipe)
     tokenizer = load_tokenizer(template)
     cfg = from_hf_config(json.loads((template / "config.json").read_text()))
-    arrays = training_arrays(tokenizer, args.train_examples, recipe["objective"], args.seed)
+    # the starting checkpoint: the architecture and tokenizer (the CLI re-initialises the weights, model.init)
+    init = run_dir / "init"
+    if not (init / "config.json").is_file():
+        export_lm(LM(init_model(cfg, args.seed)), init, dtype="float32", hf_dir=template, overwrite=True)
+    train_rows = write_rows(run_dir / "data" / "train.jsonl", tasks.make_split("train", args.train_examples, args.seed))
     test = tasks.make_split("test", args.test_examples, args.seed)
-    tc = TrainConfig(
-        objective=recipe["objective"], steps=recipe["steps"], batch_size=recipe["batch"], learning_rate=recipe["lr"],
-        warmup_steps=recipe["warmup"], seed=args.seed, save_every=args.eval_every, keep=2, log_every=50,
-    )
-
-    def on_save(step, model):
-        metrics = evaluate(in_memory_lm(model), tokenizer, test[:64], **baseline_kwargs(cfg.family))
-        print(f"step {step}: accuracy {metrics['accuracy']:.3f} on 64 test problems, mean NFE {metrics['mean_nfe']:.1f}",
-              flush=True)
+    eval_rows = write_rows(run_dir / "data" / "eval.jsonl", test[:64])
+    overrides = [f"model.name={init}", "model.init=true", f"data.train={train_rows}", f"data.eval={eval_rows}",
+                 "data.eval_limit=64", f"output={run_dir}", f"train.seed={args.seed}", f"train.save_every={args.eval_every}"]
+    stages = [] if args.steps else list(recipe.get("stages", []))
+    last = [f"train.steps={args.steps}"] if args.steps else []
 
     start = time.perf_counter()
-    if not args.steps:
-        for schedule_steps in recipe.get("stages", []):  # earlier schedules, each run to its end in run_dir
-            train(init_model(cfg, args.seed), arrays, run_dir, dataclasses.replace(tc, steps=schedule_steps),
-                  on_save=on_save, log=print)
-    result = train(init_model(cfg, args.seed), arrays, run_dir, tc, on_save=on_save, log=print)
+    for schedule_steps in stages:  # earlier schedules, each run to its end in run_dir (no export)
+        run(recipe_config(args.name, [*overrides, f"train.steps={schedule_steps}", "export=false"]))
+    config = recipe_config(args.name, [*overrides, *last])
+    summary = run(config)
     train_seconds = time.perf_counter() - start
-    lm = in_memory_lm(result.model)
-    from dlmjax.convert.hf_export import export_lm
+    if "final" not in summary:  # preempted (SIGTERM): the step is saved, the same command continues
+        print(f"stopped at step {summary['step']} of {config.train.steps}; run the same command to continue", flush=True)
+        return
 
-    export_lm(lm, out, dtype="bfloat16", hf_dir=template, overwrite=True)
+    trained = dlmjax.load(summary["final"], dtype="float32", progress=False)
+    export_lm(trained, out, dtype="bfloat16", hf_dir=template, overwrite=True)
     shutil.rmtree(template, ignore_errors=True)
-
-    import dlmjax
 
     exported = dlmjax.load(out, dtype="float32", progress=False)
     metrics = evaluate(exported, tokenizer, test, **baseline_kwargs(cfg.family))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exported.state))
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     log = {
         "command": " ".join(["python", "experiments/train_tiny.py", *(argv if argv is not None else sys.argv[1:])]),
+        "trainer": f"python -m dlmjax.train experiments/configs/{recipe['config']} (with this script's overrides)",
         "architecture": {k: recipe[k] for k in ("family", "hidden", "layers", "heads", "mlp")},
         "parameters": n_params,
-        "train": {**dataclasses.asdict(tc), "stages": [] if args.steps else recipe.get("stages", []),
-                  "train_examples": args.train_examples,
-                  "prompt_length": PROMPT_LENGTH, "gen_length": GEN_LENGTH},
-        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "train": {**dataclasses.asdict(config.train), "stages": stages, "train_examples": args.train_examples,
+                  "prompt_length": config.data.prompt_length, "gen_length": config.data.gen_length},
+        "final_loss": history[-1]["loss"] if history else None,
         "train_seconds_this_call": round(train_seconds, 1),
-        "resumed_from": result.resumed_from,
+        "resumed_from": summary["resumed_from"],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({jax.devices()[0].platform}), jax {jax.__version__}",
         "eval": {"decoder": baseline_kwargs(cfg.family), "weights": "bfloat16 checkpoint, run in float32", **metrics},
     }

@@ -85,3 +85,33 @@ def test_cli_defaults_to_tiny_llada(capsys):
     assert main(["--prompt", example.prompt, "--chat", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert tasks.is_correct(example, out["text"]), out
+
+
+def test_the_tiny_recipes_run_on_the_training_cli(tmp_path):
+    """experiments/train_tiny.py is the CLI's config plus data and export: a 2-step tiny-ar run ends
+    in an exported bf16 model and a train_log naming the config; the CLI's rows equal the arrays the
+    recipe trained on before it moved onto the CLI (chat-formatted prompts, answers, EOS, padding)."""
+    from dlmjax.lm import LM
+    from dlmjax.train.cli import DataSection, read_rows, training_arrays
+    from dlmjax.tokenizer import load_tokenizer
+
+    recipe = train_tiny.recipe_config("tiny-llada")
+    assert (recipe.train.objective, recipe.train.steps, recipe.train.batch_size) == ("mdm", 11000, 64)
+    assert train_tiny.recipe_config("tiny-ar").train.objective == "ar"
+
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    train_tiny.main(["tiny-ar", "--steps", "2", "--train-examples", "256", "--test-examples", "8", "--eval-every", "2",
+                     "--out", str(out), "--run-dir", str(run_dir)])
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["trainer"].startswith("python -m dlmjax.train experiments/configs/tiny-ar.yaml")
+    assert log["train"]["steps"] == 2 and log["train"]["objective"] == "ar" and log["eval"]["examples"] == 8
+    assert [json.loads(line)["step"] for line in (run_dir / "eval.jsonl").read_text().splitlines()] == [2]
+    exported = dlmjax.load(out, progress=False)
+    assert exported.dtype == np.dtype("bfloat16") and exported.config.family == "qwen2"
+
+    # the rows the CLI builds from the run's JSONL == the recipe's arrays built directly from the task suite
+    lm = LM(exported.model, directory=dlmjax.load(run_dir / "init", progress=False).directory)
+    rows = read_rows(str(run_dir / "data" / "train.jsonl"), "prompt", "answer", limit=64)
+    cli = training_arrays(lm, rows, DataSection(prompt_length=train_tiny.PROMPT_LENGTH, gen_length=train_tiny.GEN_LENGTH), "mdm")
+    direct = train_tiny.training_arrays(load_tokenizer(run_dir / "init"), 64, "mdm")
+    assert set(cli) == set(direct) and all(np.array_equal(cli[k], direct[k]) for k in direct)

@@ -58,6 +58,17 @@ def test_a_tiny_lora_run_end_to_end(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 4
 
 
+def test_the_eval_hook_runs_at_its_own_cadence(tmp_path, capsys):
+    train_file, eval_file = _jsonl(tmp_path / "train.jsonl", "train", 16), _jsonl(tmp_path / "eval.jsonl", "test", 4)
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.replace("TRAIN", str(train_file)).replace("EVAL", str(eval_file)))
+    out = tmp_path / "out"
+    assert main([str(config), f"output={out}", "train.steps=5", "train.save_every=5", "eval.every=2", "tensorboard=false",
+                 "export=false"]) == 0
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4, 5]  # every 2 steps and the last, not at the save
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["train.step=3"], "unknown config key 'train.step'; did you mean 'train.steps'?"),
     (["lora.rnak=3"], "did you mean 'lora.rank'?"),
@@ -68,6 +79,7 @@ def test_a_tiny_lora_run_end_to_end(tmp_path, capsys):
     (["train.grad_accum=3"], "grad_accum 3 must be at least 1 and divide batch_size 8"),
     (["data.prompt_length=2"], "no row fits prompt_length 2"),
     (["steps"], "override 'steps' is not key=value"),
+    (["eval.every=-1"], "eval.every must be a whole number of steps"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, capsys, overrides, words):
     train_file = _jsonl(tmp_path / "train.jsonl", "train", 8)
@@ -104,8 +116,37 @@ def test_dry_run_prints_per_device_memory(tmp_path):
     assert lines[-1] == "fits in 1.0 GiB per device"
 
 
-def test_rows_from_jsonl_and_parquet(tmp_path):
-    """The same rows from a JSONL file and a Parquet file; a line that is not JSON is named."""
+def test_dry_run_for_a_tpu_target(tmp_path):
+    """--target compiles for a TPU slice through libtpu's compile-only devices: with libtpu installed
+    the table names the TPU chips; without it, one line says what to install. A bad topology and a
+    mesh of the wrong size are one line each."""
+    import importlib.util
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    base = [sys.executable, "-m", "dlmjax.train", "model.name=tiny-llada", "rules=fsdp", "train.batch_size=8",
+            "lora.rank=8", "data.prompt_length=32", "data.gen_length=32", "--dry-run"]
+
+    def dry(*args):
+        return subprocess.run([*base, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+    bad = dry("mesh=fsdp=8", "--target", "v5e-8")
+    assert bad.returncode == 2 and "--target 'v5e-8' is not a TPU topology" in bad.stderr.strip().splitlines()[-1]
+    run = dry("mesh=fsdp=8", "--target", "v5e:2x4", "--device-memory", "16GiB")
+    if importlib.util.find_spec("libtpu") is None:
+        assert run.returncode == 2, run.stdout
+        assert "--target v5e:2x4 needs libtpu" in run.stderr.strip().splitlines()[-1]
+        return
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert "TPU v5 lite chips of a v5e:2x4 slice (compile-only)" in lines[1], lines[1]
+    figures = {line.split()[0]: float(line.split()[1]) for line in lines[2:7]}
+    assert 0 < figures["parameters"] < figures["peak"] and lines[-1] == "fits in 16.0 GiB per device"
+    wrong = dry("mesh=fsdp=4", "--target", "v5e:2x4")
+    assert wrong.returncode == 2 and "the v5e:2x4 slice has 8 chips" in wrong.stderr.strip().splitlines()[-1]
+
+
+def test_rows_from_jsonl_parquet_and_saved_datasets(tmp_path):
+    """The same rows from a JSONL file, a Parquet file and a `datasets` directory; a line that is not JSON is named."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -120,6 +161,9 @@ def test_rows_from_jsonl_and_parquet(tmp_path):
     assert read_rows(str(tmp_path / "rows.jsonl"), "question", "reply") == want
     assert read_rows(str(tmp_path / "rows.parquet"), "question", "reply") == want
     assert read_rows(str(tmp_path / "rows.parquet"), "question", "reply", limit=2) == want[:2]
+    datasets = pytest.importorskip("datasets")  # in the test extra
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert read_rows(str(tmp_path / "saved"), "question", "reply") == want
     (tmp_path / "bad.jsonl").write_text('{"question": "q", "reply": "a"}\n{oops\n')
     with pytest.raises(DlmjaxError, match="bad.jsonl line 2 is not JSON"):
         read_rows(str(tmp_path / "bad.jsonl"), "question", "reply")

@@ -86,6 +86,14 @@ SCRIPT = textwrap.dedent(
     out["embed_shard"] = list(embed.addressable_shards[0].data.shape)
     mu = jax.tree.leaves(state.opt_state)
     out["moment_shards"] = sorted({str(x.sharding.spec) for x in mu if x.ndim == 2})
+    # LoRA under fsdp=8: every adapter matrix (A and B of each target, down_proj's too) and its Adam
+    # moments split 8 ways, so adapters and their optimizer state shrink with the mesh
+    lora8 = LoRAConfig(rank=8, alpha=16.0, targets=("q_proj", "up_proj", "down_proj"))
+    state8, _ = initial_state(init_model(cfg, seed=1), tx, tc, mesh=make_mesh("fsdp=8"), rules=ShardingRules.preset("fsdp"),
+                              lora=lora8)
+    out["lora_split"] = sorted({x.size // x.addressable_shards[0].data.size
+                                for x in jax.tree.leaves((state8.params, state8.opt_state)) if x.ndim == 2})
+    out["lora_matrices"] = sum(x.ndim == 2 for x in jax.tree.leaves(state8.params))
     try:
         train(init_model(cfg), arrays, d / "bad", TrainConfig(steps=1, batch_size=8, grad_accum=4), mesh=make_mesh("data=8"),
               rules=ShardingRules.preset("dp"), progress=False)
@@ -110,6 +118,7 @@ def test_training_on_a_mesh_matches_one_device():
     assert out["stable"]
     assert out["embed_shard"] == [64, 16]  # vocab 128 over tensor=2, embed 32 over fsdp=2
     assert any("fsdp" in spec for spec in out["moment_shards"]), out["moment_shards"]  # Adam's moments are sharded too
+    assert out["lora_split"] == [8] and out["lora_matrices"] == 2 * 3 * 2  # A and B, 3 targets, 2 layers
     assert "micro-batch of 2 rows (batch_size 8 / grad_accum 4) does not split over the 8 devices" in out["bad"]
 
 

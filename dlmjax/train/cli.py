@@ -17,11 +17,18 @@ directory saved with `save_to_disk` (needs datasets), with a prompt and an answe
 go through the model's chat template (`data.chat`), rows are laid out by `sft_arrays`. The run
 directory gets the orbax checkpoints, metrics.jsonl (and TensorBoard events with
 `tensorboard: true`, via tensorboardX), eval rows, and at the end `final/`: the model as Hugging
-Face safetensors, or with LoRA the PEFT adapter. A rerun of the same command resumes.
+Face safetensors, or with LoRA the PEFT adapter. A rerun of the same command resumes. The eval
+hook decodes the held-out rows with `eval.method` at every save, or every `eval.every` steps.
 
-`--dry-run` compiles the train step from shapes alone (no weights, on as many simulated CPU
-devices as the mesh has) and prints per-device memory: parameters, optimizer state, gradients
-and activations, from `memory_analysis()`, and whether it fits `--device-memory`.
+`--dry-run` compiles the train step from shapes alone (no weights, nothing run) and prints
+per-device memory: parameters, optimizer state, gradients and activations, from
+`memory_analysis()`, and whether it fits `--device-memory`. By default it compiles for as many
+simulated CPU devices as the mesh has, which sizes parameters, optimizer state and gradients
+exactly but not the activations (XLA's CPU backend upcasts bf16 matmuls and schedules without a
+memory limit). `--target v5e:2x4` (a TPU topology: v4:2x2x1, v5e:4x8, v5p:2x2x2, v6e:2x4, ...)
+compiles for that TPU slice instead, on this machine and without TPUs, through libtpu's
+compile-only devices (`pip install 'jax[tpu]'` of your jax version brings libtpu); the mesh's
+size must equal the slice's chip count, and its memory figures are the TPU compiler's own.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class EvalSection:
     knobs: dict = dataclasses.field(default_factory=dict)  # its arguments (gen_length defaults to data.gen_length)
     batch_size: int = 32
     answer_pattern: str = ""  # a regex whose first group (or match) is compared; empty: the stripped texts
+    every: int = 0  # decode the held-out rows every this many steps (and at the last); 0: at every save
 
 
 @dataclasses.dataclass
@@ -154,6 +162,8 @@ def parse_config(text: str | None, overrides: list[str]) -> RunConfig:
     if config.train is None:
         config.train = sections["train"]()
     config.train.validate()
+    if not isinstance(config.eval.every, int) or config.eval.every < 0:
+        raise DlmjaxError(f"eval.every must be a whole number of steps (0: evaluate at every save), got {config.eval.every!r}")
     if not config.model.name:
         raise DlmjaxError("the config names no model; set model.name (a hub id, a directory, or tiny-llada)")
     return config
@@ -268,12 +278,36 @@ def parse_bytes(text: str) -> float:
     return float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
 
 
-def dry_run(config: RunConfig, cfg, device_memory: float | None = None, out=print) -> dict:
-    """Per-device memory of the train step, compiled from abstract shapes on the mesh (simulated CPU
-    devices). Returns the figures (bytes) it printed."""
+def target_devices(target: str) -> list:
+    """The compile-only devices of a TPU topology ("v5e:2x4"), through libtpu; no TPU needed."""
+    import jax
+
+    name = target.split(":", 1)[1] if target.lower().startswith("tpu:") else target
+    if not re.fullmatch(r"v\d+[a-z]*:\d+(x\d+)+", name):
+        raise DlmjaxError(f"--target {target!r} is not a TPU topology; write generation:shape, e.g. v5e:2x4 or v5p:2x2x2")
+    # libtpu reads these at start-up; on a machine that is not a TPU VM they are absent, and it logs errors without them
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as e:  # no libtpu, or a topology libtpu does not know
+        if "not installed" in str(e) or "libtpu" in str(e).lower():
+            raise DlmjaxError(f"--target {target} needs libtpu to compile for a TPU (no TPU is needed); "
+                              f"pip install 'jax[tpu]=={jax.__version__}' ({str(e).splitlines()[0][:120]})") from None
+        raise DlmjaxError(f"--target {target}: libtpu does not know this topology ({str(e).splitlines()[0][:160]}); "
+                          "e.g. v5e:2x4, v5e:4x8, v4:2x2x1, v5p:2x2x2") from None
+
+
+def dry_run(config: RunConfig, cfg, device_memory: float | None = None, out=print, target: str | None = None) -> dict:
+    """Per-device memory of the train step, compiled from abstract shapes on the mesh: simulated
+    CPU devices, or with `target` a TPU topology's compile-only devices. Returns the figures
+    (bytes) it printed."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from dlmjax import sharding
     from dlmjax.memory import compiled_bytes, sharded_bytes
@@ -285,7 +319,14 @@ def dry_run(config: RunConfig, cfg, device_memory: float | None = None, out=prin
     tc, data = config.train, config.data
     lora = lora_config(config.lora, cfg)
     dtype = jnp.dtype(config.model.dtype or cfg.dtype)
-    layout = train_layout(cfg, tc, config.mesh or "data=1", sharding.ShardingRules.preset(config.rules))
+    mesh = config.mesh or "data=1"
+    if target:
+        devices = target_devices(target)
+        if _mesh_devices(mesh) != len(devices):
+            raise DlmjaxError(f"the mesh {mesh} has {_mesh_devices(mesh)} devices but the {target} slice has {len(devices)} chips; "
+                              f"make the mesh sizes multiply to {len(devices)}, e.g. mesh=fsdp={len(devices)}")
+        mesh = sharding.make_mesh(mesh, devices=devices)
+    layout = train_layout(cfg, tc, mesh, sharding.ShardingRules.preset(config.rules))
     mesh, rules = layout.mesh, layout.rules
     tx, schedule = make_optimizer(tc)
     state = split_state(placed(nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, lora=lora)), layout), tx, tc, layout)
@@ -296,7 +337,9 @@ def dry_run(config: RunConfig, cfg, device_memory: float | None = None, out=prin
     batch_sharding = sharding.batch_sharding(mesh, rules, (tc.batch_size, width))
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, width), jnp.int32, sharding=batch_sharding)
              for k in ("input_ids", "attention_mask", "loss_mask")}
-    compiled = step.lower(params, opt_state, frozen, batch, jax.random.key(0), jnp.int32(0)).compile()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    compiled = step.lower(params, opt_state, frozen, batch, key, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)).compile()
     gradients = sharded_bytes(_floats(params, jnp.float32))  # the update runs on float32 gradients
     figures = {
         "parameters": sharded_bytes(params) + sharded_bytes(frozen),
@@ -311,7 +354,8 @@ def dry_run(config: RunConfig, cfg, device_memory: float | None = None, out=prin
     out(f"dry run: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {dtype.name} weights, {what}; "
         f"mesh {dict(mesh.shape)} ({mesh.size} devices), rules {config.rules}; batch {tc.batch_size} x {width} tokens, "
         f"grad_accum {tc.grad_accum}, remat {tc.remat}, precision {tc.precision}")
-    out("GiB per device (XLA memory_analysis of the compiled step on simulated CPU devices):")
+    where = f"{devices[0].device_kind} chips of a {target} slice (compile-only)" if target else "simulated CPU devices"
+    out(f"GiB per device (XLA memory_analysis of the compiled step on {where}):")
     for name in ("parameters", "optimizer", "gradients", "activations", "peak"):
         out(f"  {name:<12} {figures[name] / gib:10.4f}")
     if device_memory is not None:
@@ -354,9 +398,7 @@ def run(config: RunConfig, log=print) -> dict:
                     writer.add_scalar(f"train/{k}", v, row["step"])
             writer.flush()
 
-    def on_save(step, model):
-        if not held_out:
-            return
+    def evaluate(step, model):
         trained = LM(model, directory=lm.directory, source=lm.source, mesh=lm.mesh, rules=lm.rules)
         knobs = {"gen_length": config.data.gen_length, **config.eval.knobs}
         texts = []
@@ -374,13 +416,23 @@ def run(config: RunConfig, log=print) -> dict:
                 writer.flush()
         log(f"step {step}: eval accuracy {accuracy:.3f} on {len(held_out)} rows ({config.eval.method})")
 
+    every, last = config.eval.every, config.train.steps
+
+    def on_save(step, model):
+        if held_out and not every:
+            evaluate(step, model)
+
+    def on_step(step, model_fn):
+        if held_out and every and (step % every == 0 or step == last):
+            evaluate(step, model_fn())
+
     model = lm.model
     if config.model.init:
         from dlmjax.train import init_model
 
         model = init_model(cfg, config.train.seed, std=config.model.init_std)
     result = train(model, arrays, output, config.train, mesh=lm.mesh, rules=lm.rules, lora=lora, log=log,
-                   on_save=on_save, on_log=on_log)
+                   on_save=on_save, on_log=on_log, on_step=on_step)
     if writer is not None:
         writer.close()
     summary = {"step": result.step, "preempted": result.preempted, "resumed_from": result.resumed_from}
@@ -421,7 +473,9 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100 lora.rank=8")
     parser.add_argument("--dry-run", action="store_true", help="print per-device memory of the train step and exit")
     parser.add_argument("--device-memory", help="with --dry-run: say whether the step fits this much per device (16GiB)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--target", help="with --dry-run: compile for this TPU slice (v5e:2x4, v5p:2x2x2, ...) through libtpu, "
+                                         "without TPUs; default: simulated CPU devices")
+    args = parser.parse_intermixed_args(argv)  # flags may come between the overrides
     try:
         overrides = list(args.overrides)
         text = None
@@ -434,10 +488,13 @@ def main(argv=None) -> int:
             text = path.read_text()
         config = parse_config(text, overrides)
         limit = parse_bytes(args.device_memory) if args.device_memory else None
+        if args.target and not args.dry_run:
+            raise DlmjaxError("--target sizes a run for a TPU slice; use it with --dry-run")
         if args.dry_run:
             devices = _mesh_devices(config.mesh)
-            os.environ["JAX_PLATFORMS"] = "cpu"  # compile only; the mesh's devices are simulated
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+            os.environ["JAX_PLATFORMS"] = "cpu"  # compile only; the mesh's devices are simulated or the target's
+            if not args.target:
+                os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
             from dlmjax.config import from_hf_config
             from dlmjax.hub import resolve
 
@@ -447,7 +504,7 @@ def main(argv=None) -> int:
                 hf_config = converted if converted.is_file() else hf_config
             if not hf_config.is_file():
                 raise DlmjaxError(f"{config.model.name} has no config.json; --dry-run needs only that file")
-            dry_run(config, from_hf_config(json.loads(hf_config.read_text())), limit)
+            dry_run(config, from_hf_config(json.loads(hf_config.read_text())), limit, target=args.target)
             return 0
         summary = run(config)
         if _primary():

@@ -144,6 +144,7 @@ def train(
     log: Callable[[str], None] | None = None,
     on_save: Callable[[int, Transformer], None] | None = None,
     on_log: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, Callable[[], Transformer]], None] | None = None,
 ) -> TrainResult:
     """Train `model` on `arrays` (see `sft_arrays`), resuming from the latest checkpoint in `run_dir`.
 
@@ -153,7 +154,8 @@ def train(
     optimizer state and the batch; `lora` trains fresh LoRA adapters on the frozen weights (a
     model loaded with lora="keep" trains its own). `stop_after` ends the call after that step (as
     if killed there) without a final save, for tests of resumption. `on_save(step, model)` runs
-    after every checkpoint (e.g. an evaluation), `on_log(row)` after every logged step.
+    after every checkpoint (e.g. an evaluation), `on_log(row)` after every logged step, and
+    `on_step(step, model_fn)` after every step (`model_fn()` builds the model of that step).
     """
     tc = tc.validate()
     missing = {"input_ids", "attention_mask", "loss_mask"} - set(arrays)
@@ -229,6 +231,8 @@ def train(
                 )
                 if on_save is not None:
                     on_save(done, state.model(params))
+            if on_step is not None:
+                on_step(done, lambda p=params: state.model(p))
             if bar is not None:
                 bar.update(1)
             if stop:
