@@ -418,3 +418,56 @@ def test_lora_dropout_is_per_row_noise():
     assert found["accum"][0] == pytest.approx(found["dropout"][0], rel=1e-6)
     for a, b in zip(found["accum"][1], found["dropout"][1]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_bind_gives_the_explicit_noise_interface_model():
+    """objectives.bind(model): raw float32 logits; attn_mask [B|1, 1, L, L] (True = may attend) and
+    positions [B|1, L] broadcast; adapter=False is exactly the model without LoRA and takes no gradient
+    into the adapters; adapter=True is the adapted model."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dlmjax.config import from_hf_config
+    from dlmjax.model import LoRAConfig
+    from dlmjax.testing import tiny_hf_config
+    from dlmjax.train import init_model
+    from dlmjax.train.objectives import bind
+    from dlmjax.train.step import with_lora
+
+    cfg = from_hf_config(tiny_hf_config("llada"))
+    targets = ("q_proj", "v_proj", "down_proj")
+    base = init_model(cfg, 0, std=0.5)
+    adapted = with_lora(init_model(cfg, 0, std=0.5), LoRAConfig(rank=4, alpha=8.0, targets=targets), 0)
+    state = nnx.state(adapted)
+    pure = nnx.to_pure_dict(state)
+    for i, layer in pure["layers"].items():
+        for role in targets:
+            layer[role]["lora_b"] = 0.3 * jax.random.normal(jax.random.key(i), layer[role]["lora_b"].shape)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(adapted, state)
+
+    b, length = 2, 12
+    ids = jax.random.randint(jax.random.key(1), (b, length), 0, cfg.vocab_size)
+    block_causal = (jnp.arange(length)[None] // 4 <= jnp.arange(length)[:, None] // 4)[None, None]  # [1, 1, L, L]
+    positions = jnp.arange(length)[None] + 3
+    plain = bind(base)(ids, attn_mask=block_causal, positions=positions)
+    assert plain.dtype == jnp.float32 and plain.shape == (b, length, cfg.vocab_size)
+    direct, _ = base(ids, jnp.broadcast_to(positions, (b, length)), jnp.broadcast_to(block_causal[:, 0], (b, length, length)))
+    np.testing.assert_array_equal(plain, direct)
+    np.testing.assert_array_equal(plain, bind(base)(ids, attn_mask=jnp.repeat(block_causal, b, 0), positions=positions))
+    assert np.abs(np.asarray(bind(base)(ids)) - np.asarray(plain)).max() > 1e-3  # None = full attention, 0..L-1
+    np.testing.assert_array_equal(bind(adapted)(ids, attn_mask=block_causal, positions=positions, adapter=False), plain)
+    assert np.abs(np.asarray(bind(adapted)(ids, attn_mask=block_causal, positions=positions)) - np.asarray(plain)).max() > 1e-2
+
+    graphdef, adapters, rest = nnx.split(adapted, nnx.LoRAParam, ...)
+
+    def loss(adapters, adapter):
+        return jnp.sum(bind(nnx.merge(graphdef, adapters, rest))(ids, adapter=adapter) ** 2)
+
+    off = jax.tree.leaves(jax.grad(loss)(adapters, False))
+    on = jax.tree.leaves(jax.grad(loss)(adapters, True))
+    assert len(off) == 2 * len(targets) * cfg.num_layers
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in off) and all(float(jnp.abs(g).max()) > 0.0 for g in on)
+    with pytest.raises(DlmjaxError, match="attn_mask must be bool"):
+        bind(base)(ids, attn_mask=block_causal[0])

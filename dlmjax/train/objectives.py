@@ -148,6 +148,49 @@ class NextToken(Objective):
         return Terms(jnp.sum(jnp.where(weights, ce, 0.0)), {"token_acc": (correct.astype(jnp.float32), count)})
 
 
+def bind(model, *, layout=None, remat: str | None = None, dropout=None):
+    """The explicit-noise interface's `model` callable (training-recipes.md section 5) of an NNX
+    `Transformer`, with or without LoRA adapters:
+
+        f(input_ids [B, L], *, attn_mask=None, positions=None, adapter=True) -> float32 [B, L, V]
+
+    raw per-position logits (no shift). attn_mask: bool [B or 1, 1, L, L], True = may attend
+    (None: full bidirectional attention); positions: int [B or 1, L] (None: 0..L-1); adapter=False
+    runs the base weights with the adapters off (D2F's teacher): B factors at zero and no gradient
+    into any adapter, which adds exactly 0 to every projection, so it equals the model without LoRA.
+    `layout`, `remat` and `dropout` (LoRA dropout row keys [B], the adapter on only) pass through to
+    the model."""
+    def call(input_ids, *, attn_mask=None, positions=None, adapter: bool = True):
+        b, length = input_ids.shape
+        if positions is None:
+            positions = jnp.arange(length, dtype=jnp.int32)[None]
+        positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, length))
+        if attn_mask is None:
+            mask = jnp.ones((b, length, length), bool)
+        else:
+            if attn_mask.ndim != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2:] != (length, length):
+                raise DlmjaxError(f"attn_mask must be bool [B or 1, 1, {length}, {length}], got shape {attn_mask.shape}")
+            mask = jnp.broadcast_to(attn_mask[:, 0].astype(bool), (b, length, length))
+        net = model if adapter or model.lora is None else _adapter_off(model)
+        logits, _ = net(input_ids, positions, mask, layout=layout, remat=remat, dropout=dropout if adapter else None)
+        return logits.astype(jnp.float32)
+
+    return call
+
+
+def _adapter_off(model):
+    """`model` with every LoRA B factor at zero and no gradient into its adapters."""
+    from flax import nnx
+
+    graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+    pure = nnx.to_pure_dict(adapters)
+    off = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if str(getattr(path[-1], "key", path[-1])) == "lora_b" else jax.lax.stop_gradient(x),
+        pure)
+    nnx.replace_by_pure_dict(adapters, off)
+    return nnx.merge(graphdef, adapters, rest)
+
+
 def masked_diffusion_loss(model, batch, key, *, eps: float = 1e-3, t_sampling: str = "stratified"):
     """(loss, metrics) of LLaDA's masked-diffusion objective on one batch."""
     return MaskedDiffusion(eps=eps, t_sampling=t_sampling)(model, batch, key)
