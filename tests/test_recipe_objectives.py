@@ -1,0 +1,173 @@
+"""The seeds' training objectives (training-recipes.md section 5) against NumPy rewrites of their
+definitions, written here from the reference text row by row and token by token: the loss and
+aux values on a tiny LLaDA and a tiny Dream, the gradient (a directional derivative of the NumPy
+loss, by central differences in float64), and the noise samplers' distributions."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from dlmjax.config import from_hf_config
+from dlmjax.testing import tiny_hf_config
+from dlmjax.train import init_model
+from dlmjax.train.dparallel import dparallel_loss, dparallel_sample_noise
+from dlmjax.train.objectives import bind
+
+MASK = 124  # tiny_hf_config's mask id (an explicit argument of every loss)
+
+
+def _model(family, dtype=jnp.float32):
+    cfg = from_hf_config(tiny_hf_config(family, vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                        intermediate_size=64))
+    return init_model(cfg, 0, std=0.3, dtype=dtype)
+
+
+# --- NumPy rewrite of dParallel (training-recipes.md 1.3-1.5, 5.1), per row and per token -----------
+
+
+def np_dparallel(logits_fn, ids, prompt_lengths, block_index, mask, *, block_size, shift, temperature, entropy_weight):
+    ids = np.asarray(ids)
+    b, length = ids.shape
+    x, xc = ids.copy(), ids.copy()
+    targets1, targets2 = np.zeros((b, length), bool), np.zeros((b, length), bool)
+    for i in range(b):
+        p = int(prompt_lengths[i])
+        r = length - p
+        if r <= 0:
+            continue
+        if block_size is None:
+            s, e = p, length
+        else:
+            nb = r // block_size
+            u = int(block_index[i])
+            assert 0 <= u <= nb
+            s = p + u * block_size
+            e = length if u == nb else s + block_size
+        for j in range(length):
+            if s <= j < e:
+                if mask[i, j]:
+                    x[i, j] = MASK
+                    targets1[i, j] = True
+                else:
+                    xc[i, j] = MASK
+                    targets2[i, j] = True
+            elif j >= e:
+                x[i, j] = xc[i, j] = MASK
+    total, aux = 0.0, {}
+    for name, noisy, targets in (("", x, targets1), ("_c", xc, targets2)):
+        z = np.asarray(logits_fn(noisy), np.float64)
+        labels = ids
+        if shift:
+            z, labels, targets = z[:, :-1], ids[:, 1:], targets[:, 1:]
+        ce_sum, n, ent_sum, n_correct = 0.0, 0, 0.0, 0
+        for i in range(z.shape[0]):
+            for j in range(z.shape[1]):
+                if not targets[i, j]:
+                    continue
+                row = z[i, j]
+                log_norm = np.log(np.sum(np.exp(row - row.max()))) + row.max()
+                ce_sum += log_norm - row[labels[i, j]]
+                n += 1
+                if int(np.argmax(row)) == labels[i, j]:
+                    q = np.exp((row - row.max()) / temperature)
+                    q /= q.sum()
+                    ent_sum += -np.sum(q * np.log(q + 1e-12))
+                    n_correct += 1
+        ce = ce_sum / n if n else 0.0
+        ent = ent_sum / n_correct if n_correct else 0.0
+        total += ce + entropy_weight * ent
+        aux.update({f"ce{name}": ce, f"ent{name}": ent, f"n_masked{name}": n, f"n_correct{name}": n_correct})
+    return total, aux
+
+
+DPARALLEL = {
+    # family: (block_size, shift, entropy_weight) as the official recipes set them (block 32 -> 4 at L=20)
+    "llada": (4, False, 2.0),
+    "dream": (None, True, 1.0),
+}
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_dparallel_loss_matches_numpy(family):
+    block_size, shift, weight = DPARALLEL[family]
+    model = _model(family)
+    f = bind(model)
+    length = 20
+    ids = jax.random.randint(jax.random.key(2), (5, length), 4, 100).astype(jnp.int32)
+    # rows: ordinary, response a multiple of the block (the last choice is empty), no response, long prompt
+    prompt_lengths = jnp.array([6, 8, 20, 3, 17], jnp.int32)
+    batch = {"input_ids": ids, "prompt_lengths": prompt_lengths}
+    noise = dparallel_sample_noise(jax.random.key(5), batch, block_size=block_size)
+    if block_size is not None:  # pin row 1 to its empty remainder segment: (20 - 8) // 4 = 3 = nb
+        noise["block_index"] = noise["block_index"].at[1].set(3)
+    kwargs = dict(block_size=block_size, shift=shift, temperature=0.5, entropy_weight=weight)
+    loss, aux = jax.jit(lambda b, n: dparallel_loss(f, b, n, mask_id=MASK, **kwargs))(batch, noise)
+    want, want_aux = np_dparallel(lambda x: f(jnp.asarray(x)), ids, prompt_lengths, np.asarray(noise["block_index"]),
+                                  np.asarray(noise["mask"]), **kwargs)
+    assert want_aux["n_masked"] > 0 and want_aux["n_masked_c"] > 0
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+    for k, v in want_aux.items():
+        np.testing.assert_allclose(float(aux[k]), v, rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def _toy_model(params):
+    """An interface `model` in float64 (the tiny transformer's head computes in float32, too coarse
+    for central differences): each position's logits from its own embedding and the row's mean."""
+    def call(input_ids, *, attn_mask=None, positions=None, adapter=True):
+        e = params["embed"][input_ids]
+        return e @ params["out"] + jnp.mean(e, axis=1, keepdims=True) @ params["mix"]
+
+    return call
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_dparallel_gradient_matches_numpy_by_central_differences(family):
+    """d/dh of the NumPy loss at params + h * direction == the JAX gradient . direction (float64)."""
+    block_size, shift, weight = DPARALLEL[family]
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(3), 6)
+        params = {"embed": jax.random.normal(keys[0], (128, 16), jnp.float64),
+                  "out": 0.5 * jax.random.normal(keys[1], (16, 128), jnp.float64),
+                  "mix": 0.5 * jax.random.normal(keys[2], (16, 128), jnp.float64)}
+        params["mix"] = params["mix"] + 0.5 * params["embed"].T  # the row's mean embedding points at its common token
+        # rows mostly of one token, so that some masked tokens are predicted right (the entropy term)
+        ids = jnp.where(jax.random.uniform(keys[3], (3, 16)) < 0.7, 50,
+                        jax.random.randint(keys[3], (3, 16), 4, 100)).astype(jnp.int32)
+        batch = {"input_ids": ids, "prompt_lengths": jnp.array([4, 6, 9], jnp.int32)}
+        noise = dparallel_sample_noise(keys[4], batch, block_size=block_size)
+        kwargs = dict(block_size=block_size, shift=shift, temperature=0.5, entropy_weight=weight)
+        loss, aux = dparallel_loss(_toy_model(params), batch, noise, mask_id=MASK, **kwargs)
+        assert int(aux["n_correct"]) + int(aux["n_correct_c"]) > 0 and float(aux["ent"] + aux["ent_c"]) > 0.1, aux  # entropy in the gradient
+        grad = jax.grad(lambda p: dparallel_loss(_toy_model(p), batch, noise, mask_id=MASK, **kwargs)[0])(params)
+        direction = {k: jax.random.normal(jax.random.fold_in(keys[5], i), v.shape, v.dtype) for i, (k, v) in enumerate(params.items())}
+        analytic = sum(float(jnp.vdot(grad[k], direction[k])) for k in params)
+
+        def np_loss(h):
+            f = _toy_model({k: params[k] + h * direction[k] for k in params})
+            return np_dparallel(lambda x: f(jnp.asarray(x)), ids, batch["prompt_lengths"], np.asarray(noise["block_index"]),
+                                np.asarray(noise["mask"]), **kwargs)[0]
+
+        h = 1e-6
+        numeric = (np_loss(h) - np_loss(-h)) / (2 * h)
+    assert abs(analytic) > 1e-3
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+
+
+def test_dparallel_noise_distribution():
+    length, block_size = 40, 8
+    prompt_lengths = jnp.array([8, 8, 40, 15] * 500, jnp.int32)
+    batch = {"input_ids": jnp.zeros((len(prompt_lengths), length), jnp.int32), "prompt_lengths": prompt_lengths}
+    noise = dparallel_sample_noise(jax.random.key(0), batch, block_size=block_size)
+    u = np.asarray(noise["block_index"]).reshape(500, 4)
+    # (40 - 8) // 8 = 4: five choices, inclusive; no response -> 0; (40 - 15) // 8 = 3: four choices
+    assert set(u[:, 0]) == {0, 1, 2, 3, 4} and set(u[:, 2]) == {0} and set(u[:, 3]) == {0, 1, 2, 3}
+    assert abs(np.mean(u[:, 0] == 4) - 0.2) < 0.05
+    mask = np.asarray(noise["mask"]).reshape(500, 4, length)
+    assert not mask[:, 2].any() and not mask[:, :, :8].any()  # nothing outside a segment
+    in_segment = np.concatenate([mask[r, 0, 8 + 8 * u[r, 0]: 8 + 8 * u[r, 0] + 8] for r in range(500) if u[r, 0] < 4])
+    assert abs(in_segment.mean() - 0.5005) < 0.02
+    dream = dparallel_sample_noise(jax.random.key(1), batch, block_size=None)
+    assert not np.asarray(dream["block_index"]).any()
+    assert abs(np.asarray(dream["mask"])[0::4, 8:].mean() - 0.5005) < 0.02
