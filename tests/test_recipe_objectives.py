@@ -171,3 +171,162 @@ def test_dparallel_noise_distribution():
     dream = dparallel_sample_noise(jax.random.key(1), batch, block_size=None)
     assert not np.asarray(dream["block_index"]).any()
     assert abs(np.asarray(dream["mask"])[0::4, 8:].mean() - 0.5005) < 0.02
+
+
+# --- NumPy rewrite of D2F (training-recipes.md 2.3-2.5, 5.2) ---------------------------------------
+
+
+def np_block_causal(prompt_lengths, length, block_size):
+    allow = np.zeros((len(prompt_lengths), 1, length, length), bool)
+    for i, p in enumerate(np.asarray(prompt_lengths)):
+        for q in range(length):
+            for k in range(length):
+                allow[i, 0, q, k] = k < p or (q >= p and k >= p and (k - p) // block_size <= (q - p) // block_size)
+    return allow
+
+
+def np_d2f(model_fn, ids, prompt_lengths, mask, ratio, *, block_size, shift, self_align):
+    ids = np.asarray(ids)
+    b, length = ids.shape
+    m = np.asarray(mask).copy()
+    for i, p in enumerate(np.asarray(prompt_lengths)):
+        m[i, :p] = False
+    x = np.where(m, MASK, ids)
+    s = np.asarray(model_fn(x, np_block_causal(prompt_lengths, length, block_size), True), np.float64)
+    t = np.asarray(model_fn(x, None, False), np.float64)
+    if shift:
+        s = np.concatenate([np.ones_like(s[:, :1]), s[:, :-1]], 1)
+        t = np.concatenate([np.ones_like(t[:, :1]), t[:, :-1]], 1)
+    total, n = 0.0, 0
+    for i in range(b):
+        for j in range(length):
+            if not m[i, j]:
+                continue
+            log_q = s[i, j] - (np.log(np.sum(np.exp(s[i, j] - s[i, j].max()))) + s[i, j].max())
+            if self_align:
+                target = np.exp(t[i, j] - t[i, j].max())
+                target /= target.sum()
+                token = -np.sum(target * log_q)
+            else:
+                token = -log_q[ids[i, j]]
+            total += token / ratio[i, j]
+            n += 1
+    return total / n, n
+
+
+def _adapted(family):
+    """The tiny model with LoRA on q, v and down, its B factors not zero (so the adapter matters)."""
+    from dlmjax.model import LoRAConfig
+    from dlmjax.train.step import with_lora
+
+    from flax import nnx
+
+    targets = ("q_proj", "v_proj", "down_proj")
+    model = with_lora(_model(family), LoRAConfig(rank=4, alpha=8.0, targets=targets), 0)
+    state = nnx.state(model)
+    pure = nnx.to_pure_dict(state)
+    for i, layer in pure["layers"].items():
+        for role in targets:
+            layer[role]["lora_b"] = 0.2 * jax.random.normal(jax.random.key(i), layer[role]["lora_b"].shape)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
+@pytest.mark.parametrize("family, shift, self_align", [("llada", False, True), ("dream", True, True), ("llada", False, False)])
+def test_d2f_loss_matches_numpy(family, shift, self_align):
+    from dlmjax.train.d2f import d2f_loss, d2f_sample_noise
+
+    f = bind(_adapted(family))
+    length, block_size = 20, 4
+    ids = jax.random.randint(jax.random.key(2), (3, length), 4, 100).astype(jnp.int32)
+    prompt_lengths = jnp.array([5, 8, 13], jnp.int32)  # last blocks partial, block counts 4, 3, 2
+    batch = {"input_ids": ids, "prompt_lengths": prompt_lengths}
+    noise = d2f_sample_noise(jax.random.key(4), batch, block_size=block_size)
+    loss, aux = jax.jit(lambda b, n: d2f_loss(f, b, n, mask_id=MASK, block_size=block_size, shift=shift,
+                                              self_align=self_align))(batch, noise)
+    want, n = np_d2f(lambda x, mask, adapter: f(jnp.asarray(x), attn_mask=None if mask is None else jnp.asarray(mask),
+                                                 adapter=adapter),
+                     ids, prompt_lengths, noise["mask"], np.asarray(noise["ratio"], np.float64), block_size=block_size,
+                     shift=shift, self_align=self_align)
+    assert n > 5 and int(aux["n_masked"]) == n
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+
+
+def _toy_attending_model(params):
+    """A float64 interface `model` that honours attn_mask (each query mixes the embeddings it may
+    attend to) and adapter (a delta on the output weights)."""
+    def call(input_ids, *, attn_mask=None, positions=None, adapter=True):
+        e = params["embed"][input_ids]
+        b, length = input_ids.shape
+        allow = jnp.ones((b, length, length), bool) if attn_mask is None else jnp.broadcast_to(attn_mask[:, 0], (b, length, length))
+        mixed = jnp.einsum("bqk,bkd->bqd", allow.astype(e.dtype), e) / jnp.sum(allow, -1, keepdims=True)
+        out = params["out"] + (params["delta"] if adapter else 0.0)
+        return e @ out + mixed @ params["mix"]
+
+    return call
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_d2f_gradient_matches_numpy_by_central_differences(shift):
+    """Only the student carries gradient: the teacher (adapter off) is a constant target."""
+    from dlmjax.train.d2f import d2f_loss, d2f_sample_noise
+
+    block_size = 4
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(8), 7)
+        params = {"embed": jax.random.normal(keys[0], (128, 16), jnp.float64),
+                  "out": 0.5 * jax.random.normal(keys[1], (16, 128), jnp.float64),
+                  "delta": 0.5 * jax.random.normal(keys[2], (16, 128), jnp.float64),
+                  "mix": 0.5 * jax.random.normal(keys[3], (16, 128), jnp.float64)}
+        ids = jax.random.randint(keys[4], (3, 16), 4, 100).astype(jnp.int32)
+        batch = {"input_ids": ids, "prompt_lengths": jnp.array([3, 6, 9], jnp.int32)}
+        noise = d2f_sample_noise(keys[5], batch, block_size=block_size)
+        kwargs = dict(block_size=block_size, shift=shift)
+        grad = jax.grad(lambda p: d2f_loss(_toy_attending_model(p), batch, noise, mask_id=MASK, **kwargs)[0])(params)
+        direction = {k: jax.random.normal(jax.random.fold_in(keys[6], i), v.shape, v.dtype) for i, (k, v) in enumerate(params.items())}
+        analytic = sum(float(jnp.vdot(grad[k], direction[k])) for k in params)
+
+        def np_loss(h):
+            moved = {k: params[k] + h * direction[k] for k in params}
+            student = _toy_attending_model(moved)
+            teacher = _toy_attending_model(params)  # the teacher's target does not move: no gradient through it
+
+            def f(x, mask, adapter):
+                net = student if adapter else teacher
+                return net(jnp.asarray(x), attn_mask=None if mask is None else jnp.asarray(mask), adapter=adapter)
+
+            return np_d2f(f, ids, batch["prompt_lengths"], noise["mask"], np.asarray(noise["ratio"]), self_align=True,
+                          **kwargs)[0]
+
+        h = 1e-6
+        numeric = (np_loss(h) - np_loss(-h)) / (2 * h)
+    assert abs(analytic) > 1e-3
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+
+
+def test_d2f_noise_distribution():
+    from dlmjax.train.d2f import d2f_loss, d2f_sample_noise
+
+    length, block_size = 36, 4
+    prompt_lengths = jnp.array([4, 12, 30] * 400, jnp.int32)  # 8, 6 and 2 blocks (the last partial): Mb = 8
+    batch = {"input_ids": jnp.zeros((len(prompt_lengths), length), jnp.int32), "prompt_lengths": prompt_lengths}
+    noise = d2f_sample_noise(jax.random.key(0), batch, block_size=block_size)
+    ratio, mask = np.asarray(noise["ratio"]).reshape(400, 3, length), np.asarray(noise["mask"]).reshape(400, 3, length)
+    for r, p in enumerate((4, 12, 30)):
+        assert not ratio[:, r, :p].any() and not mask[:, r, :p].any()  # the prompt is never masked
+        blocks = ratio[:, r, p::block_size]
+        assert np.all(np.diff(blocks, axis=1) >= 0) and np.all(blocks[:, 0] >= 0.2) and np.all(blocks < 0.7 + 1e-6)
+        inside = ratio[:, r, p:].reshape(400, -1)
+        assert np.all(inside == np.repeat(blocks, block_size, axis=1)[:, :inside.shape[1]])  # one ratio per block
+    first = ratio[:, 0, 4]
+    assert abs(first.mean() - 0.45) < 0.02 and first.min() < 0.22 and first.max() > 0.68  # p0 ~ U[0.2, 0.7)
+    # the row with Mb blocks: its last ratio is p0 + (Mb - 1) increments of mean (0.7 - p0) / (2 (Mb - 1))
+    last = ratio[:, 0, 4 + 7 * block_size]
+    assert abs(last.mean() - (0.45 + 0.25 / 2)) < 0.02 and last.max() < 0.7
+    assert abs(mask[:, 0, 4:].mean() - ratio[:, 0, 4:].mean()) < 0.01
+    # a batch with nothing masked: loss 0 (the official code gives NaN)
+    none = {"mask": np.zeros((1, 8), bool), "ratio": np.zeros((1, 8), np.float32)}
+    one = {"input_ids": jnp.zeros((1, 8), jnp.int32), "prompt_lengths": jnp.array([4])}
+    loss, aux = d2f_loss(lambda x, **k: jnp.zeros((*x.shape, 128)), one, none, mask_id=MASK, block_size=4, shift=False)
+    assert float(loss) == 0.0 and int(aux["n_masked"]) == 0
