@@ -330,3 +330,123 @@ def test_d2f_noise_distribution():
     one = {"input_ids": jnp.zeros((1, 8), jnp.int32), "prompt_lengths": jnp.array([4])}
     loss, aux = d2f_loss(lambda x, **k: jnp.zeros((*x.shape, 128)), one, none, mask_id=MASK, block_size=4, shift=False)
     assert float(loss) == 0.0 and int(aux["n_masked"]) == 0
+
+
+# --- NumPy rewrite of Fast-dLLM v2 (training-recipes.md 3.3-3.5, 5.3) ------------------------------
+
+
+def np_block_diff(length, bd):
+    n = 2 * length
+    allow = np.zeros((1, 1, n, n), bool)
+    for q in range(n):
+        for k in range(n):
+            qc, kc = q >= length, k >= length
+            qb = (q - length) // bd if qc else q // bd
+            kb = (k - length) // bd if kc else k // bd
+            allow[0, 0, q, k] = (qb == kb and qc == kc) or (qb > kb and kc and not qc) or (qb >= kb and kc and qc)
+    return allow
+
+
+def np_fdv2(model_fn, ids, labels, mask, *, bd_size, normalize):
+    ids, labels, mask = np.asarray(ids), np.asarray(labels), np.asarray(mask)
+    b, length = ids.shape
+    copies = []
+    for keep in (mask, ~mask):
+        x = ids.copy()
+        lab = np.full_like(labels, -100)
+        for i in range(b):
+            for j in range(length):
+                if labels[i, j] != -100 and keep[i, j]:
+                    x[i, j] = MASK
+                if x[i, j] == MASK:
+                    lab[i, j] = labels[i, j]
+        copies.append((x, lab))
+    rows = np.concatenate([np.concatenate([x, ids], 1) for x, _ in copies], 0)
+    positions = np.concatenate([np.arange(length), np.arange(length)])[None]
+    z = np.asarray(model_fn(rows, np_block_diff(length, bd_size), positions), np.float64)[:, :length]
+    sums, counts = [0.0, 0.0], [0, 0]
+    for c, (_, lab) in enumerate(copies):
+        for i in range(b):
+            for j in range(length - 1):
+                target = lab[i, j + 1]
+                if target == -100:
+                    continue
+                row = z[c * b + i, j]
+                sums[c] += np.log(np.sum(np.exp(row - row.max()))) + row.max() - row[target]
+                counts[c] += 1
+    n_labels = int(np.sum(labels != -100))
+    denominator = n_labels if normalize == "labels" else sum(counts)
+    return sum(sums) / denominator, {"ce_sum_noisy": sums[0], "ce_sum_comp": sums[1], "n_targets_noisy": counts[0],
+                                     "n_targets_comp": counts[1], "n_labels": n_labels}
+
+
+def _fdv2_batch(length=16):
+    ids = np.asarray(jax.random.randint(jax.random.key(2), (3, length), 4, 100)).astype(np.int32)
+    labels = np.full_like(ids, -100)
+    labels[0, 5:] = ids[0, 5:]  # a prompt then a response
+    labels[1, :7] = ids[1, :7]  # a packed row that starts inside a response: the label at 0 is never a target
+    labels[1, 11:] = ids[1, 11:]
+    labels[2, 3:9] = ids[2, 3:9]
+    ids[2, 4] = MASK  # an input that already is the mask id: a target in both copies (kept quirk)
+    labels[2, 4] = 7
+    return {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels)}
+
+
+@pytest.mark.parametrize("normalize", ["labels", "targets"])
+def test_fdv2_loss_matches_numpy(normalize):
+    from dlmjax.train.fdv2 import fdv2_loss, fdv2_sample_noise
+
+    model = _model("fast_dllm_v2")
+    f = bind(model)
+    bd = 4
+    batch = _fdv2_batch()
+    noise = fdv2_sample_noise(jax.random.key(3), batch, bd_size=bd)
+    loss, aux = jax.jit(lambda b, n: fdv2_loss(f, b, n, mask_id=MASK, bd_size=bd, normalize=normalize))(batch, noise)
+    want, want_aux = np_fdv2(lambda x, m, p: f(jnp.asarray(x), attn_mask=jnp.asarray(m), positions=jnp.asarray(p)),
+                             batch["input_ids"], batch["labels"], noise["mask"], bd_size=bd, normalize=normalize)
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+    for k, v in want_aux.items():
+        np.testing.assert_allclose(float(aux[k]), v, rtol=2e-5, err_msg=k)
+    # every label but the one at row 1's position 0 is a target in exactly one copy, the pre-masked one in both
+    assert want_aux["n_targets_noisy"] + want_aux["n_targets_comp"] == want_aux["n_labels"] - 1 + 1
+
+
+def test_fdv2_gradient_matches_numpy_by_central_differences():
+    from dlmjax.train.fdv2 import fdv2_loss, fdv2_sample_noise
+
+    bd = 4
+    batch = _fdv2_batch()
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(9), 5)
+        params = {"embed": jax.random.normal(keys[0], (128, 16), jnp.float64),
+                  "out": 0.5 * jax.random.normal(keys[1], (16, 128), jnp.float64),
+                  "delta": jnp.zeros((16, 128), jnp.float64),
+                  "mix": 0.5 * jax.random.normal(keys[2], (16, 128), jnp.float64)}
+        noise = fdv2_sample_noise(keys[3], batch, bd_size=bd)
+        grad = jax.grad(lambda p: fdv2_loss(_toy_attending_model(p), batch, noise, mask_id=MASK, bd_size=bd)[0])(params)
+        direction = {k: jax.random.normal(jax.random.fold_in(keys[4], i), v.shape, v.dtype) for i, (k, v) in enumerate(params.items())}
+        analytic = sum(float(jnp.vdot(grad[k], direction[k])) for k in params)
+
+        def np_loss(h):
+            f = _toy_attending_model({k: params[k] + h * direction[k] for k in params})
+            return np_fdv2(lambda x, m, p: f(jnp.asarray(x), attn_mask=jnp.asarray(m)), batch["input_ids"], batch["labels"],
+                           noise["mask"], bd_size=bd, normalize="labels")[0]
+
+        h = 1e-6
+        numeric = (np_loss(h) - np_loss(-h)) / (2 * h)
+    assert abs(analytic) > 1e-3
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+
+
+def test_fdv2_noise_and_mask():
+    from dlmjax.errors import DlmjaxError
+    from dlmjax.train.fdv2 import block_diff_mask, fdv2_sample_noise
+
+    np.testing.assert_array_equal(np.asarray(block_diff_mask(12, 4)), np_block_diff(12, 4))
+    batch = {"input_ids": jnp.zeros((2000, 32), jnp.int32)}
+    mask = np.asarray(fdv2_sample_noise(jax.random.key(0), batch, bd_size=8)["mask"]).reshape(2000, 4, 8)
+    per_block = mask.mean(-1)  # one ratio per block: ~U(0, 1), independent across blocks
+    assert abs(per_block.mean() - 0.5) < 0.02 and abs(np.corrcoef(per_block[:, 0], per_block[:, 1])[0, 1]) < 0.1
+    assert abs(np.var(per_block) - (1 / 12 + 1 / 6 / 8)) < 0.01  # Var = Var(t) + E[t(1-t)] / bd
+    with pytest.raises(DlmjaxError, match="multiple of bd_size 8"):
+        fdv2_sample_noise(jax.random.key(0), {"input_ids": jnp.zeros((1, 30), jnp.int32)}, bd_size=8)

@@ -5,7 +5,11 @@
 `init_model` gives a randomly initialised `Transformer`; `sft_arrays` turns prompt and
 answer ids into fixed-length training rows; `train` runs the loop, saves an orbax
 checkpoint every `save_every` steps (keeping the last `keep`), and resumes from the latest
-one. Objectives: LLaDA's masked-diffusion loss ("mdm") and a next-token loss ("ar").
+one. Objectives: LLaDA's masked-diffusion loss ("mdm") and a next-token loss ("ar"). The seeds'
+recipes' objectives, each a pure function of (model, batch, noise) with its own `*_sample_noise`
+(training-recipes.md section 5), on the callable `objectives.bind(model)` gives:
+`dparallel.dparallel_loss` (certainty forcing), `d2f.d2f_loss` (asymmetric distillation) and
+`fdv2.fdv2_loss` (block-diffusion fine-tuning); they are not yet objectives of `train`.
 """
 
 from dlmjax.train.data import BatchStream, sft_arrays
