@@ -325,6 +325,12 @@ def test_d2f_noise_distribution():
     last = ratio[:, 0, 4 + 7 * block_size]
     assert abs(last.mean() - (0.45 + 0.25 / 2)) < 0.02 and last.max() < 0.7
     assert abs(mask[:, 0, 4:].mean() - ratio[:, 0, 4:].mean()) < 0.01
+    # the 2-block row: its second ratio is p0 + one increment scaled by the batch's Mb - 1 = 7, or with
+    # per_row (the official batch of 1) by its own 2 - 1
+    short = ratio[:, 2, 30 + block_size]
+    assert abs(short.mean() - (0.45 + 0.25 / 2 / 7)) < 0.02
+    own = np.asarray(d2f_sample_noise(jax.random.key(0), batch, block_size=block_size, per_row=True)["ratio"])
+    assert abs(own.reshape(400, 3, length)[:, 2, 30 + block_size].mean() - (0.45 + 0.25 / 2)) < 0.02
     # a batch with nothing masked: loss 0 (the official code gives NaN)
     none = {"mask": np.zeros((1, 8), bool), "ratio": np.zeros((1, 8), np.float32)}
     one = {"input_ids": jnp.zeros((1, 8), jnp.int32), "prompt_lengths": jnp.array([4])}
@@ -450,3 +456,35 @@ def test_fdv2_noise_and_mask():
     assert abs(np.var(per_block) - (1 / 12 + 1 / 6 / 8)) < 0.01  # Var = Var(t) + E[t(1-t)] / bd
     with pytest.raises(DlmjaxError, match="multiple of bd_size 8"):
         fdv2_sample_noise(jax.random.key(0), {"input_ids": jnp.zeros((1, 30), jnp.int32)}, bd_size=8)
+
+
+@pytest.mark.parametrize("recipe", ["dparallel", "d2f", "fdv2"])
+def test_per_row_reduction_is_the_mean_of_batch_of_one_losses(recipe):
+    """reduce="rows" (what the trainer uses: the official per-device batch of 1, averaged) equals
+    the interface's loss on each row alone, averaged; D2F's per-row noise uses each row's blocks."""
+    from dlmjax.train.d2f import d2f_loss, d2f_sample_noise
+    from dlmjax.train.fdv2 import fdv2_loss, fdv2_sample_noise
+
+    if recipe == "fdv2":
+        f, batch = bind(_model("fast_dllm_v2")), _fdv2_batch()
+        noise = fdv2_sample_noise(jax.random.key(1), batch, bd_size=4)
+        loss = lambda b, n, r: fdv2_loss(f, b, n, mask_id=MASK, bd_size=4, reduce=r)  # noqa: E731
+    else:
+        ids = jax.random.randint(jax.random.key(2), (3, 20), 4, 100).astype(jnp.int32)
+        batch = {"input_ids": ids, "prompt_lengths": jnp.array([5, 9, 14], jnp.int32)}
+        if recipe == "dparallel":
+            f = bind(_model("llada"))
+            noise = dparallel_sample_noise(jax.random.key(1), batch, block_size=4)
+            loss = lambda b, n, r: dparallel_loss(f, b, n, mask_id=MASK, block_size=4, shift=False,  # noqa: E731
+                                                  entropy_weight=2.0, reduce=r)
+        else:
+            f = bind(_adapted("dream"))
+            noise = d2f_sample_noise(jax.random.key(1), batch, block_size=4, per_row=True)
+            loss = lambda b, n, r: d2f_loss(f, b, n, mask_id=MASK, block_size=4, shift=True, reduce=r)  # noqa: E731
+    mean, aux = loss(batch, noise, "rows")
+    singles = [float(loss({k: v[i:i + 1] for k, v in batch.items()}, {k: v[i:i + 1] for k, v in noise.items()}, "batch")[0])
+               for i in range(3)]
+    np.testing.assert_allclose(np.asarray(aux["row_losses"]), singles, rtol=2e-5)
+    np.testing.assert_allclose(float(mean), np.mean(singles), rtol=2e-5)
+    whole = float(loss(batch, noise, "batch")[0])
+    assert abs(whole - float(mean)) > 1e-6  # the batch's token mean is another number

@@ -29,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dlmjax.errors import DlmjaxError
+
 P_LOW, P_HIGH = 0.2, 0.7
 
 
@@ -43,15 +45,16 @@ def block_causal_mask(prompt_lengths: jax.Array, length: int, block_size: int) -
     return allow[:, None]
 
 
-def d2f_sample_noise(key, batch, *, block_size: int) -> dict:
+def d2f_sample_noise(key, batch, *, block_size: int, per_row: bool = False) -> dict:
     """{"mask": bool [B, L], "ratio": float32 [B, L]} with the official distributions (module
     docstring): n_i = ceil((L - P_i) / block_size) blocks per row, Mb = max_i n_i,
-    p = min(concat(p0, p0 + cumsum(inc)), 1) with p0 ~ U[0.2, 0.7) and inc ~ U * (0.7 - p0) / (Mb - 1)."""
+    p = min(concat(p0, p0 + cumsum(inc)), 1) with p0 ~ U[0.2, 0.7) and inc ~ U * (0.7 - p0) / (Mb - 1).
+    per_row=True uses each row's own n_i for Mb, as the official training (batch 1 per device) does."""
     ids = batch["input_ids"]
     b, length = ids.shape
     p = jnp.asarray(batch["prompt_lengths"], jnp.int32)
     n = -(-jnp.maximum(length - p, 0) // block_size)
-    most = jnp.max(n)
+    most = n[:, None] if per_row else jnp.max(n)
     slots = -(-length // block_size)  # a static bound on the block count: Mb's increments are the first Mb - 1
     k0, k1, k2 = jax.random.split(key, 3)
     p0 = jax.random.uniform(k0, (b, 1)) / 2 + P_LOW
@@ -70,13 +73,14 @@ def _shift(logits):
 
 
 def d2f_loss(model, batch, noise, *, mask_id: int, block_size: int, shift: bool,
-             self_align: bool = True) -> tuple[jax.Array, dict]:
+             self_align: bool = True, reduce: str = "batch") -> tuple[jax.Array, dict]:
     """D2F's distillation loss of one batch (module docstring) and {"n_masked"}.
 
     model: the interface's callable (`dlmjax.train.objectives.bind`) of the model with its
     adapter; batch: {"input_ids" [B, L], "prompt_lengths" [B]}; noise: `d2f_sample_noise`'s
     {"mask", "ratio"} (the ratio is read at masked tokens only). Official: block_size 16,
-    shift False for LLaDA and True for Dream, self_align True."""
+    shift False for LLaDA and True for Dream, self_align True. reduce="rows": the mean over rows
+    of each row's own mean (aux "row_losses" [B]), the official training's per-device batch of 1."""
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
     b, length = ids.shape
     p = jnp.asarray(batch["prompt_lengths"], jnp.int32)
@@ -93,7 +97,12 @@ def d2f_loss(model, batch, noise, *, mask_id: int, block_size: int, shift: bool,
         token = -jnp.sum(jax.nn.softmax(teacher, axis=-1) * log_q, axis=-1)
     else:
         token = -jnp.take_along_axis(log_q, ids[..., None], axis=-1)[..., 0]
-    n = jnp.sum(m)
     ratio = jnp.where(m, noise["ratio"], 1.0)
-    loss = jnp.sum(jnp.where(m, token / ratio, 0.0)) / jnp.maximum(n, 1)
-    return loss, {"n_masked": n.astype(jnp.int32)}
+    weighted = jnp.where(m, token / ratio, 0.0)
+    n = jnp.sum(m)
+    if reduce == "rows":
+        rows = jnp.sum(weighted, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
+        return jnp.mean(rows), {"n_masked": n.astype(jnp.int32), "row_losses": rows}
+    if reduce != "batch":
+        raise DlmjaxError(f"reduce must be 'batch' (the official reductions) or 'rows' (per-row losses), not {reduce!r}")
+    return jnp.sum(weighted) / jnp.maximum(n, 1), {"n_masked": n.astype(jnp.int32)}

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dlmjax.errors import DlmjaxError
+
 MASK_RATIO = 0.5
 EPS = 1e-3
 
@@ -79,27 +81,34 @@ def dparallel_sample_noise(key, batch, *, block_size: int | None, mask_ratio: fl
     return {"block_index": block_index, "mask": mask}
 
 
-def _copy_terms(logits, targets, masked, temperature):
-    """(CE mean, entropy mean over the correct, #masked, #correct) of one copy."""
-    n_masked = jnp.sum(masked)
+def _mean(values, where, axis):
+    """Mean of `values` where `where`, 0 where nothing is selected (the official 0 * logits.sum())."""
+    n = jnp.sum(where, axis=axis)
+    return jnp.where(n > 0, jnp.sum(jnp.where(where, values, 0.0), axis=axis) / jnp.maximum(n, 1), 0.0)
+
+
+def _copy_terms(logits, targets, masked, temperature, axis):
+    """(CE mean, entropy mean over the correct, #masked, #correct) of one copy, over the whole
+    batch (axis None) or per row (axis 1)."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    ce_mean = jnp.where(n_masked > 0, jnp.sum(jnp.where(masked, ce, 0.0)) / jnp.maximum(n_masked, 1), 0.0)
     probs = jax.nn.softmax(logits / temperature, axis=-1)
     entropy = -jnp.sum(probs * jnp.log(probs + 1e-12), axis=-1)
     correct = masked & (jnp.argmax(logits, axis=-1) == targets)
-    n_correct = jnp.sum(correct)
-    ent_mean = jnp.where(n_correct > 0, jnp.sum(jnp.where(correct, entropy, 0.0)) / jnp.maximum(n_correct, 1), 0.0)
-    return ce_mean, ent_mean, n_masked.astype(jnp.int32), n_correct.astype(jnp.int32)
+    return (_mean(ce, masked, axis), _mean(entropy, correct, axis), jnp.sum(masked).astype(jnp.int32),
+            jnp.sum(correct).astype(jnp.int32))
 
 
 def dparallel_loss(model, batch, noise, *, mask_id: int, block_size: int | None, shift: bool,
-                   temperature: float = 0.5, entropy_weight: float) -> tuple[jax.Array, dict]:
+                   temperature: float = 0.5, entropy_weight: float, reduce: str = "batch") -> tuple[jax.Array, dict]:
     """The certainty-forcing loss of one batch (module docstring) and its aux values.
 
     model: the interface's callable (`dlmjax.train.objectives.bind`); batch: {"input_ids" [B, L],
     "prompt_lengths" [B]}; noise: `dparallel_sample_noise`'s {"block_index", "mask"} (a mask
     outside the segment is ignored). Official: LLaDA block_size=32, shift=False,
-    entropy_weight=2.0; Dream block_size=None, shift=True, entropy_weight=1.0; temperature 0.5."""
+    entropy_weight=2.0; Dream block_size=None, shift=True, entropy_weight=1.0; temperature 0.5.
+    reduce="batch" takes every mean over the batch's tokens (the official code, the interface);
+    reduce="rows" is the mean over rows of each row's own loss (aux "row_losses" [B]), which is
+    what the official training computes with its per-device batch of 1."""
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
     b, length = ids.shape
     seg, suf = _region(batch["prompt_lengths"], length, block_size, noise["block_index"])
@@ -112,9 +121,19 @@ def dparallel_loss(model, batch, noise, *, mask_id: int, block_size: int | None,
     targets = ids
     if shift:
         z, zc, targets, m, mc = z[:, :-1], zc[:, :-1], ids[:, 1:], m[:, 1:], mc[:, 1:]
-    ce, ent, n, nc = _copy_terms(z, targets, m, temperature)
-    ce_c, ent_c, n_c, nc_c = _copy_terms(zc, targets, mc, temperature)
+    axis = _axis(reduce)
+    ce, ent, n, nc = _copy_terms(z, targets, m, temperature, axis)
+    ce_c, ent_c, n_c, nc_c = _copy_terms(zc, targets, mc, temperature, axis)
     loss = ce + ce_c + entropy_weight * (ent + ent_c)
     aux = {"ce": ce, "ce_c": ce_c, "ent": ent, "ent_c": ent_c, "n_masked": n, "n_masked_c": n_c,
            "n_correct": nc, "n_correct_c": nc_c}
+    if axis is not None:
+        aux = {k: (jnp.mean(v) if v.ndim else v) for k, v in aux.items()} | {"row_losses": loss}
+        loss = jnp.mean(loss)
     return loss, aux
+
+
+def _axis(reduce: str):
+    if reduce not in ("batch", "rows"):
+        raise DlmjaxError(f"reduce must be 'batch' (the official reductions) or 'rows' (per-row losses), not {reduce!r}")
+    return None if reduce == "batch" else 1

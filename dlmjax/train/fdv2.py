@@ -65,12 +65,14 @@ def fdv2_sample_noise(key, batch, *, bd_size: int, eps: float = EPS) -> dict:
     return {"mask": (jax.random.uniform(k_m, (b, length // bd_size, bd_size)) < p).reshape(b, length)}
 
 
-def fdv2_loss(model, batch, noise, *, mask_id: int, bd_size: int, normalize: str = "labels") -> tuple[jax.Array, dict]:
+def fdv2_loss(model, batch, noise, *, mask_id: int, bd_size: int, normalize: str = "labels",
+              reduce: str = "batch") -> tuple[jax.Array, dict]:
     """The block-diffusion fine-tuning loss of one batch (module docstring) and its aux values.
 
     model: the interface's callable (`dlmjax.train.objectives.bind`); batch: {"input_ids" [B, L],
     "labels" [B, L]} with -100 where nothing is learned; noise: `fdv2_sample_noise`'s {"mask"}.
-    Official: bd_size = the config's (32), normalize="labels"."""
+    Official: bd_size = the config's (32), normalize="labels". reduce="rows": the mean over rows
+    of each row's own normalised loss (aux "row_losses" [B]), the official per-device batch of 1."""
     if normalize not in ("labels", "targets"):
         raise DlmjaxError(f"normalize must be 'labels' (the official Trainer) or 'targets', not {normalize!r}")
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
@@ -96,4 +98,11 @@ def fdv2_loss(model, batch, noise, *, mask_id: int, bd_size: int, normalize: str
     loss = (ce_noisy + ce_comp) / jnp.maximum(denominator, 1)
     aux = {"ce_sum_noisy": ce_noisy, "ce_sum_comp": ce_comp, "n_targets_noisy": n_noisy.astype(jnp.int32),
            "n_targets_comp": n_comp.astype(jnp.int32), "n_labels": n_labels.astype(jnp.int32)}
+    if reduce == "rows":
+        row_ce = jnp.sum(ce[:b], axis=1) + jnp.sum(ce[b:], axis=1)
+        row_n = jnp.sum(scored, axis=1) if normalize == "labels" else jnp.sum(live[:b], axis=1) + jnp.sum(live[b:], axis=1)
+        rows = row_ce / jnp.maximum(row_n, 1)
+        return jnp.mean(rows), aux | {"row_losses": rows}
+    if reduce != "batch":
+        raise DlmjaxError(f"reduce must be 'batch' (the official reductions) or 'rows' (per-row losses), not {reduce!r}")
     return loss, aux
