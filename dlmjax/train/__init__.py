@@ -9,10 +9,12 @@ one. Objectives: LLaDA's masked-diffusion loss ("mdm") and a next-token loss ("a
 recipes' objectives, each a pure function of (model, batch, noise) with its own `*_sample_noise`
 (training-recipes.md section 5), on the callable `objectives.bind(model)` gives:
 `dparallel.dparallel_loss` (certainty forcing), `d2f.d2f_loss` (asymmetric distillation) and
-`fdv2.fdv2_loss` (block-diffusion fine-tuning); they are not yet objectives of `train`.
+`fdv2.fdv2_loss` (block-diffusion fine-tuning). `train` runs them as objectives "dparallel", "d2f"
+and "fdv2" (each row's loss on its own, averaged: the official per-device batch of 1) on rows
+from `recipe_arrays`.
 """
 
-from dlmjax.train.data import BatchStream, sft_arrays
+from dlmjax.train.data import BatchStream, recipe_arrays, sft_arrays
 from dlmjax.train.init import init_model
 from dlmjax.train.loop import TrainConfig, TrainResult, train
 from dlmjax.train.objectives import OBJECTIVES, autoregressive_loss, masked_diffusion_loss
@@ -25,6 +27,7 @@ __all__ = [
     "autoregressive_loss",
     "init_model",
     "masked_diffusion_loss",
+    "recipe_arrays",
     "sft_arrays",
     "train",
 ]

@@ -331,12 +331,15 @@ def dry_run(config: RunConfig, cfg, device_memory: float | None = None, out=prin
     tx, schedule = make_optimizer(tc)
     state = split_state(placed(nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, lora=lora)), layout), tx, tc, layout)
     params, frozen, opt_state = state.params, state.frozen, state.opt_state
-    objective = make_objective(tc.objective, eps=tc.eps, t_sampling=tc.t_sampling)
+    objective = make_objective(tc.objective, eps=tc.eps, t_sampling=tc.t_sampling, cfg=cfg, args=tc.objective_args)
     step = build_step(state, tx, schedule, objective, tc, layout)
     width = data.prompt_length + data.gen_length
-    batch_sharding = sharding.batch_sharding(mesh, rules, (tc.batch_size, width))
-    batch = {k: jax.ShapeDtypeStruct((tc.batch_size, width), jnp.int32, sharding=batch_sharding)
-             for k in ("input_ids", "attention_mask", "loss_mask")}
+
+    def array(name):  # [B, width] rows, or [B] per-row values (prompt_lengths)
+        shape = (tc.batch_size,) if name == "prompt_lengths" else (tc.batch_size, width)
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh, rules, shape))
+
+    batch = {k: array(k) for k in getattr(objective, "arrays", ("input_ids", "attention_mask", "loss_mask"))}
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     compiled = step.lower(params, opt_state, frozen, batch, key, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)).compile()

@@ -55,6 +55,63 @@ def sft_arrays(
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
 
 
+def recipe_arrays(
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    *,
+    length: int,
+    pad_id: int,
+    end_id: int | None = None,
+    labels: bool = False,
+    pack: bool = False,
+    pack_group: int = 1000,
+) -> dict[str, np.ndarray]:
+    """Rows of the seed recipes (training-recipes.md 1.2, 2.2, 3.2), int32 [N, length]:
+
+    * dParallel and D2F: the prompt at the start, then the answer and `end_id` (EOS; D2F's LLaDA
+      data ends answers with <|eot_id|>), right-padded with `pad_id` (the official data pads with
+      EOS, which is masked and trained like the answer); "input_ids" and "prompt_lengths" [N].
+      A row longer than `length` is an error (the official code drops or truncates it).
+    * Fast-dLLM v2 (`labels=True`): "input_ids" and "labels", the answer and its end token as
+      labels and -100 elsewhere; with `pack=True` the examples of each group of `pack_group` are
+      concatenated and cut into rows of `length` (the group's remainder dropped), documents not
+      separated, as the official fine-tuning packs; else one example per row, padded (labels -100).
+    """
+    if len(prompts) != len(answers) or not prompts:
+        raise DlmjaxError(f"need as many prompts as answers (and at least one): got {len(prompts)} and {len(answers)}")
+    if pack and not labels:
+        raise DlmjaxError("pack=True packs Fast-dLLM v2 rows; pass labels=True too")
+    seqs, labs, prompt_lengths = [], [], []
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        tail = list(a) + ([end_id] if end_id is not None else [])
+        seqs.append(list(p) + tail)
+        labs.append([-100] * len(p) + tail)
+        prompt_lengths.append(len(p))
+        if not pack and len(seqs[-1]) > length:
+            raise DlmjaxError(f"example {i} has {len(seqs[-1])} tokens, more than the row length {length}; raise length or drop it")
+    if pack:
+        rows, row_labels = [], []
+        for start in range(0, len(seqs), pack_group):
+            ids = [t for s in seqs[start:start + pack_group] for t in s]
+            lab = [t for s in labs[start:start + pack_group] for t in s]
+            for cut in range(0, len(ids) - length + 1, length):
+                rows.append(ids[cut:cut + length])
+                row_labels.append(lab[cut:cut + length])
+        if not rows:
+            raise DlmjaxError(f"the examples hold fewer than {length} tokens per group of {pack_group}: nothing to pack")
+        return {"input_ids": np.asarray(rows, np.int32), "labels": np.asarray(row_labels, np.int32)}
+    n = len(seqs)
+    ids = np.full((n, length), pad_id, np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+    if labels:
+        lab = np.full((n, length), -100, np.int32)
+        for i, s in enumerate(labs):
+            lab[i, :len(s)] = s
+        return {"input_ids": ids, "labels": lab}
+    return {"input_ids": ids, "prompt_lengths": np.asarray(prompt_lengths, np.int32)}
+
+
 class BatchStream:
     """Batch `step` of an endless sequence of shuffled epochs, a pure function of (seed, step).
 

@@ -30,13 +30,14 @@ import orbax.checkpoint as ocp
 from dlmjax.errors import DlmjaxError
 from dlmjax.model import REMAT_POLICIES, LoRAConfig, Transformer
 from dlmjax.train.data import BatchStream
-from dlmjax.train.objectives import OBJECTIVES, T_SAMPLING, make_objective
+from dlmjax.train.objectives import OBJECTIVE_NAMES, T_SAMPLING, make_objective
 from dlmjax.train.step import PRECISIONS, build_step, initial_state, streamed_batch
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    objective: str = "mdm"  # "mdm" (LLaDA masked diffusion) or "ar" (next token)
+    objective: str = "mdm"  # "mdm" (LLaDA masked diffusion), "ar" (next token), or a recipe: dparallel, d2f, fdv2
+    objective_args: dict = dataclasses.field(default_factory=dict)  # a recipe's settings over its official ones
     steps: int = 1000
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -58,8 +59,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32; bf16_compute (fp32 master weights, bf16 forward); bf16 (bf16 weights, fp32 optimizer state)
 
     def validate(self) -> "TrainConfig":
-        if self.objective not in OBJECTIVES:
-            raise DlmjaxError(f"objective must be one of {sorted(OBJECTIVES)}, not {self.objective!r}")
+        if self.objective not in OBJECTIVE_NAMES:
+            raise DlmjaxError(f"objective must be one of {', '.join(OBJECTIVE_NAMES)}, not {self.objective!r}")
+        if not isinstance(self.objective_args, dict):
+            raise DlmjaxError(f"objective_args must be a mapping of the objective's settings, got {self.objective_args!r}")
         if self.remat not in REMAT_POLICIES:
             raise DlmjaxError(f"remat must be one of {', '.join(REMAT_POLICIES)}, not {self.remat!r}")
         if self.precision not in PRECISIONS:
@@ -158,13 +161,16 @@ def train(
     `on_step(step, model_fn)` after every step (`model_fn()` builds the model of that step).
     """
     tc = tc.validate()
-    missing = {"input_ids", "attention_mask", "loss_mask"} - set(arrays)
+    objective = make_objective(tc.objective, eps=tc.eps, t_sampling=tc.t_sampling, cfg=model.config, args=tc.objective_args)
+    needed = getattr(objective, "arrays", ("input_ids", "attention_mask", "loss_mask"))
+    missing = set(needed) - set(arrays)
     if missing:
-        raise DlmjaxError(f"training arrays lack {sorted(missing)}; build them with dlmjax.train.sft_arrays")
+        builder = "recipe_arrays" if tc.objective in ("dparallel", "d2f", "fdv2") else "sft_arrays"
+        raise DlmjaxError(f"training arrays lack {sorted(missing)}; objective {tc.objective} reads {', '.join(needed)} "
+                          f"(build them with dlmjax.train.{builder})")
     run_dir = pathlib.Path(run_dir)
     stream = BatchStream(arrays, tc.batch_size, tc.seed)
     tx, schedule = make_optimizer(tc)
-    objective = make_objective(tc.objective, eps=tc.eps, t_sampling=tc.t_sampling)
     state, layout = initial_state(model, tx, tc, mesh=mesh, rules=rules, lora=lora)  # checks before anything compiles
     _check_run_config(run_dir, tc, lora=state.lora, cfg=model.config)
     step_fn = build_step(state, tx, schedule, objective, tc, layout)
@@ -190,7 +196,8 @@ def train(
 
     base_key = jax.random.key(tc.seed)
     history: list[dict[str, float]] = []
-    tokens_per_step = float(np.mean(np.sum(arrays["attention_mask"], 1))) * tc.batch_size
+    width = arrays["input_ids"].shape[1]
+    tokens_per_step = (float(np.mean(np.sum(arrays["attention_mask"], 1))) if "attention_mask" in arrays else width) * tc.batch_size
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = None
     primary = jax.process_index() == 0  # the process that prints and writes the metrics

@@ -172,7 +172,10 @@ def bind(model, *, layout=None, remat: str | None = None, dropout=None):
                 raise DlmjaxError(f"attn_mask must be bool [B or 1, 1, {length}, {length}], got shape {attn_mask.shape}")
             mask = jnp.broadcast_to(attn_mask[:, 0].astype(bool), (b, length, length))
         net = model if adapter or model.lora is None else _adapter_off(model)
-        logits, _ = net(input_ids, positions, mask, layout=layout, remat=remat, dropout=dropout if adapter else None)
+        keys = dropout if adapter else None
+        if keys is not None and keys.shape[0] != b:  # a forward of several copies of the batch: one key per copy's row
+            keys = jnp.concatenate([jax.vmap(lambda k, c=c: jax.random.fold_in(k, c))(keys) for c in range(b // keys.shape[0])])
+        logits, _ = net(input_ids, positions, mask, layout=layout, remat=remat, dropout=keys)
         return logits.astype(jnp.float32)
 
     return call
@@ -191,6 +194,111 @@ def _adapter_off(model):
     return nnx.merge(graphdef, adapters, rest)
 
 
+class Recipe(Objective):
+    """A seed paper's objective (`dparallel`, `d2f`, `fdv2` modules) in the trainer: the loss of
+    each row on its own, averaged over the batch (reduce="rows": the official trainings run one
+    row per device and average), so accumulation and sharding split it exactly. `arrays` names the
+    training arrays it reads (`recipe_arrays` builds them)."""
+
+    arrays = ("input_ids", "prompt_lengths")
+
+    def weight(self, batch) -> jax.Array:
+        return jnp.float32(batch["input_ids"].shape[0])
+
+    def _bind(self, model, noise, layout, remat):
+        return bind(model, layout=layout, remat=remat, dropout=noise.get("dropout"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DParallel(Recipe):
+    """dParallel's certainty forcing; official: LLaDA block_size 32 and entropy_weight 2, Dream the
+    whole response (block_size None) and entropy_weight 1; temperature 0.5."""
+
+    block_size: int | None = 32
+    entropy_weight: float = 2.0
+    temperature: float = 0.5
+    name = "dparallel"
+
+    def noise(self, key, batch) -> dict:
+        from dlmjax.train.dparallel import dparallel_sample_noise
+
+        return {**dparallel_sample_noise(key, batch, block_size=self.block_size), "dropout": _row_keys(key, batch["input_ids"].shape[0])}
+
+    def terms(self, model, batch, noise, layout=None, remat=None) -> Terms:
+        from dlmjax.train.dparallel import dparallel_loss
+
+        cfg, rows = model.config, batch["input_ids"].shape[0]
+        _, aux = dparallel_loss(self._bind(model, noise, layout, remat), batch, noise, mask_id=cfg.mask_token_id,
+                                block_size=self.block_size, shift=cfg.shifted_logits, temperature=self.temperature,
+                                entropy_weight=self.entropy_weight, reduce="rows")
+        n = jnp.float32(rows)
+        return Terms(jnp.sum(aux["row_losses"]), {
+            "masked_ce": ((aux["ce"] + aux["ce_c"]) * n, n), "certain_entropy": ((aux["ent"] + aux["ent_c"]) * n, n),
+            "masked_acc": ((aux["n_correct"] + aux["n_correct_c"]).astype(jnp.float32), aux["n_masked"] + aux["n_masked_c"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class D2F(Recipe):
+    """D2F's asymmetric distillation (train LoRA adapters: the teacher is the adapter-off model);
+    official block_size 16, self_align True."""
+
+    block_size: int = 16
+    self_align: bool = True
+    name = "d2f"
+
+    def noise(self, key, batch) -> dict:
+        from dlmjax.train.d2f import d2f_sample_noise
+
+        return {**d2f_sample_noise(key, batch, block_size=self.block_size, per_row=True),
+                "dropout": _row_keys(key, batch["input_ids"].shape[0])}
+
+    def terms(self, model, batch, noise, layout=None, remat=None) -> Terms:
+        from dlmjax.train.d2f import d2f_loss
+
+        cfg = model.config
+        _, aux = d2f_loss(self._bind(model, noise, layout, remat), batch, noise, mask_id=cfg.mask_token_id,
+                          block_size=self.block_size, shift=cfg.shifted_logits, self_align=self.self_align, reduce="rows")
+        return Terms(jnp.sum(aux["row_losses"]), {"masked_per_row": (aux["n_masked"].astype(jnp.float32),
+                                                                     jnp.float32(batch["input_ids"].shape[0]))})
+
+
+@dataclasses.dataclass(frozen=True)
+class FDv2(Recipe):
+    """Fast-dLLM v2's block-diffusion fine-tuning; bd_size: the model config's by default."""
+
+    bd_size: int | None = None
+    normalize: str = "labels"
+    name = "fdv2"
+    arrays = ("input_ids", "labels")
+
+    def noise(self, key, batch) -> dict:
+        from dlmjax.train.fdv2 import fdv2_sample_noise
+
+        if not self.bd_size:
+            raise DlmjaxError("fdv2 needs a block size: set objective_args.bd_size (a Fast-dLLM v2 config has bd_size)")
+        return {**fdv2_sample_noise(key, batch, bd_size=self.bd_size), "dropout": _row_keys(key, batch["input_ids"].shape[0])}
+
+    def terms(self, model, batch, noise, layout=None, remat=None) -> Terms:
+        from dlmjax.train.fdv2 import fdv2_loss
+
+        _, aux = fdv2_loss(self._bind(model, noise, layout, remat), batch, noise, mask_id=model.config.mask_token_id,
+                           bd_size=self.bd_size, normalize=self.normalize, reduce="rows")
+        return Terms(jnp.sum(aux["row_losses"]), {"ce_per_label": (aux["ce_sum_noisy"] + aux["ce_sum_comp"],
+                                                                   aux["n_labels"].astype(jnp.float32))})
+
+
+RECIPES = {"dparallel": DParallel, "d2f": D2F, "fdv2": FDv2}
+
+
+def recipe_defaults(name: str, cfg) -> dict:
+    """The official hyper-parameters of a recipe for a model family (training-recipes.md)."""
+    if name == "dparallel" and cfg is not None and cfg.family == "dream":
+        return {"block_size": None, "entropy_weight": 1.0}
+    if name == "fdv2" and cfg is not None and getattr(cfg, "bd_size", None):
+        return {"bd_size": int(cfg.bd_size)}
+    return {}
+
+
 def masked_diffusion_loss(model, batch, key, *, eps: float = 1e-3, t_sampling: str = "stratified"):
     """(loss, metrics) of LLaDA's masked-diffusion objective on one batch."""
     return MaskedDiffusion(eps=eps, t_sampling=t_sampling)(model, batch, key)
@@ -201,13 +309,24 @@ def autoregressive_loss(model, batch, key=None):
     return NextToken()(model, batch)
 
 
-def make_objective(name: str, *, eps: float = 1e-3, t_sampling: str = "stratified") -> Objective:
-    """The objective `name` ("mdm" or "ar"); eps and t_sampling set the masked-diffusion noise."""
+def make_objective(name: str, *, eps: float = 1e-3, t_sampling: str = "stratified", cfg=None, args: dict | None = None) -> Objective:
+    """The objective `name`: "mdm" or "ar" (eps and t_sampling set the masked-diffusion noise), or a
+    recipe ("dparallel", "d2f", "fdv2") with the official hyper-parameters for `cfg`'s family,
+    overridden by `args` (e.g. {"entropy_weight": 1.0})."""
     if name == "mdm":
         return MaskedDiffusion(eps=eps, t_sampling=t_sampling)
     if name == "ar":
         return NextToken()
-    raise DlmjaxError(f"objective must be one of {sorted(OBJECTIVES)}, not {name!r}")
+    if name in RECIPES:
+        cls = RECIPES[name]
+        settings = {**recipe_defaults(name, cfg), **(args or {})}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise DlmjaxError(f"objective {name} has no setting {unknown[0]!r}; its settings are {', '.join(sorted(known))}")
+        return cls(**settings)
+    raise DlmjaxError(f"objective must be one of {', '.join(OBJECTIVE_NAMES)}, not {name!r}")
 
 
 OBJECTIVES = {"mdm": masked_diffusion_loss, "ar": autoregressive_loss}
+OBJECTIVE_NAMES = (*OBJECTIVES, *RECIPES)
