@@ -579,3 +579,22 @@ def test_recipes_train(recipe, tmp_path):
     # D2F's loss is the student's cross entropy against the teacher: the teacher's entropy (here,
     # of a random model, most of it) is a floor that no training lowers; the rest is the KL
     assert after < (before - 0.03 if recipe == "d2f" else 0.9 * before), (before, after)
+
+
+@pytest.mark.parametrize("recipe, family, lora, words", [
+    ("d2f", "llada", False, "objective d2f distils into LoRA adapters"),
+    ("d2f", "qwen2", True, "objective d2f trains a llada or dream model, not qwen2"),
+    ("fdv2", "llada", False, "objective fdv2 trains a qwen2 or fast_dllm_v2 model, not llada"),
+    ("fdv2", "qwen2", False, "objective fdv2 needs a block size"),
+    ("dparallel", "qwen2", False, "objective dparallel trains a llada or dream model"),
+])
+def test_a_recipe_on_the_wrong_model_is_one_line(recipe, family, lora, words, tmp_path):
+    from dlmjax.errors import DlmjaxError
+    from dlmjax.model import LoRAConfig
+    from dlmjax.train import TrainConfig, recipe_arrays, train
+
+    arrays = recipe_arrays([[5, 6]] * 4, [[7, 8]] * 4, length=8, pad_id=0, end_id=9, labels=recipe == "fdv2")
+    with pytest.raises(DlmjaxError, match=words):
+        train(_model(family), arrays, tmp_path / "run", TrainConfig(objective=recipe, batch_size=4, steps=1),
+              lora=LoRAConfig(rank=2, alpha=4.0, targets=("q_proj",)) if lora else None, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written

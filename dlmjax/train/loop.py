@@ -171,6 +171,8 @@ def train(
     run_dir = pathlib.Path(run_dir)
     stream = BatchStream(arrays, tc.batch_size, tc.seed)
     tx, schedule = make_optimizer(tc)
+    if hasattr(objective, "check"):
+        objective.check(model.config, lora or model.lora)
     state, layout = initial_state(model, tx, tc, mesh=mesh, rules=rules, lora=lora)  # checks before anything compiles
     _check_run_config(run_dir, tc, lora=state.lora, cfg=model.config)
     step_fn = build_step(state, tx, schedule, objective, tc, layout)

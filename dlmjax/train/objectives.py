@@ -205,8 +205,18 @@ class Recipe(Objective):
     def weight(self, batch) -> jax.Array:
         return jnp.float32(batch["input_ids"].shape[0])
 
+    families = ("llada", "dream")
+
     def _bind(self, model, noise, layout, remat):
         return bind(model, layout=layout, remat=remat, dropout=noise.get("dropout"))
+
+    def check(self, cfg, lora) -> None:
+        """One line before anything compiles when the model cannot run this recipe."""
+        if cfg.family not in self.families:
+            raise DlmjaxError(f"objective {self.name} trains a {' or '.join(self.families)} model, not {cfg.family}; "
+                              f"{self.hint}")
+
+    hint = "load LLaDA or Dream"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +256,12 @@ class D2F(Recipe):
     self_align: bool = True
     name = "d2f"
 
+    def check(self, cfg, lora) -> None:
+        super().check(cfg, lora)
+        if lora is None:
+            raise DlmjaxError("objective d2f distils into LoRA adapters (the teacher is the model with them off); "
+                              "pass lora=LoRAConfig(...) (D2F: rank 32, alpha 32, dropout 0.1 on q, k, v, o)")
+
     def noise(self, key, batch) -> dict:
         from dlmjax.train.d2f import d2f_sample_noise
 
@@ -270,6 +286,14 @@ class FDv2(Recipe):
     normalize: str = "labels"
     name = "fdv2"
     arrays = ("input_ids", "labels")
+    families = ("qwen2", "fast_dllm_v2")
+    hint = "Fast-dLLM v2 turns an autoregressive model (Qwen2.5) into a block-diffusion one"
+
+    def check(self, cfg, lora) -> None:
+        super().check(cfg, lora)
+        if not self.bd_size:
+            raise DlmjaxError(f"objective fdv2 needs a block size and this {cfg.family} config has none; "
+                              "set objective_args.bd_size (Fast-dLLM v2: 32)")
 
     def noise(self, key, batch) -> dict:
         from dlmjax.train.fdv2 import fdv2_sample_noise
