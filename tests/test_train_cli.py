@@ -69,6 +69,20 @@ def test_the_eval_hook_runs_at_its_own_cadence(tmp_path, capsys):
     assert [e["step"] for e in evals] == [2, 4, 5]  # every 2 steps and the last, not at the save
 
 
+def test_a_recipe_objective_on_the_cli(tmp_path, capsys):
+    """train.objective: d2f with LoRA on tiny-llada from JSONL rows: the recipe's rows (prompt first,
+    answer, EOS padding) and its objective, ending in a PEFT adapter."""
+    train_file = _jsonl(tmp_path / "train.jsonl", "train", 16)
+    out = tmp_path / "out"
+    assert main(["model.name=tiny-llada", f"data.train={train_file}", "data.prompt_length=32", "data.gen_length=32",
+                 "train.objective=d2f", "train.objective_args={block_size: 8}", "train.steps=2", "train.batch_size=4",
+                 "train.save_every=2", "lora.rank=4", f"output={out}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and (out / "final" / "adapter_config.json").is_file()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["masked_per_row"] > 0 and metrics[-1]["loss"] > 0
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["train.step=3"], "unknown config key 'train.step'; did you mean 'train.steps'?"),
     (["lora.rnak=3"], "did you mean 'lora.rank'?"),

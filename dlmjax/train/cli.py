@@ -14,7 +14,8 @@ One YAML file names the model, the data, the objective and optimizer (`train:`, 
 
 Data: JSONL (one object per line), Parquet (needs pyarrow) or a Hugging Face `datasets`
 directory saved with `save_to_disk` (needs datasets), with a prompt and an answer field; prompts
-go through the model's chat template (`data.chat`), rows are laid out by `sft_arrays`. The run
+go through the model's chat template (`data.chat`), rows are laid out by `sft_arrays` (for the
+recipe objectives `train.objective: dparallel | d2f | fdv2`, by `recipe_arrays`). The run
 directory gets the orbax checkpoints, metrics.jsonl (and TensorBoard events with
 `tensorboard: true`, via tensorboardX), eval rows, and at the end `final/`: the model as Hugging
 Face safetensors, or with LoRA the PEFT adapter. A rerun of the same command resumes. The eval
@@ -66,6 +67,10 @@ class DataSection:
     gen_length: int = 64
     limit: int = 0  # use at most this many training rows (0: all)
     eval_limit: int = 64
+    # recipe objectives (dparallel, d2f, fdv2): rows of prompt_length + gen_length tokens, the prompt
+    # first, each answer ended by end_id (default EOS; D2F's LLaDA data uses <|eot_id|>), padded with EOS
+    end_id: int | None = None
+    pack: bool = False  # fdv2: pack the examples into rows (the official fine-tuning does)
 
 
 @dataclasses.dataclass
@@ -212,8 +217,10 @@ def encode_prompt(lm, text: str, chat: bool) -> list[int]:
 
 
 def training_arrays(lm, rows, data: DataSection, objective: str, log=print):
-    """sft_arrays of the rows that fit the prompt and gen lengths (the rest are counted and dropped)."""
-    from dlmjax.train import sft_arrays
+    """sft_arrays of the rows that fit the prompt and gen lengths (the rest are counted and dropped);
+    for a recipe objective, recipe_arrays of the same rows."""
+    from dlmjax.train import recipe_arrays, sft_arrays
+    from dlmjax.train.objectives import RECIPES
 
     cfg = lm.config
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else cfg.pad_token_id
@@ -232,6 +239,9 @@ def training_arrays(lm, rows, data: DataSection, objective: str, log=print):
                           f"({dropped} rows too long); raise data.prompt_length / data.gen_length")
     if dropped:
         log(f"dropped {dropped} of {len(rows)} rows longer than prompt_length {data.prompt_length} / gen_length {data.gen_length}")
+    if objective in RECIPES:
+        return recipe_arrays(prompts, answers, length=data.prompt_length + data.gen_length, pad_id=eos,
+                             end_id=eos if data.end_id is None else data.end_id, labels=objective == "fdv2", pack=data.pack)
     return sft_arrays(prompts, answers, prompt_length=data.prompt_length, gen_length=data.gen_length, pad_id=pad, eos_id=eos,
                       objective=objective)
 
