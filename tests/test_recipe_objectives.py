@@ -598,3 +598,50 @@ def test_a_recipe_on_the_wrong_model_is_one_line(recipe, family, lora, words, tm
         train(_model(family), arrays, tmp_path / "run", TrainConfig(objective=recipe, batch_size=4, steps=1),
               lora=LoRAConfig(rank=2, alpha=4.0, targets=("q_proj",)) if lora else None, progress=False)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_bind_gives_the_explicit_noise_interface_model():
+    """objectives.bind(model): raw float32 logits; attn_mask [B|1, 1, L, L] (True = may attend) and
+    positions [B|1, L] broadcast; adapter=False is exactly the model without LoRA and takes no gradient
+    into the adapters; adapter=True is the adapted model."""
+    from flax import nnx
+
+    from dlmjax.errors import DlmjaxError
+
+    base, adapted = _model("llada"), _adapted("llada")  # the same base weights, the adapter's B not zero
+    cfg, targets = base.config, ("q_proj", "v_proj", "down_proj")
+
+    b, length = 2, 12
+    ids = jax.random.randint(jax.random.key(1), (b, length), 0, cfg.vocab_size)
+    block_causal = (jnp.arange(length)[None] // 4 <= jnp.arange(length)[:, None] // 4)[None, None]  # [1, 1, L, L]
+    positions = jnp.arange(length)[None] + 3
+    plain = bind(base)(ids, attn_mask=block_causal, positions=positions)
+    assert plain.dtype == jnp.float32 and plain.shape == (b, length, cfg.vocab_size)
+    direct, _ = base(ids, jnp.broadcast_to(positions, (b, length)), jnp.broadcast_to(block_causal[:, 0], (b, length, length)))
+    np.testing.assert_array_equal(plain, direct)
+    np.testing.assert_array_equal(plain, bind(base)(ids, attn_mask=jnp.repeat(block_causal, b, 0), positions=positions))
+    assert np.abs(np.asarray(bind(base)(ids)) - np.asarray(plain)).max() > 1e-3  # None = full attention, 0..L-1
+    np.testing.assert_array_equal(bind(adapted)(ids, attn_mask=block_causal, positions=positions, adapter=False), plain)
+    assert np.abs(np.asarray(bind(adapted)(ids, attn_mask=block_causal, positions=positions)) - np.asarray(plain)).max() > 1e-2
+
+    graphdef, adapters, rest = nnx.split(adapted, nnx.LoRAParam, ...)
+
+    def loss(adapters, adapter):
+        return jnp.sum(bind(nnx.merge(graphdef, adapters, rest))(ids, adapter=adapter) ** 2)
+
+    off = jax.tree.leaves(jax.grad(loss)(adapters, False))
+    on = jax.tree.leaves(jax.grad(loss)(adapters, True))
+    assert len(off) == 2 * len(targets) * cfg.num_layers
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in off) and all(float(jnp.abs(g).max()) > 0.0 for g in on)
+    with pytest.raises(DlmjaxError, match="attn_mask must be bool"):
+        bind(base)(ids, attn_mask=block_causal[0])
+
+
+def test_arrays_for_another_objective_are_one_line(tmp_path):
+    from dlmjax.errors import DlmjaxError
+    from dlmjax.train import TrainConfig, sft_arrays, train
+
+    arrays = sft_arrays([[5, 6]] * 4, [[7, 8]] * 4, prompt_length=4, gen_length=4, pad_id=0, eos_id=9, objective="mdm")
+    with pytest.raises(DlmjaxError, match=r"training arrays lack \['prompt_lengths'\]; objective dparallel reads "
+                                          r"input_ids, prompt_lengths \(build them with dlmjax.train.recipe_arrays\)"):
+        train(_model("llada"), arrays, tmp_path / "run", TrainConfig(objective="dparallel", batch_size=4, steps=1), progress=False)

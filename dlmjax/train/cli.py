@@ -349,7 +349,7 @@ def dry_run(config: RunConfig, cfg, device_memory: float | None = None, out=prin
         shape = (tc.batch_size,) if name == "prompt_lengths" else (tc.batch_size, width)
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh, rules, shape))
 
-    batch = {k: array(k) for k in getattr(objective, "arrays", ("input_ids", "attention_mask", "loss_mask"))}
+    batch = {k: array(k) for k in objective.arrays}
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     compiled = step.lower(params, opt_state, frozen, batch, key, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)).compile()

@@ -162,17 +162,14 @@ def train(
     """
     tc = tc.validate()
     objective = make_objective(tc.objective, eps=tc.eps, t_sampling=tc.t_sampling, cfg=model.config, args=tc.objective_args)
-    needed = getattr(objective, "arrays", ("input_ids", "attention_mask", "loss_mask"))
-    missing = set(needed) - set(arrays)
+    missing = set(objective.arrays) - set(arrays)
     if missing:
-        builder = "recipe_arrays" if tc.objective in ("dparallel", "d2f", "fdv2") else "sft_arrays"
-        raise DlmjaxError(f"training arrays lack {sorted(missing)}; objective {tc.objective} reads {', '.join(needed)} "
-                          f"(build them with dlmjax.train.{builder})")
+        raise DlmjaxError(f"training arrays lack {sorted(missing)}; objective {tc.objective} reads {', '.join(objective.arrays)} "
+                          f"(build them with dlmjax.train.{objective.builder})")
     run_dir = pathlib.Path(run_dir)
     stream = BatchStream(arrays, tc.batch_size, tc.seed)
     tx, schedule = make_optimizer(tc)
-    if hasattr(objective, "check"):
-        objective.check(model.config, lora or model.lora)
+    objective.check(model.config, lora or model.lora)
     state, layout = initial_state(model, tx, tc, mesh=mesh, rules=rules, lora=lora)  # checks before anything compiles
     _check_run_config(run_dir, tc, lora=state.lora, cfg=model.config)
     step_fn = build_step(state, tx, schedule, objective, tc, layout)

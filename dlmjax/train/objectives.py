@@ -72,6 +72,11 @@ class Objective:
     `terms(model, batch, noise, layout, remat)` is a deterministic function of its inputs."""
 
     name = ""
+    arrays = ("input_ids", "attention_mask", "loss_mask")  # the training arrays it reads (sft_arrays builds these)
+    builder = "sft_arrays"
+
+    def check(self, cfg, lora) -> None:
+        """One line before anything compiles when the model cannot train with this objective."""
 
     def noise(self, key, batch) -> dict:
         return {}
@@ -201,22 +206,20 @@ class Recipe(Objective):
     training arrays it reads (`recipe_arrays` builds them)."""
 
     arrays = ("input_ids", "prompt_lengths")
+    builder = "recipe_arrays"
+    families = ("llada", "dream")
+    hint = "load LLaDA or Dream"
 
     def weight(self, batch) -> jax.Array:
         return jnp.float32(batch["input_ids"].shape[0])
-
-    families = ("llada", "dream")
 
     def _bind(self, model, noise, layout, remat):
         return bind(model, layout=layout, remat=remat, dropout=noise.get("dropout"))
 
     def check(self, cfg, lora) -> None:
-        """One line before anything compiles when the model cannot run this recipe."""
         if cfg.family not in self.families:
             raise DlmjaxError(f"objective {self.name} trains a {' or '.join(self.families)} model, not {cfg.family}; "
                               f"{self.hint}")
-
-    hint = "load LLaDA or Dream"
 
 
 @dataclasses.dataclass(frozen=True)
