@@ -31,12 +31,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="weight dtype (default: as stored)")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (loaded with weights_only)")
     parser.add_argument("--max-shard-size", default="5GB", help="export shard size, e.g. 5GB (default)")
+    parser.add_argument("--to-block-diffusion", type=int, metavar="BD_SIZE",
+                        help="write an autoregressive Qwen2 checkpoint as a Fast-dLLM v2 one with blocks of BD_SIZE "
+                             "(Hugging Face layout, weights unchanged, the mask token added), the start of its fine-tuning")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        if args.export:
+        if args.to_block_diffusion is not None:
+            from .block_diffusion import to_block_diffusion
+
+            if args.export or args.adapter:
+                raise DlmjaxError("--to-block-diffusion rewrites a Hugging Face checkpoint; drop --export / --adapter")
+            out = to_block_diffusion(args.src, args.dst, bd_size=args.to_block_diffusion, overwrite=args.overwrite)
+        elif args.export:
             from .hf_export import export
 
             if args.adapter:

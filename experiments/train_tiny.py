@@ -55,7 +55,15 @@ RECIPES = {
     # `stages` lists the schedules run to completion before the config's own.
     "tiny-llada": dict(family="llada", hidden=160, layers=4, heads=5, mlp=480, config="tiny-llada.yaml", stages=[9000]),
     "tiny-ar": dict(family="qwen2", hidden=160, layers=4, heads=5, mlp=480, config="tiny-ar.yaml"),
+    # Task suite v2 (64-token canvas, longer dependent chains): the same architectures.
+    "tiny-llada-v2": dict(family="llada", hidden=160, layers=4, heads=5, mlp=480, config="tiny-llada-v2.yaml", suite="v2"),
+    "tiny-ar-v2": dict(family="qwen2", hidden=160, layers=4, heads=5, mlp=480, config="tiny-ar-v2.yaml", suite="v2"),
 }
+CANVAS = {"v1": (32, 32), "v2": (64, 64)}  # (prompt_length, gen_length) of each task suite
+
+
+def suite(recipe: dict) -> str:
+    return recipe.get("suite", "v1")
 
 
 def recipe_config(name: str, overrides=()):
@@ -84,12 +92,12 @@ def hf_config(recipe: dict) -> dict:
 
 def write_template(directory: pathlib.Path, recipe: dict) -> pathlib.Path:
     """config.json + tokenizer files: everything of the HF directory but the weights."""
-    tasks.write_tokenizer(directory, POSITIONS)
+    tasks.write_tokenizer(directory, POSITIONS, suite(recipe))
     config = hf_config(recipe)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # max_new_tokens: the canvas the model was trained to fill; `python -m dlmjax.generate` defaults to it.
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    (directory / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": GEN_LENGTH}, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": CANVAS[suite(recipe)][1]}, indent=2) + "\n")
     return directory
 
 
@@ -104,11 +112,11 @@ def training_arrays(tokenizer, n: int, objective: str, seed: int = 0) -> dict[st
                       eos_id=ids[tasks.EOS], objective=objective)
 
 
-def baseline_kwargs(family: str) -> dict:
+def baseline_kwargs(family: str, gen_length: int = GEN_LENGTH) -> dict:
     """The decoder each model is judged with: LLaDA with one token per step, or greedy AR."""
     if family == "qwen2":
-        return dict(method="ar", gen_length=GEN_LENGTH)
-    return dict(method="llada", gen_length=GEN_LENGTH, steps=GEN_LENGTH)
+        return dict(method="ar", gen_length=gen_length)
+    return dict(method="llada", gen_length=gen_length, steps=gen_length)
 
 
 def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, per_example: bool = False, **generate_kwargs) -> dict:
@@ -177,8 +185,8 @@ def main(argv=None) -> None:
     init = run_dir / "init"
     if not (init / "config.json").is_file():
         export_lm(LM(init_model(cfg, args.seed)), init, dtype="float32", hf_dir=template, overwrite=True)
-    train_rows = write_rows(run_dir / "data" / "train.jsonl", tasks.make_split("train", args.train_examples, args.seed))
-    test = tasks.make_split("test", args.test_examples, args.seed)
+    train_rows = write_rows(run_dir / "data" / "train.jsonl", tasks.make_split("train", args.train_examples, args.seed, suite(recipe)))
+    test = tasks.make_split("test", args.test_examples, args.seed, suite(recipe))
     eval_rows = write_rows(run_dir / "data" / "eval.jsonl", test[:64])
     overrides = [f"model.name={init}", "model.init=true", f"data.train={train_rows}", f"data.eval={eval_rows}",
                  "data.eval_limit=64", f"output={run_dir}", f"train.seed={args.seed}", f"train.save_every={args.eval_every}"]
@@ -200,7 +208,8 @@ def main(argv=None) -> None:
     shutil.rmtree(template, ignore_errors=True)
 
     exported = dlmjax.load(out, dtype="float32", progress=False)
-    metrics = evaluate(exported, tokenizer, test, **baseline_kwargs(cfg.family))
+    gen_length = CANVAS[suite(recipe)][1]
+    metrics = evaluate(exported, tokenizer, test, **baseline_kwargs(cfg.family, gen_length))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exported.state))
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     log = {
@@ -214,7 +223,7 @@ def main(argv=None) -> None:
         "train_seconds_this_call": round(train_seconds, 1),
         "resumed_from": summary["resumed_from"],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({jax.devices()[0].platform}), jax {jax.__version__}",
-        "eval": {"decoder": baseline_kwargs(cfg.family), "weights": "bfloat16 checkpoint, run in float32", **metrics},
+        "eval": {"decoder": baseline_kwargs(cfg.family, gen_length), "suite": suite(recipe), "weights": "bfloat16 checkpoint, run in float32", **metrics},
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps(log["eval"], indent=2))

@@ -251,3 +251,48 @@ def test_lora_for_another_base_is_rejected(tmp_path):
     with pytest.raises(DlmjaxError, match="trained on GSAI-ML/LLaDA-8B-Instruct"):
         read_adapter(named, cfg, "GSAI-ML/LLaDA-8B-Base")
     assert not (tmp_path / "dst").exists()
+
+
+def test_an_ar_checkpoint_becomes_block_diffusion(tmp_path, capsys):
+    """`--to-block-diffusion`: the Qwen2 weights unchanged under Fast-dLLM v2's model type, bd_size
+    and a mask token (the tokenizer's own, else |<MASK>| added at the next id); bad sources refused."""
+    import jax
+
+    from dlmjax.convert.__main__ import main
+    from dlmjax.convert.block_diffusion import to_block_diffusion
+    from dlmjax.testing import write_tiny_checkpoint
+    from dlmjax.tokenizer import load_tokenizer
+
+    assert main(["tiny-ar", str(tmp_path / "bd"), "--to-block-diffusion", "8"]) == 0
+    ar, bd = dlmjax.load("tiny-ar", progress=False), dlmjax.load(tmp_path / "bd", progress=False)
+    assert (bd.config.family, bd.config.bd_size, bd.config.mask_token_id) == ("fast_dllm_v2", 8, ar.tokenizer.mask_token_id)
+    for x, y in zip(jax.tree.leaves(ar.state), jax.tree.leaves(bd.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    config = json.loads((tmp_path / "bd" / "config.json").read_text())
+    assert config["architectures"] == ["Fast_dLLM_QwenForCausalLM"] and config["converted_from"]["mask_token_added"] is False
+    out = bd.generate(["Sort: 3 1 2"], method="fast-dllm-v2", chat=True, gen_length=16)
+    assert out.tokens.shape == (1, 16) and bd.config.mask_token_id not in out.tokens
+
+    # a Qwen2 tokenizer without a mask token gets |<MASK>| at the next free id
+    src = write_tiny_checkpoint(tmp_path / "qwen", "qwen2", vocab_size=160)  # its tokenizer fills the 160 rows:
+    small = write_tiny_checkpoint(tmp_path / "small", "qwen2", vocab_size=128)  # take one of 128 tokens
+    for p in small.iterdir():
+        if p.name.startswith("tokeniz"):
+            shutil.copy(p, src / p.name)
+    before = len(load_tokenizer(src))
+    assert before < 160
+    to_block_diffusion(src, tmp_path / "qbd", bd_size=4)
+    tok = load_tokenizer(tmp_path / "qbd")
+    assert tok.mask_token == "|<MASK>|" and tok.mask_token_id == before == dlmjax.load(tmp_path / "qbd", progress=False).config.mask_token_id
+    assert tok.encode("|<MASK>|", add_special_tokens=False) == [before]
+
+    with pytest.raises(DlmjaxError, match="takes an autoregressive Qwen2 checkpoint"):
+        to_block_diffusion("tiny-llada", tmp_path / "x")
+    with pytest.raises(DlmjaxError, match="exists; pass overwrite=True"):
+        to_block_diffusion("tiny-ar", tmp_path / "bd")
+    with pytest.raises(DlmjaxError, match="bd_size must be a positive integer"):
+        to_block_diffusion("tiny-ar", tmp_path / "y", bd_size=0)
+    with pytest.raises(DlmjaxError, match="outside the embedding's"):
+        to_block_diffusion(small, tmp_path / "z")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written

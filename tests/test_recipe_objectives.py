@@ -585,7 +585,7 @@ def test_recipes_train(recipe, tmp_path):
     ("d2f", "llada", False, "objective d2f distils into LoRA adapters"),
     ("d2f", "qwen2", True, "objective d2f trains a llada or dream model, not qwen2"),
     ("fdv2", "llada", False, "objective fdv2 trains a qwen2 or fast_dllm_v2 model, not llada"),
-    ("fdv2", "qwen2", False, "objective fdv2 needs a block size"),
+    ("fdv2", "qwen2", False, "needs a mask token, and this qwen2 checkpoint has none; write it as a block-diffusion checkpoint"),
     ("dparallel", "qwen2", False, "objective dparallel trains a llada or dream model"),
 ])
 def test_a_recipe_on_the_wrong_model_is_one_line(recipe, family, lora, words, tmp_path):
@@ -645,3 +645,41 @@ def test_arrays_for_another_objective_are_one_line(tmp_path):
     with pytest.raises(DlmjaxError, match=r"training arrays lack \['prompt_lengths'\]; objective dparallel reads "
                                           r"input_ids, prompt_lengths \(build them with dlmjax.train.recipe_arrays\)"):
         train(_model("llada"), arrays, tmp_path / "run", TrainConfig(objective="dparallel", batch_size=4, steps=1), progress=False)
+
+
+def test_dream_summed_accumulation_is_our_mean_with_scaled_clip_and_eps():
+    """dParallel's Dream step sums its 8 micro-batch gradients and clips the sum to norm 1 (eps
+    1e-8); our step averages them: with grad_clip 1/8 and adam_eps 1e-8/8 (the Dream recipe's
+    settings) the parameters follow the official ones, including steps where the clip bites."""
+    import optax
+
+    from dlmjax.train.loop import TrainConfig, make_optimizer
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    base = dict(learning_rate=2e-5, steps=20, warmup_steps=2, end_lr_ratio=0.0, weight_decay=0.01, b1=0.9, b2=0.999)
+    ours, schedule = make_optimizer(TrainConfig(**base, grad_clip=0.125, adam_eps=1.25e-9))
+    decay = jax.tree.map(lambda p: p.ndim >= 2, params)
+    official = optax.chain(optax.clip_by_global_norm(1.0),
+                           optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, mask=decay))
+    plain = make_optimizer(TrainConfig(**base))[0]  # the mean with clip 1, eps 1e-8: not the official update
+    p_ours, p_off, p_plain = params, params, params
+    s_ours, s_off, s_plain = ours.init(params), official.init(params), plain.init(params)
+    clipped = 0
+    for step in range(12):
+        micro = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * (0.01 if step % 2 else 0.5), jnp.float32), params)
+                 for _ in range(8)]
+        mean = jax.tree.map(lambda *g: sum(g) / 8, *micro)
+        total = jax.tree.map(lambda *g: sum(g), *micro)
+        clipped += float(optax.global_norm(total)) > 1.0
+        u, s_ours = ours.update(mean, s_ours, p_ours)
+        p_ours = optax.apply_updates(p_ours, u)
+        u, s_off = official.update(total, s_off, p_off)
+        p_off = optax.apply_updates(p_off, u)
+        u, s_plain = plain.update(mean, s_plain, p_plain)
+        p_plain = optax.apply_updates(p_plain, u)
+    assert 0 < clipped < 12  # both regimes occurred
+    for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_off)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+    moved = np.asarray(p_off["w"] - params["w"])
+    assert not np.allclose(np.asarray(p_plain["w"] - params["w"]), moved, rtol=1e-2)

@@ -165,6 +165,31 @@ def test_bad_train_config():
         TrainConfig(steps=0).validate()
     with pytest.raises(DlmjaxError, match="t_sampling must be one of"):
         TrainConfig(t_sampling="sobol").validate()
+    with pytest.raises(DlmjaxError, match="schedule must be one of"):
+        TrainConfig(schedule="linear").validate()
+
+
+def test_learning_rate_schedules():
+    """Cosine: warm-up from 0, then down to lr * end_lr_ratio at the last step; constant: warm-up,
+    then flat (Hugging Face's constant_with_warmup; with no warm-up its "constant")."""
+    from dlmjax.train.loop import make_optimizer
+
+    lr = 2e-5
+    cosine = make_optimizer(TrainConfig(learning_rate=lr, steps=100, warmup_steps=10, end_lr_ratio=0.0))[1]
+    np.testing.assert_allclose([float(cosine(s)) for s in (0, 5, 10, 55, 100)], [0, lr / 2, lr, lr / 2, 0], atol=1e-9)
+    flat = make_optimizer(TrainConfig(learning_rate=lr, steps=100, warmup_steps=4, schedule="constant"))[1]
+    np.testing.assert_allclose([float(flat(s)) for s in (0, 2, 4, 50, 99)], [0, lr / 2, lr, lr, lr], rtol=1e-6)
+    none = make_optimizer(TrainConfig(learning_rate=lr, steps=100, warmup_steps=0, schedule="constant"))[1]
+    np.testing.assert_allclose([float(none(s)) for s in (0, 99)], [lr, lr], rtol=1e-6)
+    # Hugging Face's epochs and warmup_ratio: 3 passes over 1000 rows in batches of 64 are 47 steps,
+    # 5% of which (rounded up) warm up
+    tc = TrainConfig(epochs=3, batch_size=64, warmup_ratio=0.05, learning_rate=lr).validate().for_rows(1000)
+    assert (tc.steps, tc.epochs, tc.warmup) == (47, 0.0, 3)
+    ramp = make_optimizer(tc)[1]
+    np.testing.assert_allclose([float(ramp(s)) for s in (0, 3)], [0, lr], rtol=1e-6)
+    assert TrainConfig(steps=10).for_rows(1000).steps == 10
+    with pytest.raises(DlmjaxError, match="warmup_ratio must lie in"):
+        TrainConfig(warmup_ratio=1.5).validate()
 
 
 def _assert_same_params(a, b):

@@ -177,33 +177,39 @@ def parse_config(text: str | None, overrides: list[str]) -> RunConfig:
 # --- data ----------------------------------------------------------------------------------------
 
 
-def read_rows(path: str, prompt_field: str, answer_field: str, limit: int = 0) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs of a JSONL file, a Parquet file or a saved `datasets` directory."""
+def read_records(path: str) -> list[dict]:
+    """The records of a JSONL file, a Parquet file or a saved `datasets` directory."""
     p = pathlib.Path(path)
     if not p.exists():
-        raise DlmjaxError(f"no dataset at {path}; check data.train / data.eval")
+        raise DlmjaxError(f"no dataset at {path}; check the path (data.train / data.eval)")
     if p.is_dir():
         try:
             import datasets
         except ImportError:
             raise DlmjaxError(f"{path} is a directory (a saved `datasets` dataset?); pip install datasets to read it") from None
-        records = list(datasets.load_from_disk(str(p)))
-    elif p.suffix == ".parquet":
+        return list(datasets.load_from_disk(str(p)))
+    if p.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise DlmjaxError(f"{path} is Parquet; pip install pyarrow to read it") from None
-        records = pq.read_table(p).to_pylist()
-    else:
-        records = []
-        for number, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as e:
-                    raise DlmjaxError(f"{path} line {number} is not JSON ({e}); the file must hold one object per line") from None
-    rows = [(str(r[prompt_field]), str(r[answer_field])) for r in records
-            if isinstance(r, dict) and r.get(prompt_field) is not None and r.get(answer_field) is not None]
+        return pq.read_table(p).to_pylist()
+    records = []
+    for number, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise DlmjaxError(f"{path} line {number} is not JSON ({e}); the file must hold one object per line") from None
+    return records
+
+
+def read_rows(path: str, prompt_field: str, answer_field: str, limit: int = 0) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of a JSONL file, a Parquet file or a saved `datasets` directory;
+    records marked "usable": false (trajectories that failed their --keep test) are skipped."""
+    rows = [(str(r[prompt_field]), str(r[answer_field])) for r in read_records(path)
+            if isinstance(r, dict) and r.get(prompt_field) is not None and r.get(answer_field) is not None
+            and r.get("usable", True) is not False]
     if not rows:
         raise DlmjaxError(f"{path} has no usable rows: none has both '{prompt_field}' and '{answer_field}' "
                           "(set data.prompt_field / data.answer_field)")
@@ -391,6 +397,9 @@ def run(config: RunConfig, log=print) -> dict:
                      rules=None if not config.mesh else _rules(config.rules), progress=False)
     cfg = lm.config
     lora = lora_config(config.lora, cfg)
+    from dlmjax.train.trajectories import check_for_training
+
+    check_for_training(config.data.train, lm.tokenizer)  # trajectories: this tokenizer's, and some usable
     rows = read_rows(config.data.train, config.data.prompt_field, config.data.answer_field, config.data.limit)
     arrays = training_arrays(lm, rows, config.data, config.train.objective, log)
     log(f"{len(arrays['input_ids'])} training rows of {arrays['input_ids'].shape[1]} tokens")
@@ -429,7 +438,7 @@ def run(config: RunConfig, log=print) -> dict:
                 writer.flush()
         log(f"step {step}: eval accuracy {accuracy:.3f} on {len(held_out)} rows ({config.eval.method})")
 
-    every, last = config.eval.every, config.train.steps
+    every, last = config.eval.every, config.train.for_rows(len(arrays["input_ids"])).steps
 
     def on_save(step, model):
         if held_out and not every:
@@ -449,7 +458,7 @@ def run(config: RunConfig, log=print) -> dict:
     if writer is not None:
         writer.close()
     summary = {"step": result.step, "preempted": result.preempted, "resumed_from": result.resumed_from}
-    if config.export and not result.preempted and result.step >= config.train.steps:
+    if config.export and not result.preempted and result.step >= last:
         trained = LM(result.model, directory=lm.directory, source=lm.source, mesh=lm.mesh, rules=lm.rules)
         final = output / "final"
         if lora is not None:

@@ -24,6 +24,11 @@ Dropped: the official row loop writes row i's segment mask into every row and ke
 last row's masked suffix (quirk 1.6.1; harmless at its per-device batch of 1), here every row
 has its own segment at any batch size; the entropy is computed from float32 logits, not bf16
 (quirk 1.6.4).
+Accumulation (quirk 1.6.7): the official LLaDA step averages its 8 micro-batch gradients, as our
+`grad_accum` does, but the official Dream step sums them and clips the sum to norm 1. AdamW is
+invariant to the gradient's scale but for its epsilon, so that sum is exactly our mean with clip
+1/8 and epsilon 1e-8/8: experiments/recipes/dparallel-dream-7b.yaml sets grad_clip 0.125 and
+adam_eps 1.25e-9 (tests/test_recipe_objectives.py checks the identity).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 from typing import Callable
@@ -33,16 +34,21 @@ from dlmjax.train.data import BatchStream
 from dlmjax.train.objectives import OBJECTIVE_NAMES, T_SAMPLING, make_objective
 from dlmjax.train.step import PRECISIONS, build_step, initial_state, streamed_batch
 
+SCHEDULES = ("cosine", "constant")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     objective: str = "mdm"  # "mdm" (LLaDA masked diffusion), "ar" (next token), or a recipe: dparallel, d2f, fdv2
     objective_args: dict = dataclasses.field(default_factory=dict)  # a recipe's settings over its official ones
     steps: int = 1000
+    epochs: float = 0.0  # > 0: run this many passes over the training rows (sets steps from the row count)
     batch_size: int = 64
     learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    end_lr_ratio: float = 0.1  # cosine decay to learning_rate * end_lr_ratio
+    warmup_steps: int = 100  # linear warm-up from 0
+    warmup_ratio: float = 0.0  # > 0: warm up for ceil(warmup_ratio * steps) steps instead (Hugging Face's warmup_ratio)
+    schedule: str = "cosine"  # after the warm-up: "cosine" (to learning_rate * end_lr_ratio) or "constant"
+    end_lr_ratio: float = 0.1  # cosine decay to learning_rate * end_lr_ratio (Hugging Face's cosine: 0)
     weight_decay: float = 0.01
     b1: float = 0.9
     b2: float = 0.98
@@ -72,11 +78,31 @@ class TrainConfig:
         for name in ("steps", "batch_size", "save_every", "keep", "log_every"):
             if getattr(self, name) < 1:
                 raise DlmjaxError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise DlmjaxError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise DlmjaxError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise DlmjaxError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.epochs < 0:
+            raise DlmjaxError(f"epochs must be at least 0 (0: train.steps sets the length), got {self.epochs}")
         if self.t_sampling not in T_SAMPLING:
             raise DlmjaxError(f"t_sampling must be one of {T_SAMPLING}, not {self.t_sampling!r}")
         if not 0 < self.eps < 1:
             raise DlmjaxError(f"eps must lie in (0, 1), got {self.eps}")
         return self
+
+    def for_rows(self, rows: int) -> "TrainConfig":
+        """With `epochs` set: this config with steps = ceil(epochs * rows / batch_size) (and epochs
+        0, so the run directory records the steps it ran); else itself."""
+        if not self.epochs:
+            return self
+        return dataclasses.replace(self, steps=max(1, math.ceil(self.epochs * rows / self.batch_size)), epochs=0.0)
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: warmup_ratio's share of the run, or warmup_steps."""
+        return math.ceil(self.warmup_ratio * self.steps) if self.warmup_ratio else self.warmup_steps
 
 
 @dataclasses.dataclass
@@ -89,10 +115,14 @@ class TrainResult:
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    warmup = min(tc.warmup_steps, tc.steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, tc.learning_rate, warmup, max(tc.steps, warmup + 1), end_value=tc.learning_rate * tc.end_lr_ratio
-    )
+    warmup = min(tc.warmup, tc.steps - 1)
+    if tc.schedule == "constant":  # Hugging Face's "constant" (no warm-up) and "constant_with_warmup"
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, warmup),
+                                         optax.constant_schedule(tc.learning_rate)], [warmup])
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, tc.learning_rate, warmup, max(tc.steps, warmup + 1), end_value=tc.learning_rate * tc.end_lr_ratio
+        )
     # Weight decay on matrices only (not on norm weights or biases).
     decay = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)  # noqa: E731
     return optax.chain(
@@ -168,6 +198,7 @@ def train(
                           f"(build them with dlmjax.train.{objective.builder})")
     run_dir = pathlib.Path(run_dir)
     stream = BatchStream(arrays, tc.batch_size, tc.seed)
+    tc = tc.for_rows(stream.size)
     tx, schedule = make_optimizer(tc)
     objective.check(model.config, lora or model.lora)
     state, layout = initial_state(model, tx, tc, mesh=mesh, rules=rules, lora=lora)  # checks before anything compiles

@@ -294,6 +294,9 @@ class FDv2(Recipe):
 
     def check(self, cfg, lora) -> None:
         super().check(cfg, lora)
+        if cfg.mask_token_id is None:
+            raise DlmjaxError(f"objective fdv2 needs a mask token, and this {cfg.family} checkpoint has none; write it as a "
+                              "block-diffusion checkpoint first: python -m dlmjax.convert SRC DST --to-block-diffusion 32")
         if not self.bd_size:
             raise DlmjaxError(f"objective fdv2 needs a block size and this {cfg.family} config has none; "
                               "set objective_args.bd_size (Fast-dLLM v2: 32)")

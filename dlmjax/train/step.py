@@ -219,7 +219,11 @@ def build_gradients(state: TrainState, objective, tc, layout):
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
         def accumulate(total, one):
-            out = grad_fn(params, frozen, one[0], one[1], weight)
+            # Tie the weights to this micro-batch: otherwise XLA hoists their loop-invariant
+            # all-gathers (fsdp) out of the loop and keeps every layer's gathered weights alive at
+            # once (LLaDA-8B LoRA on 8 v5e chips: +0.35 GiB per layer, 16.9 GiB at 32 layers).
+            p, f, _ = jax.lax.optimization_barrier((params, frozen, one))
+            out = grad_fn(p, f, one[0], one[1], weight)
             return jax.tree.map(jnp.add, total, out), None
 
         ((loss, sums), grads), _ = jax.lax.scan(accumulate, zeros, micro)

@@ -1,0 +1,95 @@
+"""An autoregressive Qwen2 checkpoint made a Fast-dLLM v2 (block-diffusion) starting point.
+
+Fast-dLLM v2 fine-tunes Qwen2.5-Instruct into a block-diffusion model without changing a weight's
+shape: the architecture is the same (model_type `Fast_dLLM_Qwen`, `bd_size` in config.json), and
+the tokenizer gains the mask token `|<MASK>|` (id 151665 in Qwen2.5, the first id after its
+added tokens, inside the embedding's 152064 rows). This writes that checkpoint:
+
+    python -m dlmjax.convert Qwen/Qwen2.5-7B-Instruct runs/qwen2.5-7b-bd --to-block-diffusion 32
+    python -m dlmjax.train experiments/recipes/fast-dllm-v2-qwen2.5-7b.yaml model.name=runs/qwen2.5-7b-bd
+
+The weights are linked (or copied) unchanged; config.json gets the new model type and
+architecture, `bd_size` and `mask_token_id`; a tokenizer that already has a mask token keeps it
+(the tiny task tokenizer's `<|mask|>`), else `|<MASK>|` is added as a special token at the next
+free id, which must lie inside the embedding. The mask row of the embedding is whatever the base
+holds (Qwen2.5's unused rows): the fine-tuning trains it. The directory is written whole or not
+at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+from dlmjax.errors import DlmjaxError
+
+MASK_TOKEN = "|<MASK>|"  # Fast-dLLM v2's mask token
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt")
+
+
+def to_block_diffusion(src: str | os.PathLike, dst: str | os.PathLike, *, bd_size: int = 32, mask_token: str = MASK_TOKEN,
+                       overwrite: bool = False) -> pathlib.Path:
+    """Write `src` (a Qwen2 Hugging Face directory, hub id or embedded name) to `dst` as a
+    Fast-dLLM v2 checkpoint with blocks of `bd_size`; returns `dst`."""
+    from dlmjax import families
+    from dlmjax.hub import resolve
+    from dlmjax.tokenizer import load_tokenizer
+
+    if not isinstance(bd_size, int) or bd_size < 1:
+        raise DlmjaxError(f"bd_size must be a positive integer (Fast-dLLM v2: 32), got {bd_size!r}")
+    dst = pathlib.Path(dst)
+    if dst.exists() and not overwrite:
+        raise DlmjaxError(f"{dst} exists; pass overwrite=True (--overwrite) or choose another directory")
+    src = resolve(src)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise DlmjaxError(f"{src} has no config.json; pass a Hugging Face checkpoint directory")
+    config = json.loads(config_path.read_text())
+    family = families.for_model_type(config.get("model_type"))
+    if family.name != "qwen2":
+        raise DlmjaxError(f"{src} is a {family.display_name} model; the block-diffusion conversion takes an autoregressive "
+                          "Qwen2 checkpoint (e.g. Qwen/Qwen2.5-7B-Instruct)")
+    weights = sorted(p for p in src.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"))
+    if not any(p.suffix == ".safetensors" for p in weights):
+        raise DlmjaxError(f"{src} holds no .safetensors weights; convert a safetensors checkpoint")
+    tokenizer = load_tokenizer(src)
+    vocab = int(config.get("vocab_size", 0))
+    added = tokenizer.mask_token is None
+    if added:
+        tokenizer.add_special_tokens({"mask_token": mask_token})
+    mask_id = int(tokenizer.mask_token_id)
+    if not 0 <= mask_id < vocab:
+        raise DlmjaxError(f"the mask token's id {mask_id} is outside the embedding's {vocab} rows; "
+                          "a base whose tokenizer fills its embedding needs a resized embedding first")
+
+    out = dict(config)
+    out["model_type"] = families.get("fast_dllm_v2").model_types[0]
+    out["architectures"] = list(families.get("fast_dllm_v2").architectures)
+    out["bd_size"] = bd_size
+    out["mask_token_id"] = mask_id
+    out["converted_from"] = {"model_type": config.get("model_type"), "source": str(src), "mask_token_added": added}
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        for p in src.iterdir():
+            if p.is_file() and p.name != "config.json" and not (added and p.name in TOKENIZER_FILES):
+                try:
+                    os.link(p, tmp / p.name)  # weights unchanged: a hard link where the file system allows it
+                except OSError:
+                    shutil.copy2(p, tmp / p.name)
+        if added:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(out, indent=2) + "\n")
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.replace(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
