@@ -181,3 +181,40 @@ def test_rows_from_jsonl_parquet_and_saved_datasets(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "q", "reply": "a"}\n{oops\n')
     with pytest.raises(DlmjaxError, match="bad.jsonl line 2 is not JSON"):
         read_rows(str(tmp_path / "bad.jsonl"), "question", "reply")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (ROOT / "experiments" / "recipes").glob("*.yaml")))
+def test_the_8b_recipes_are_valid_configs(recipe):
+    """Every recipe in experiments/recipes parses (no unknown key), its TrainConfig validates, its
+    LoRA targets exist in its model, and its objective accepts the model, on the shipped config.json
+    of its architecture (what the dry run and recipe_memory.py compile)."""
+    import recipe_memory
+
+    from dlmjax.config import from_hf_config
+    from dlmjax.train.cli import lora_config
+    from dlmjax.train.objectives import make_objective
+
+    config = parse_config((ROOT / "experiments" / "recipes" / f"{recipe}.yaml").read_text(), [])
+    cfg = from_hf_config(json.loads((ROOT / "experiments" / "configs" / recipe_memory.RECIPES[recipe] / "config.json").read_text()))
+    tc = config.train.validate()
+    lora = lora_config(config.lora, cfg)
+    objective = make_objective(tc.objective, cfg=cfg, args=tc.objective_args)
+    objective.check(cfg, lora)
+    assert tc.batch_size % tc.grad_accum == 0 and config.mesh == "fsdp=8"
+    assert tc.learning_rate <= 2e-5 and tc.precision == "bf16_compute" and tc.remat == "full"
+    if recipe == "dparallel-llada-8b":  # the official adapter: only 4 of the 7 names exist in LLaDA
+        assert lora.targets == ("q_proj", "k_proj", "v_proj", "up_proj") and lora.rank == 128 and not config.data.chat
+    if recipe == "dparallel-dream-7b":  # the official summed accumulation, as our mean (see its comments)
+        assert (tc.grad_clip, tc.adam_eps, objective.block_size, objective.entropy_weight) == (0.125, 1.25e-9, None, 1.0)
+    if recipe.startswith("d2f"):
+        assert lora.dropout == 0.1 and lora.rank == 32 and config.data.prompt_length + config.data.gen_length == 1024
+
+
+def test_recipe_memory_fits_a_line():
+    import recipe_memory
+
+    points = [{"layers": n, **{f: 0.5 + 0.25 * n + (0.01 if f == "peak" and n == 8 else 0) for f in recipe_memory.FIELDS}}
+              for n in (4, 8, 16)]
+    figures, worst = recipe_memory.fit(points, 32)
+    assert abs(figures["parameters"] - 8.5) < 1e-9 and 0.005 < worst < 0.01
+    assert set(recipe_memory.RECIPES) == {p.stem for p in (ROOT / "experiments" / "recipes").glob("*.yaml")}
