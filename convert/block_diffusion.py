@@ -22,9 +22,10 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 
 from dlmjax.errors import DlmjaxError
+
+from .hf_import import atomic_directory
 
 MASK_TOKEN = "|<MASK>|"  # Fast-dLLM v2's mask token
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -73,10 +74,7 @@ def to_block_diffusion(src: str | os.PathLike, dst: str | os.PathLike, *, bd_siz
     out["mask_token_id"] = mask_id
     out["converted_from"] = {"model_type": config.get("model_type"), "source": str(src), "mask_token_added": added}
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_directory(dst, overwrite) as tmp:
         for p in src.iterdir():
             if p.is_file() and p.name != "config.json" and not (added and p.name in TOKENIZER_FILES):
                 try:
@@ -86,10 +84,4 @@ def to_block_diffusion(src: str | os.PathLike, dst: str | os.PathLike, *, bd_siz
         if added:
             tokenizer.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(out, indent=2) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.replace(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

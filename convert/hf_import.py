@@ -125,6 +125,9 @@ def atomic_directory(dst: pathlib.Path, overwrite: bool) -> Iterator[pathlib.Pat
         raise DlmjaxError(f"{dst} already exists; choose another destination or pass --overwrite")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield tmp
         if dst.exists():

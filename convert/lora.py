@@ -120,11 +120,10 @@ def write_adapter(model, directory, *, base_name: str = "", overwrite: bool = Fa
     adapter_model.safetensors, PEFT's tensor names base_model.model.<HF module>.lora_{A,B}.weight)
     that `peft.PeftModel.from_pretrained` loads onto the Hugging Face model and `dlmjax.load(base,
     adapter=...)` loads back. Written to a temporary directory first, then renamed."""
-    import shutil
-    import tempfile
-
     import jax
     from flax import nnx
+
+    from .hf_import import atomic_directory  # hf_import imports this module
 
     cfg, lora = model.config, model.lora
     if lora is None:
@@ -146,15 +145,7 @@ def write_adapter(model, directory, *, base_name: str = "", overwrite: bool = Fa
         "target_modules": sorted({names[role].split(".")[-1] for role in lora.targets}), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_name,
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory, overwrite) as staging:
         safetensors_io.save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory

@@ -51,7 +51,7 @@ def compile_once(recipe: str, layers: int | None, target: str, overrides: list[s
     if proc.returncode or set(figures) != set(FIELDS):
         tail = (proc.stderr.strip().splitlines() or ["killed (host memory?)"])[-1]
         raise SystemExit(f"{recipe} with {layers} layers: the dry run failed (exit {proc.returncode}): {tail}")
-    return {"layers": layers if layers is not None else config[key], "depth": config[key] if layers is None else None, **figures}
+    return {"layers": config[key], **figures}
 
 
 def fit(points: list[dict], depth: int) -> tuple[dict, float]:

@@ -204,10 +204,11 @@ def read_records(path: str) -> list[dict]:
     return records
 
 
-def read_rows(path: str, prompt_field: str, answer_field: str, limit: int = 0) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs of a JSONL file, a Parquet file or a saved `datasets` directory;
-    records marked "usable": false (trajectories that failed their --keep test) are skipped."""
-    rows = [(str(r[prompt_field]), str(r[answer_field])) for r in read_records(path)
+def read_rows(path: str, prompt_field: str, answer_field: str, limit: int = 0, records: list[dict] | None = None) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of a JSONL file, a Parquet file or a saved `datasets` directory (or of
+    its `records`, already read); records marked "usable": false (trajectories that failed their
+    --keep test) are skipped."""
+    rows = [(str(r[prompt_field]), str(r[answer_field])) for r in (read_records(path) if records is None else records)
             if isinstance(r, dict) and r.get(prompt_field) is not None and r.get(answer_field) is not None
             and r.get("usable", True) is not False]
     if not rows:
@@ -273,14 +274,22 @@ def lora_config(section: LoRASection, cfg):
                       dropout=float(section.dropout))
 
 
-def _accuracy(texts, answers, pattern: str) -> float:
-    def key(text):
-        if pattern:
-            m = re.search(pattern, text)
-            return None if m is None else (m.group(1) if m.groups() else m.group(0)).strip()
-        return text.strip()
+def answer_key(text: str, pattern: str) -> str | None:
+    """What an answer is judged by: the first group (or the match) of `pattern`, stripped (None
+    without a match), or with no pattern the stripped text."""
+    if pattern:
+        m = re.search(pattern, text)
+        return None if m is None else (m.group(1) if m.groups() else m.group(0)).strip()
+    return text.strip()
 
-    return sum(key(t) is not None and key(t) == key(a) for t, a in zip(texts, answers)) / max(len(answers), 1)
+
+def answer_matches(text: str, reference: str, pattern: str) -> bool:
+    got = answer_key(text, pattern)
+    return got is not None and got == answer_key(reference, pattern)
+
+
+def _accuracy(texts, answers, pattern: str) -> float:
+    return sum(answer_matches(t, a, pattern) for t, a in zip(texts, answers)) / max(len(answers), 1)
 
 
 # --- dry run ---------------------------------------------------------------------------------------
@@ -399,8 +408,9 @@ def run(config: RunConfig, log=print) -> dict:
     lora = lora_config(config.lora, cfg)
     from dlmjax.train.trajectories import check_for_training
 
-    check_for_training(config.data.train, lm.tokenizer)  # trajectories: this tokenizer's, and some usable
-    rows = read_rows(config.data.train, config.data.prompt_field, config.data.answer_field, config.data.limit)
+    records = read_records(config.data.train)
+    check_for_training(config.data.train, lm.tokenizer, records)  # trajectories: this tokenizer's, and some usable
+    rows = read_rows(config.data.train, config.data.prompt_field, config.data.answer_field, config.data.limit, records)
     arrays = training_arrays(lm, rows, config.data, config.train.objective, log)
     log(f"{len(arrays['input_ids'])} training rows of {arrays['input_ids'].shape[1]} tokens")
     held_out = (read_rows(config.data.eval, config.data.prompt_field, config.data.answer_field, config.data.eval_limit)
@@ -411,7 +421,7 @@ def run(config: RunConfig, log=print) -> dict:
             from tensorboardX import SummaryWriter
         except ImportError:
             raise DlmjaxError("tensorboard: true needs tensorboardX; pip install tensorboardX") from None
-        writer = SummaryWriter(str(output / "tensorboard")) if _primary() else None
+        writer = SummaryWriter(str(output / "tensorboard")) if is_primary() else None
 
     def on_log(row):
         if writer is not None:
@@ -430,7 +440,7 @@ def run(config: RunConfig, log=print) -> dict:
             texts += list(trained.generate(ids, method=config.eval.method, **knobs).texts)
         accuracy = _accuracy(texts, [a for _, a in held_out], config.eval.answer_pattern)
         row = {"step": step, "eval_accuracy": accuracy, "eval_rows": len(held_out), "eval_method": config.eval.method}
-        if _primary():
+        if is_primary():
             with (output / "eval.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
             if writer is not None:
@@ -463,7 +473,7 @@ def run(config: RunConfig, log=print) -> dict:
         final = output / "final"
         if lora is not None:
             trained.save_adapter(final, overwrite=True)
-        elif _primary():
+        elif is_primary():
             trained.save_pretrained(final, overwrite=True)
         summary["final"] = str(final)
         log(f"wrote {final} ({'PEFT adapter' if lora is not None else 'Hugging Face safetensors'})")
@@ -476,7 +486,8 @@ def _rules(name: str):
     return ShardingRules.preset(name)
 
 
-def _primary() -> bool:
+def is_primary() -> bool:
+    """Whether this is the process that prints and writes files (process 0 on a pod)."""
     import jax
 
     return jax.process_index() == 0
@@ -529,7 +540,7 @@ def main(argv=None) -> int:
             dry_run(config, from_hf_config(json.loads(hf_config.read_text())), limit, target=args.target)
             return 0
         summary = run(config)
-        if _primary():
+        if is_primary():
             print(json.dumps(summary))
         return 0
     except DlmjaxError as e:

@@ -34,13 +34,13 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import sys
 from typing import Callable, Sequence
 
 import numpy as np
 
 from dlmjax.errors import DlmjaxError
+from dlmjax.train.cli import answer_matches, is_primary, read_records
 
 KEEP = ("all", "finished", "correct")
 HEADER = "trajectories"
@@ -69,10 +69,15 @@ def read_header(path: str | os.PathLike) -> dict | None:
     return None
 
 
-def check_for_training(path: str | os.PathLike, tokenizer) -> dict | None:
-    """Before training on `path`: if it holds trajectories, that they were tokenized by this
-    tokenizer and that some rows are usable. Returns the header (None for other data)."""
-    header = read_header(path)
+def check_for_training(path: str | os.PathLike, tokenizer, records: list[dict] | None = None) -> dict | None:
+    """Before training on `path` (whose `records` the caller may have read already): if it holds
+    trajectories, that they were tokenized by this tokenizer and that some rows are usable.
+    Returns the header (None for other data)."""
+    if records is None:
+        header = read_header(path)
+    else:
+        first = records[0] if records else None
+        header = first.get(HEADER) if isinstance(first, dict) and isinstance(first.get(HEADER), dict) else None
     if header is None:
         return None
     mine = tokenizer_fingerprint(tokenizer)
@@ -80,7 +85,7 @@ def check_for_training(path: str | os.PathLike, tokenizer) -> dict | None:
         raise DlmjaxError(f"{path} holds trajectories of {header.get('model')!r}, whose tokenizer differs from this model's "
                           f"({header.get('tokenizer')} vs {mine}); generate them with this model "
                           "(python -m dlmjax.train.trajectories --model ...)")
-    rows = [r for r in _records(pathlib.Path(path)) if "index" in r]
+    rows = [r for r in (_records(pathlib.Path(path)) if records is None else records) if isinstance(r, dict) and "index" in r]
     usable = sum(1 for r in rows if r.get("usable"))
     if not usable:
         finished = sum(1 for r in rows if r.get("finished"))
@@ -96,17 +101,6 @@ def _records(path: pathlib.Path) -> list[dict]:
             if line.endswith("\n") and line.strip():
                 out.append(json.loads(line))
     return out
-
-
-def _matches(text: str, reference: str, pattern: str) -> bool:
-    def key(t):
-        if not pattern:
-            return t.strip()
-        m = re.search(pattern, t)
-        return None if m is None else (m.group(1) if m.groups() else m.group(0)).strip()
-
-    got = key(text)
-    return got is not None and got == key(reference)
 
 
 def _resume(out: pathlib.Path, header: dict, batch_size: int, total: int) -> set[int]:
@@ -178,7 +172,7 @@ def generate_trajectories(
               "method": method, "knobs": knobs, "gen_length": gen_length, "batch_size": batch_size, "chat": chat,
               "seed": seed, "keep": keep, "answer_pattern": answer_pattern, "prompts": len(prompts)}
     out = pathlib.Path(out)
-    primary = _primary()
+    primary = is_primary()
     done = _resume(out, header, batch_size, len(prompts)) if primary else set()
     if primary and not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +193,7 @@ def generate_trajectories(
         finished = np.isin(result.tokens, stops).any(axis=1)
         rows = []
         for i, text in enumerate(result.texts):
-            correct = None if answers is None else _matches(text, answers[lo + i], answer_pattern)
+            correct = None if answers is None else answer_matches(text, answers[lo + i], answer_pattern)
             usable = keep == "all" or (keep == "finished" and bool(finished[i])) or (keep == "correct" and bool(correct))
             rows.append({"index": lo + i, "question": prompts[lo + i], "llm_response": text, "tokens": int(result.lengths[i]),
                          "finished": bool(finished[i]), "nfe": int(result.nfe[i]), "correct": correct, "usable": bool(usable)})
@@ -232,12 +226,6 @@ def _agreed(done: set[int], batches: int) -> set[int]:
     mask[sorted(done)] = 1
     mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
     return {int(b) for b in np.flatnonzero(mask)}
-
-
-def _primary() -> bool:
-    import jax
-
-    return jax.process_index() == 0
 
 
 def _parse_knob(text: str):
@@ -275,7 +263,6 @@ def main(argv=None) -> int:
     try:
         import dlmjax
         from dlmjax import sharding
-        from dlmjax.train.cli import read_records
 
         knobs = dict(_parse_knob(k) for k in args.knob)
         if args.keep == "correct" and not args.answer_field:
@@ -295,7 +282,7 @@ def main(argv=None) -> int:
             answers=[str(r[args.answer_field]) for r in records] if args.answer_field else None,
             answer_pattern=args.answer_pattern, seed=args.seed, source=args.model,
         )
-        if _primary():
+        if is_primary():
             print(json.dumps(summary))
         return 0
     except DlmjaxError as e:
