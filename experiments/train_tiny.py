@@ -2,11 +2,16 @@
 
     python experiments/train_tiny.py tiny-llada            # LLaDA architecture, masked diffusion
     python experiments/train_tiny.py tiny-ar               # Qwen2 architecture, next-token loss
+    python experiments/train_tiny.py tiny-llada-v2         # task suite v2, from tiny-llada's weights
+    python experiments/train_tiny.py tiny-ar-v2            # task suite v2, from scratch
+    python experiments/train_tiny.py tiny-fdv2             # tiny-ar-v2 as block diffusion, Fast-dLLM v2's fine-tuning
 
 Each recipe is a config of the training CLI (experiments/configs/NAME.yaml: objective, steps,
 batch, learning rate, eval hook), and this script runs it through `python -m dlmjax.train`'s own
 entry point: it writes the architecture's config.json and the task tokenizer as a randomly
-initialised checkpoint (the run trains from scratch, `model.init`), the training and held-out
+initialised checkpoint (the run trains from scratch, `model.init`; a recipe with `init_from` starts
+from an embedded model's weights instead, and one with `base` from an embedded model converted, as
+tiny-fdv2 from tiny-ar-v2 written as block diffusion), the training and held-out
 rows as JSONL, then runs the CLI into --run-dir (orbax checkpoints, metrics.jsonl, eval.jsonl
 with the baseline decoder's accuracy on 64 test problems at every save; a killed run continues
 where it stopped when restarted with the same command). It then exports the CLI's `final/`
@@ -55,9 +60,17 @@ RECIPES = {
     # `stages` lists the schedules run to completion before the config's own.
     "tiny-llada": dict(family="llada", hidden=160, layers=4, heads=5, mlp=480, config="tiny-llada.yaml", stages=[9000]),
     "tiny-ar": dict(family="qwen2", hidden=160, layers=4, heads=5, mlp=480, config="tiny-ar.yaml"),
-    # Task suite v2 (64-token canvas, longer dependent chains): the same architectures.
-    "tiny-llada-v2": dict(family="llada", hidden=160, layers=4, heads=5, mlp=480, config="tiny-llada-v2.yaml", suite="v2"),
+    # Task suite v2 (64-token canvas, longer dependent chains): the same architectures. tiny-llada-v2
+    # starts from tiny-llada's weights (`init_from`; v2's tokenizer keeps v1's ids): masked diffusion
+    # from scratch needed 11000 steps on v1, and a first v2 run from scratch was still at 0% after 750.
+    "tiny-llada-v2": dict(family="llada", hidden=160, layers=4, heads=5, mlp=480, config="tiny-llada-v2.yaml", suite="v2",
+                          init_from="tiny-llada"),
     "tiny-ar-v2": dict(family="qwen2", hidden=160, layers=4, heads=5, mlp=480, config="tiny-ar-v2.yaml", suite="v2"),
+    # The seeds' recipes in tiny (issue 14's proofs), each from an embedded model (`base`) rather than
+    # from scratch. tiny-fdv2: tiny-ar-v2 written as block diffusion with blocks of `bd_size`, then
+    # Fast-dLLM v2's fine-tuning.
+    "tiny-fdv2": dict(family="fast_dllm_v2", hidden=160, layers=4, heads=5, mlp=480, config="tiny-fdv2.yaml", suite="v2",
+                      base="tiny-ar-v2", bd_size=16),
 }
 CANVAS = {"v1": (32, 32), "v2": (64, 64)}  # (prompt_length, gen_length) of each task suite
 
@@ -113,9 +126,12 @@ def training_arrays(tokenizer, n: int, objective: str, seed: int = 0) -> dict[st
 
 
 def baseline_kwargs(family: str, gen_length: int = GEN_LENGTH) -> dict:
-    """The decoder each model is judged with: LLaDA with one token per step, or greedy AR."""
+    """The decoder each model is judged with: LLaDA with one token per step, greedy AR, or Fast-dLLM v2's
+    own decoder (threshold 0.9) on the tiny blocks of 16 and sub-blocks of 4."""
     if family == "qwen2":
         return dict(method="ar", gen_length=gen_length)
+    if family == "fast_dllm_v2":
+        return dict(method="fast-dllm-v2", gen_length=gen_length, block_length=16, sub_block_length=4)
     return dict(method="llada", gen_length=gen_length, steps=gen_length)
 
 
@@ -167,6 +183,8 @@ def main(argv=None) -> None:
     parser.add_argument("--test-examples", type=int, default=512)
     parser.add_argument("--eval-every", type=int, default=400, help="checkpoint, and evaluate on 64 test problems, every N steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models-dir", type=pathlib.Path, default=ROOT / "dlmjax" / "models",
+                        help="where a recipe's starting model (base, init_from) is")
     args = parser.parse_args(argv)
 
     import dlmjax
@@ -178,17 +196,37 @@ def main(argv=None) -> None:
     recipe = RECIPES[args.name]
     out = args.out or ROOT / "dlmjax" / "models" / args.name
     run_dir = (args.run_dir or ROOT / "runs" / args.name).absolute()
-    template = write_template(pathlib.Path(tempfile.mkdtemp(prefix="dlmjax-template-")), recipe)
+    init = run_dir / "init"
+    if "base" in recipe:  # a recipe on an embedded model: its starting checkpoint is that model, converted
+        base = args.models_dir / recipe["base"]
+        if not (base / "config.json").is_file():
+            raise SystemExit(f"{args.name} starts from {recipe['base']}, which is not at {base}; train it first with "
+                             f"`python experiments/train_tiny.py {recipe['base']}`")
+        if not (init / "config.json").is_file():
+            from dlmjax.convert.block_diffusion import to_block_diffusion
+
+            to_block_diffusion(base, init, bd_size=recipe["bd_size"], overwrite=True)
+        template = init
+    else:
+        template = write_template(pathlib.Path(tempfile.mkdtemp(prefix="dlmjax-template-")), recipe)
     tokenizer = load_tokenizer(template)
     cfg = from_hf_config(json.loads((template / "config.json").read_text()))
-    # the starting checkpoint: the architecture and tokenizer (the CLI re-initialises the weights, model.init)
-    init = run_dir / "init"
+    # the starting checkpoint: the architecture and tokenizer (the CLI re-initialises the weights, model.init),
+    # or with `init_from`, an embedded model's weights under this recipe's tokenizer and config
     if not (init / "config.json").is_file():
-        export_lm(LM(init_model(cfg, args.seed)), init, dtype="float32", hf_dir=template, overwrite=True)
+        if "init_from" in recipe:
+            source = args.models_dir / recipe["init_from"]
+            if not (source / "config.json").is_file():
+                raise SystemExit(f"{args.name} starts from {recipe['init_from']}'s weights, which are not at {source}; "
+                                 f"train it first with `python experiments/train_tiny.py {recipe['init_from']}`")
+            export_lm(dlmjax.load(source, dtype="float32", progress=False), init, dtype="float32", hf_dir=template, overwrite=True)
+        else:
+            export_lm(LM(init_model(cfg, args.seed)), init, dtype="float32", hf_dir=template, overwrite=True)
+    from_scratch = "base" not in recipe and "init_from" not in recipe
     train_rows = write_rows(run_dir / "data" / "train.jsonl", tasks.make_split("train", args.train_examples, args.seed, suite(recipe)))
     test = tasks.make_split("test", args.test_examples, args.seed, suite(recipe))
     eval_rows = write_rows(run_dir / "data" / "eval.jsonl", test[:64])
-    overrides = [f"model.name={init}", "model.init=true", f"data.train={train_rows}", f"data.eval={eval_rows}",
+    overrides = [f"model.name={init}", f"model.init={from_scratch}", f"data.train={train_rows}", f"data.eval={eval_rows}",
                  "data.eval_limit=64", f"output={run_dir}", f"train.seed={args.seed}", f"train.save_every={args.eval_every}"]
     stages = [] if args.steps else list(recipe.get("stages", []))
     last = [f"train.steps={args.steps}"] if args.steps else []
@@ -205,7 +243,8 @@ def main(argv=None) -> None:
 
     trained = dlmjax.load(summary["final"], dtype="float32", progress=False)
     export_lm(trained, out, dtype="bfloat16", hf_dir=template, overwrite=True)
-    shutil.rmtree(template, ignore_errors=True)
+    if template != init:
+        shutil.rmtree(template, ignore_errors=True)
 
     exported = dlmjax.load(out, dtype="float32", progress=False)
     gen_length = CANVAS[suite(recipe)][1]
@@ -216,6 +255,9 @@ def main(argv=None) -> None:
         "command": " ".join(["python", "experiments/train_tiny.py", *(argv if argv is not None else sys.argv[1:])]),
         "trainer": f"python -m dlmjax.train experiments/configs/{recipe['config']} (with this script's overrides)",
         "architecture": {k: recipe[k] for k in ("family", "hidden", "layers", "heads", "mlp")},
+        **({"base": f"dlmjax/models/{recipe['base']}", "bd_size": recipe["bd_size"]} if "base" in recipe else {}),
+        **({"init_from": f"dlmjax/models/{recipe['init_from']}"} if "init_from" in recipe else {}),
+        **({"models_dir": str(args.models_dir)} if args.models_dir != ROOT / "dlmjax" / "models" else {}),
         "parameters": n_params,
         "train": {**dataclasses.asdict(config.train), "stages": stages, "train_examples": args.train_examples,
                   "prompt_length": config.data.prompt_length, "gen_length": config.data.gen_length},

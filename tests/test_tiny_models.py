@@ -115,3 +115,49 @@ def test_the_tiny_recipes_run_on_the_training_cli(tmp_path):
     cli = training_arrays(lm, rows, DataSection(prompt_length=train_tiny.PROMPT_LENGTH, gen_length=train_tiny.GEN_LENGTH), "mdm")
     direct = train_tiny.training_arrays(load_tokenizer(run_dir / "init"), 64, "mdm")
     assert set(cli) == set(direct) and all(np.array_equal(cli[k], direct[k]) for k in direct)
+
+
+def test_recipes_that_start_from_an_embedded_model(tmp_path):
+    """tiny-llada-v2 starts from tiny-llada's weights under the v2 tokenizer (init_from), and tiny-fdv2
+    from tiny-ar-v2 written as block diffusion (base): two steps of each, on one-layer stand-ins."""
+    from test_report import stand_in
+
+    from dlmjax.tokenizer import load_tokenizer
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("tiny-llada", "tiny-ar-v2"):
+        (models / name).symlink_to(stand_in(tmp_path, name))
+    common = ["--steps", "2", "--train-examples", "64", "--test-examples", "4", "--eval-every", "2", "--models-dir", str(models)]
+
+    with pytest.raises(SystemExit, match="train it first with `python experiments/train_tiny.py tiny-ar-v2`"):
+        train_tiny.main(["tiny-fdv2", *common[:-1], str(tmp_path / "empty"), "--run-dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+
+    train_tiny.main(["tiny-fdv2", *common, "--out", str(tmp_path / "fdv2"), "--run-dir", str(tmp_path / "fdv2-run")])
+    init = dlmjax.load(tmp_path / "fdv2-run" / "init", dtype="float32", progress=False)
+    base = dlmjax.load(models / "tiny-ar-v2", dtype="float32", progress=False)
+    assert init.config.family == "fast_dllm_v2" and init.config.bd_size == 16
+    assert init.config.mask_token_id == base.config.mask_token_id == tasks.token_ids()[tasks.MASK]
+    for a, b in zip(jax_leaves(init), jax_leaves(base)):  # the conversion keeps every weight
+        np.testing.assert_array_equal(a, b)
+    exported = dlmjax.load(tmp_path / "fdv2", progress=False)
+    assert exported.config.family == "fast_dllm_v2"
+    log = json.loads((tmp_path / "fdv2" / "train_log.json").read_text())
+    assert log["base"] == "dlmjax/models/tiny-ar-v2" and log["train"]["objective"] == "fdv2"
+    assert log["eval"]["decoder"]["method"] == "fast-dllm-v2" and log["eval"]["suite"] == "v2"
+
+    train_tiny.main(["tiny-llada-v2", *common, "--out", str(tmp_path / "v2"), "--run-dir", str(tmp_path / "v2-run")])
+    start = dlmjax.load(tmp_path / "v2-run" / "init", dtype="float32", progress=False)
+    v1 = dlmjax.load(models / "tiny-llada", dtype="float32", progress=False)
+    for a, b in zip(jax_leaves(start), jax_leaves(v1)):
+        np.testing.assert_array_equal(a, b)
+    assert "Add" in load_tokenizer(tmp_path / "v2-run" / "init").get_vocab()  # the v2 tokenizer, v1's weights
+    log = json.loads((tmp_path / "v2" / "train_log.json").read_text())
+    assert log["init_from"] == "dlmjax/models/tiny-llada" and log["eval"]["suite"] == "v2"
+
+
+def jax_leaves(lm):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(lm.state)]
