@@ -171,9 +171,12 @@ def make_split(split: str, n: int, seed: int = 0, suite: str = "v1") -> list[Exa
     return out
 
 
+ANSWER_PATTERN = r"####([^\n]*)"  # the final answer: after the first '####', to the end of the line
+
+
 def extract_final(text: str) -> str | None:
     """The text after the first '####', up to the end of the line, or None."""
-    match = re.search(r"####([^\n]*)", text)
+    match = re.search(ANSWER_PATTERN, text)
     return match.group(1).strip() if match else None
 
 

@@ -71,6 +71,15 @@ RECIPES = {
     # Fast-dLLM v2's fine-tuning.
     "tiny-fdv2": dict(family="fast_dllm_v2", hidden=160, layers=4, heads=5, mlp=480, config="tiny-fdv2.yaml", suite="v2",
                       base="tiny-ar-v2", bd_size=16),
+    # tiny-d2f: a LoRA adapter on tiny-llada-v2 (shipped as the adapter), judged with D2F's pipelined decoder.
+    "tiny-d2f": dict(family="llada", hidden=160, layers=4, heads=5, mlp=480, config="tiny-d2f.yaml", suite="v2",
+                     base="tiny-llada-v2", export="adapter", decoder=dict(method="d2f", block_length=16)),
+    # tiny-llada-dparallel: tiny-llada-v2 distilled on its own correct answers to the first 8192 training
+    # prompts (LLaDA, one token per step), its adapter merged; judged with dParallel's entropy rule.
+    "tiny-llada-dparallel": dict(family="llada", hidden=160, layers=4, heads=5, mlp=480, config="tiny-llada-dparallel.yaml",
+                                 suite="v2", base="tiny-llada-v2", decoder=dict(method="dparallel", threshold=0.5, block_length=16),
+                                 trajectories=dict(method="llada", knobs={"steps": 64, "block_length": 64}, prompts=8192,
+                                                   keep="correct")),
 }
 CANVAS = {"v1": (32, 32), "v2": (64, 64)}  # (prompt_length, gen_length) of each task suite
 
@@ -163,14 +172,45 @@ def in_memory_lm(model):
     return LM(model)
 
 
-def write_rows(path: pathlib.Path, examples) -> pathlib.Path:
+def write_rows(path: pathlib.Path, examples, fields=("prompt", "answer")) -> pathlib.Path:
+    """JSONL rows of the examples' prompts and reference answers, under `fields` (and under
+    prompt/answer too when those differ)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as f:
         for e in examples:
-            f.write(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n")
+            f.write(json.dumps({"prompt": e.prompt, "answer": e.answer, fields[0]: e.prompt, fields[1]: e.answer}) + "\n")
     tmp.replace(path)
     return path
+
+
+def teacher_trajectories(spec: dict, model_dir: pathlib.Path, prompts: pathlib.Path, path: pathlib.Path, *,
+                         gen_length: int, limit: int, seed: int) -> list[str]:
+    """Decode the first `limit` training prompts with the starting model (`spec`: method, knobs, keep),
+    into `path` (python -m dlmjax.train.trajectories; a rerun resumes it), and return the training
+    CLI overrides that train on them."""
+    from dlmjax.train import trajectories
+
+    knobs = [arg for k, v in spec.get("knobs", {}).items() for arg in ("--knob", f"{k}={v}")]
+    code = trajectories.main(["--model", str(model_dir), "--dtype", "float32", "--prompts", str(prompts), "--answer-field", "answer",
+                              "--answer-pattern", tasks.ANSWER_PATTERN, "--out", str(path), "--method", spec["method"], *knobs,
+                              "--gen-length", str(gen_length), "--batch-size", "64", "--keep", spec.get("keep", "correct"),
+                              "--limit", str(limit), "--seed", str(seed)])
+    if code:
+        raise SystemExit(f"python -m dlmjax.train.trajectories failed with status {code}")
+    return [f"data.train={path}", "data.prompt_field=question", "data.answer_field=llm_response"]
+
+
+def write_adapter_copy(adapter: pathlib.Path, out: pathlib.Path, *, base_name: str) -> None:
+    """Copy a PEFT adapter directory to `out` (replacing it whole), its base named as the embedded model."""
+    from dlmjax.convert.hf_import import atomic_directory
+
+    with atomic_directory(out, True) as tmp:
+        for p in adapter.iterdir():
+            shutil.copy2(p, tmp / p.name)
+        config = json.loads((tmp / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base_name
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv=None) -> None:
@@ -197,23 +237,29 @@ def main(argv=None) -> None:
     out = args.out or ROOT / "dlmjax" / "models" / args.name
     run_dir = (args.run_dir or ROOT / "runs" / args.name).absolute()
     init = run_dir / "init"
-    if "base" in recipe:  # a recipe on an embedded model: its starting checkpoint is that model, converted
+    gen_length = CANVAS[suite(recipe)][1]
+    if "base" in recipe:  # a recipe on an embedded model: it starts from that model (converted with bd_size)
         base = args.models_dir / recipe["base"]
         if not (base / "config.json").is_file():
             raise SystemExit(f"{args.name} starts from {recipe['base']}, which is not at {base}; train it first with "
                              f"`python experiments/train_tiny.py {recipe['base']}`")
-        if not (init / "config.json").is_file():
-            from dlmjax.convert.block_diffusion import to_block_diffusion
+        if "bd_size" in recipe:
+            if not (init / "config.json").is_file():
+                from dlmjax.convert.block_diffusion import to_block_diffusion
 
-            to_block_diffusion(base, init, bd_size=recipe["bd_size"], overwrite=True)
-        template = init
+                to_block_diffusion(base, init, bd_size=recipe["bd_size"], overwrite=True)
+            start_dir = init
+        else:
+            start_dir = base  # trained as it is (LoRA adapters on it)
+        template = start_dir
     else:
         template = write_template(pathlib.Path(tempfile.mkdtemp(prefix="dlmjax-template-")), recipe)
+        start_dir = init
     tokenizer = load_tokenizer(template)
     cfg = from_hf_config(json.loads((template / "config.json").read_text()))
     # the starting checkpoint: the architecture and tokenizer (the CLI re-initialises the weights, model.init),
     # or with `init_from`, an embedded model's weights under this recipe's tokenizer and config
-    if not (init / "config.json").is_file():
+    if start_dir == init and not (init / "config.json").is_file():
         if "init_from" in recipe:
             source = args.models_dir / recipe["init_from"]
             if not (source / "config.json").is_file():
@@ -225,13 +271,20 @@ def main(argv=None) -> None:
     from_scratch = "base" not in recipe and "init_from" not in recipe
     train_rows = write_rows(run_dir / "data" / "train.jsonl", tasks.make_split("train", args.train_examples, args.seed, suite(recipe)))
     test = tasks.make_split("test", args.test_examples, args.seed, suite(recipe))
-    eval_rows = write_rows(run_dir / "data" / "eval.jsonl", test[:64])
-    overrides = [f"model.name={init}", f"model.init={from_scratch}", f"data.train={train_rows}", f"data.eval={eval_rows}",
+    # data.prompt_field / answer_field name the fields of both files: with trajectories, the eval rows carry
+    # the trajectory names too (the reference answer under llm_response)
+    eval_rows = write_rows(run_dir / "data" / "eval.jsonl", test[:64],
+                           ("question", "llm_response") if "trajectories" in recipe else ("prompt", "answer"))
+    overrides = [f"model.name={start_dir}", f"model.init={from_scratch}", f"data.train={train_rows}", f"data.eval={eval_rows}",
                  "data.eval_limit=64", f"output={run_dir}", f"train.seed={args.seed}", f"train.save_every={args.eval_every}"]
+    start = time.perf_counter()
+    if "trajectories" in recipe:  # dParallel's data: the starting model's own answers to the training prompts
+        overrides += teacher_trajectories(recipe["trajectories"], start_dir, train_rows, run_dir / "data" / "trajectories.jsonl",
+                                          gen_length=gen_length, limit=min(recipe["trajectories"]["prompts"], args.train_examples),
+                                          seed=args.seed)
     stages = [] if args.steps else list(recipe.get("stages", []))
     last = [f"train.steps={args.steps}"] if args.steps else []
 
-    start = time.perf_counter()
     for schedule_steps in stages:  # earlier schedules, each run to its end in run_dir (no export)
         run(recipe_config(args.name, [*overrides, f"train.steps={schedule_steps}", "export=false"]))
     config = recipe_config(args.name, [*overrides, *last])
@@ -241,21 +294,29 @@ def main(argv=None) -> None:
         print(f"stopped at step {summary['step']} of {config.train.steps}; run the same command to continue", flush=True)
         return
 
-    trained = dlmjax.load(summary["final"], dtype="float32", progress=False)
-    export_lm(trained, out, dtype="bfloat16", hf_dir=template, overwrite=True)
-    if template != init:
+    if recipe.get("export") == "adapter":  # the PEFT adapter itself, naming the embedded base
+        write_adapter_copy(pathlib.Path(summary["final"]), out, base_name=recipe["base"])
+        exported = dlmjax.load(start_dir, adapter=out, dtype="float32", progress=False)
+    else:  # full weights (a LoRA run's adapter merged into them)
+        adapter = pathlib.Path(summary["final"]) if config.lora.rank > 0 else None
+        trained = dlmjax.load(start_dir if adapter else summary["final"], adapter=adapter, dtype="float32", progress=False)
+        export_lm(trained, out, dtype="bfloat16", hf_dir=template, overwrite=True)
+        exported = dlmjax.load(out, dtype="float32", progress=False)
+    if template not in (init, start_dir):
         shutil.rmtree(template, ignore_errors=True)
 
-    exported = dlmjax.load(out, dtype="float32", progress=False)
-    gen_length = CANVAS[suite(recipe)][1]
-    metrics = evaluate(exported, tokenizer, test, **baseline_kwargs(cfg.family, gen_length))
+    decoder = {**recipe["decoder"], "gen_length": gen_length} if "decoder" in recipe else baseline_kwargs(cfg.family, gen_length)
+    metrics = evaluate(exported, tokenizer, test, **decoder)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exported.state))
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     log = {
         "command": " ".join(["python", "experiments/train_tiny.py", *(argv if argv is not None else sys.argv[1:])]),
         "trainer": f"python -m dlmjax.train experiments/configs/{recipe['config']} (with this script's overrides)",
         "architecture": {k: recipe[k] for k in ("family", "hidden", "layers", "heads", "mlp")},
-        **({"base": f"dlmjax/models/{recipe['base']}", "bd_size": recipe["bd_size"]} if "base" in recipe else {}),
+        **({"base": f"dlmjax/models/{recipe['base']}"} if "base" in recipe else {}),
+        **({"bd_size": recipe["bd_size"]} if "bd_size" in recipe else {}),
+        **({"trajectories": recipe["trajectories"]} if "trajectories" in recipe else {}),
+        **({"lora": dataclasses.asdict(config.lora), "export": recipe.get("export", "merged")} if config.lora.rank > 0 else {}),
         **({"init_from": f"dlmjax/models/{recipe['init_from']}"} if "init_from" in recipe else {}),
         **({"models_dir": str(args.models_dir)} if args.models_dir != ROOT / "dlmjax" / "models" else {}),
         "parameters": n_params,
@@ -265,7 +326,7 @@ def main(argv=None) -> None:
         "train_seconds_this_call": round(train_seconds, 1),
         "resumed_from": summary["resumed_from"],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({jax.devices()[0].platform}), jax {jax.__version__}",
-        "eval": {"decoder": baseline_kwargs(cfg.family, gen_length), "suite": suite(recipe), "weights": "bfloat16 checkpoint, run in float32", **metrics},
+        "eval": {"decoder": decoder, "suite": suite(recipe), "weights": "bfloat16 checkpoint, run in float32", **metrics},
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps(log["eval"], indent=2))

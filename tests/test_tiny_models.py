@@ -161,3 +161,47 @@ def jax_leaves(lm):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(lm.state)]
+
+
+def test_the_distillation_recipes_on_stand_ins(tmp_path, monkeypatch):
+    """tiny-d2f ships its LoRA adapter (naming the embedded base) and loads back onto tiny-llada-v2;
+    tiny-llada-dparallel decodes teacher trajectories with its base, trains on them and ships merged
+    weights. Two steps each on a one-layer stand-in of tiny-llada-v2 (whose answers are never
+    correct, so the dParallel run keeps every trajectory here, where the recipe keeps the correct)."""
+    from test_report import stand_in
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny-llada-v2").symlink_to(stand_in(tmp_path, "tiny-llada-v2"))
+    common = ["--steps", "2", "--train-examples", "64", "--test-examples", "4", "--eval-every", "2", "--models-dir", str(models)]
+
+    train_tiny.main(["tiny-d2f", *common, "--out", str(tmp_path / "d2f"), "--run-dir", str(tmp_path / "d2f-run")])
+    config = json.loads((tmp_path / "d2f" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-llada-v2" and config["r"] == 16
+    assert sorted(config["target_modules"]) == ["attn_out", "k_proj", "q_proj", "v_proj"]
+    log = json.loads((tmp_path / "d2f" / "train_log.json").read_text())
+    assert log["eval"]["decoder"] == {"method": "d2f", "block_length": 16, "gen_length": 64} and log["export"] == "adapter"
+    with_adapter = dlmjax.load(models / "tiny-llada-v2", adapter=tmp_path / "d2f", dtype="float32", progress=False)
+    base = dlmjax.load(models / "tiny-llada-v2", dtype="float32", progress=False)
+    ids = np.arange(1, 9)[None]
+    assert np.abs(with_adapter.logits(ids) - base.logits(ids)).max() > 0  # two steps moved the adapter
+
+    monkeypatch.setitem(train_tiny.RECIPES["tiny-llada-dparallel"], "trajectories",
+                        dict(train_tiny.RECIPES["tiny-llada-dparallel"]["trajectories"], keep="all"))
+    dp = ["tiny-llada-dparallel", *common, "--out", str(tmp_path / "dp"), "--run-dir", str(tmp_path / "dp-run")]
+    with pytest.raises(dlmjax.DlmjaxError, match="no row fits"):  # the stand-in's answers: 64 random tokens, unfinished
+        train_tiny.main(dp)
+    path = tmp_path / "dp-run" / "data" / "trajectories.jsonl"
+    lines = path.read_text().splitlines()
+    header, rows = json.loads(lines[0])["trajectories"], [json.loads(line) for line in lines[1:]]
+    assert header["method"] == "llada" and len(rows) == 64 and all(r["nfe"] == 64 for r in rows)
+    # a base that answers: the references in place of the stand-in's answers; the rerun resumes the
+    # complete file (no decoding), trains on it and merges the adapter
+    answers = [json.loads(line)["answer"] for line in (tmp_path / "dp-run" / "data" / "train.jsonl").read_text().splitlines()]
+    path.write_text("\n".join([lines[0], *(json.dumps(dict(r, llm_response=answers[r["index"]])) for r in rows)]) + "\n")
+    train_tiny.main(dp)
+    assert path.read_text().splitlines()[1:] == [json.dumps(dict(r, llm_response=answers[r["index"]])) for r in rows]
+    log = json.loads((tmp_path / "dp" / "train_log.json").read_text())
+    assert log["train"]["objective"] == "dparallel" and log["export"] == "merged"
+    distilled = dlmjax.load(tmp_path / "dp", dtype="float32", progress=False)
+    assert distilled.lora is None and distilled.config.family == "llada"
