@@ -683,3 +683,47 @@ def test_dream_summed_accumulation_is_our_mean_with_scaled_clip_and_eps():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
     moved = np.asarray(p_off["w"] - params["w"])
     assert not np.allclose(np.asarray(p_plain["w"] - params["w"]), moved, rtol=1e-2)
+
+
+def test_frozen_embedding_rows_get_no_gradient_and_stay(tmp_path):
+    """Fast-dLLM v2's <|im_end|> row (torch's padding_idx): frozen_embedding_rows zeroes exactly those
+    rows of the embedding's gradient, so with no weight decay the rows end training bitwise as they
+    began, while the rows of other tokens move; ids outside the vocabulary fail in one line."""
+    from dlmjax.errors import DlmjaxError
+    from dlmjax.train import TrainConfig, train
+    from dlmjax.train.loop import make_optimizer
+    from dlmjax.train.objectives import make_objective
+    from dlmjax.train.step import build_gradients, initial_state
+
+    _, arrays, _ = _recipe_setup("fdv2")
+    frozen_ids = [int(arrays["input_ids"][0, 0]), int(arrays["input_ids"][0, 1])]  # tokens the batch holds
+    batch = {k: jnp.asarray(v[:4]) for k, v in arrays.items()}
+    grads = {}
+    for name, rows in {"plain": (), "frozen": tuple(frozen_ids)}.items():
+        tc = TrainConfig(objective="fdv2", batch_size=4, objective_args={"bd_size": 4}, frozen_embedding_rows=rows)
+        model = init_model(_model("fast_dllm_v2").config, seed=1, std=0.5)
+        state, _ = initial_state(model, make_optimizer(tc)[0], tc)
+        objective = make_objective("fdv2", cfg=model.config, args=tc.objective_args)
+        _, _, g = jax.jit(build_gradients(state, objective, tc, None))(state.params, state.frozen, batch, jax.random.key(3))
+        grads[name] = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(g)}
+    embed = "['embed'].value"
+    assert np.abs(grads["plain"][embed][frozen_ids]).min(axis=1).max() > 0  # both rows have a gradient ...
+    np.testing.assert_array_equal(grads["frozen"][embed][frozen_ids], 0.0)  # ... that freezing removes
+    others = np.setdiff1d(np.arange(grads["plain"][embed].shape[0]), frozen_ids)
+    np.testing.assert_array_equal(grads["frozen"][embed][others], grads["plain"][embed][others])
+    for k in grads["plain"]:
+        if k != embed:
+            np.testing.assert_array_equal(grads["frozen"][k], grads["plain"][k], err_msg=k)
+
+    model = init_model(_model("fast_dllm_v2").config, seed=1, std=0.5)
+    start = np.asarray(model.embed[...])
+    tc = TrainConfig(objective="fdv2", batch_size=4, steps=3, learning_rate=1e-2, warmup_steps=1, weight_decay=0.0,
+                     save_every=3, objective_args={"bd_size": 4}, frozen_embedding_rows=list(frozen_ids))
+    trained = np.asarray(train(model, {k: v[:4] for k, v in arrays.items()}, tmp_path / "run", tc, progress=False).model.embed[...])
+    np.testing.assert_array_equal(trained[frozen_ids], start[frozen_ids])
+    assert np.abs(trained[others] - start[others]).max() > 0
+    with pytest.raises(DlmjaxError, match="frozen_embedding_rows \\[4096\\] lie outside the embedding's"):
+        train(init_model(_model("fast_dllm_v2").config, seed=1), arrays, tmp_path / "bad",
+              TrainConfig(objective="fdv2", batch_size=4, objective_args={"bd_size": 4}, frozen_embedding_rows=(4096,)), progress=False)
+    with pytest.raises(DlmjaxError, match="frozen_embedding_rows must be a list of token ids"):
+        TrainConfig(frozen_embedding_rows=("x",)).validate()

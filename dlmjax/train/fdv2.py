@@ -20,7 +20,8 @@ previous block's last position, quirk 3.6.2), a label at row position 0 never be
 counted in the normaliser (3.6.3), a position whose input already is the mask id counting as a
 target in both copies (3.6.6), documents packed without separation (the mask spans them).
 Not part of the loss: the frozen `<|im_end|>` embedding row of the official model (3.6.1; its
-`padding_idx`) is a property of the optimiser step; the in-place mutation of the caller's labels
+`padding_idx`) is a property of the optimiser step: `TrainConfig.frozen_embedding_rows`, which the
+Fast-dLLM v2 recipe sets to [151645]; the in-place mutation of the caller's labels
 (3.6.5) has no counterpart in a pure function.
 """
 

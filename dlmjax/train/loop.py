@@ -63,6 +63,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum rows each), accumulated in the jitted step
     remat: str = "none"  # rematerialisation per transformer block: none, full, dots_saveable, dots_with_no_batch_dims_saveable
     precision: str = "fp32"  # fp32; bf16_compute (fp32 master weights, bf16 forward); bf16 (bf16 weights, fp32 optimizer state)
+    # rows of the input embedding that get no gradient (torch's padding_idx; Fast-dLLM v2 freezes <|im_end|>, 151645)
+    frozen_embedding_rows: tuple = ()
 
     def validate(self) -> "TrainConfig":
         if self.objective not in OBJECTIVE_NAMES:
@@ -86,6 +88,11 @@ class TrainConfig:
             raise DlmjaxError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.epochs < 0:
             raise DlmjaxError(f"epochs must be at least 0 (0: train.steps sets the length), got {self.epochs}")
+        rows = self.frozen_embedding_rows
+        if isinstance(rows, list):  # from a config file
+            return dataclasses.replace(self, frozen_embedding_rows=tuple(rows)).validate()
+        if not isinstance(rows, (list, tuple)) or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rows):
+            raise DlmjaxError(f"frozen_embedding_rows must be a list of token ids (e.g. [151645]), got {rows!r}")
         if self.t_sampling not in T_SAMPLING:
             raise DlmjaxError(f"t_sampling must be one of {T_SAMPLING}, not {self.t_sampling!r}")
         if not 0 < self.eps < 1:
@@ -144,9 +151,11 @@ def _check_run_config(run_dir: pathlib.Path, tc: TrainConfig, lora: LoRAConfig |
     mine["model"] = None if cfg is None else {k: getattr(cfg, k) for k in MODEL_KEYS}
     mine["lora"] = None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
                                                "dropout": lora.dropout}
+    mine = json.loads(json.dumps(mine))  # as the file holds it (tuples as lists)
     if path.is_file():
         saved = json.loads(path.read_text())
-        defaults = {**dataclasses.asdict(TrainConfig()), "lora": None, "model": mine["model"]}  # keys an older run did not record hold their defaults
+        # keys an older run did not record hold their defaults
+        defaults = json.loads(json.dumps({**dataclasses.asdict(TrainConfig()), "lora": None, "model": mine["model"]}))
         free = ("steps", "log_every", "grad_accum", "remat")  # the length of the run and memory settings may change
         changed = {k: (saved.get(k, defaults.get(k)), v) for k, v in mine.items()
                    if k not in free and saved.get(k, defaults.get(k)) != v}
@@ -201,6 +210,10 @@ def train(
     tc = tc.for_rows(stream.size)
     tx, schedule = make_optimizer(tc)
     objective.check(model.config, lora or model.lora)
+    outside = [r for r in tc.frozen_embedding_rows if r >= model.config.vocab_size]
+    if outside:
+        raise DlmjaxError(f"frozen_embedding_rows {outside} lie outside the embedding's {model.config.vocab_size} rows; "
+                          "name token ids of this model's vocabulary")
     state, layout = initial_state(model, tx, tc, mesh=mesh, rules=rules, lora=lora)  # checks before anything compiles
     _check_run_config(run_dir, tc, lora=state.lora, cfg=model.config)
     step_fn = build_step(state, tx, schedule, objective, tc, layout)

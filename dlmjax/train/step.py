@@ -206,8 +206,13 @@ def build_gradients(state: TrainState, objective, tc, layout):
         return out.loss_sum / weight, out.metrics
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    rows = tuple(tc.frozen_embedding_rows)
 
     def gradients(params, frozen, batch, key):
+        loss, sums, grads = accumulated(params, frozen, batch, key)
+        return loss, sums, frozen_rows(grads, rows)
+
+    def accumulated(params, frozen, batch, key):
         noise = objective.noise(key, batch)
         weight = objective.weight(batch)
         if n == 1:
@@ -230,6 +235,23 @@ def build_gradients(state: TrainState, objective, tc, layout):
         return loss, sums, grads
 
     return gradients
+
+
+def frozen_rows(grads, rows: tuple[int, ...]):
+    """`grads` with the input embedding's `rows` zeroed (TrainConfig.frozen_embedding_rows: torch's
+    `padding_idx`, as Fast-dLLM v2's model freezes <|im_end|>). With tied embeddings the row's
+    gradient through the output head is zeroed too, where padding_idx stops only the lookup's."""
+    if not rows:
+        return grads
+    index = jnp.asarray(rows, jnp.int32)
+
+    def zero(path, g):
+        first = path[0] if path else None
+        if getattr(first, "key", None) == "embed" and g.ndim == 2:
+            return g.at[index].set(0)
+        return g
+
+    return jax.tree_util.tree_map_with_path(zero, grads)
 
 
 def build_step(state: TrainState, tx, schedule, objective, tc, layout):
