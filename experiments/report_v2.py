@@ -11,10 +11,12 @@ runs at every point of its sweep (LLaDA's steps, a rule's threshold, SchED's tau
 D2F's tau_add/tau_act/tau_conf, Fast-dLLM v2's threshold) on the same test problems. Written to
 --out-dir:
 
-    report-v2.md               one table row per point, marking the points on each Pareto front
-    report-v2.json             the same numbers, unrounded, with each point's lm.generate arguments
+    report-v2-<suite>.md       one table row per point, marking the points on the suite's Pareto fronts
+    report-v2-<suite>.json     the same numbers, unrounded, with each point's lm.generate arguments
     pareto-<suite>-nfe.png     accuracy against mean NFE: one line per sweep, the suite's front dashed
     pareto-<suite>-speed.png   accuracy against tokens/s (compile excluded), the same way
+
+(each suite's files on their own: `--suite v2` rewrites v2's and leaves v1's).
 
 A point is on the NFE front when no other point of its suite is at least as accurate with fewer
 forward passes (or more accurate with as few); likewise for tokens/s. Thresholds and the other
@@ -366,13 +368,14 @@ def main(argv=None) -> dict:
     mark_fronts(result["rows"])
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    text = markdown(result)
-    (args.out_dir / "report-v2.md").write_text(text)
-    (args.out_dir / "report-v2.json").write_text(json.dumps(result, indent=2, default=report._json_default) + "\n")
-    for suite in suites:
+    for suite in suites:  # each suite's files on their own, so that a run of one suite leaves the other's
+        one = dict(result, config=dict(result["config"], suites=[suite]), rows=[r for r in result["rows"] if r["suite"] == suite])
+        text = markdown(one)
+        (args.out_dir / f"report-v2-{suite}.md").write_text(text)
+        (args.out_dir / f"report-v2-{suite}.json").write_text(json.dumps(one, indent=2, default=report._json_default) + "\n")
         plot(result["rows"], suite, "mean_nfe", args.out_dir / f"pareto-{suite}-nfe.png")
         plot(result["rows"], suite, "tokens_per_s", args.out_dir / f"pareto-{suite}-speed.png")
-    print(text)
+        print(text)
     return result
 
 

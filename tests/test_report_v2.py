@@ -98,11 +98,13 @@ def test_files(smoke):
     for suite in report_v2.SUITES:
         for kind in ("nfe", "speed"):
             assert (out / f"pareto-{suite}-{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "report-v2.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
-    text = (out / "report-v2.md").read_text()
-    assert "## Suite v1: 32-token prompts, 32-token canvas" in text and "## Suite v2: 64-token prompts, 64-token canvas" in text
-    table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert len(table) == len(result["rows"])
+    for suite, canvas in (("v1", "32-token prompts, 32-token canvas"), ("v2", "64-token prompts, 64-token canvas")):
+        rows = [r for r in result["rows"] if r["suite"] == suite]
+        assert json.loads((out / f"report-v2-{suite}.json").read_text())["rows"] == json.loads(json.dumps(rows))
+        text = (out / f"report-v2-{suite}.md").read_text()
+        assert f"## Suite {suite}: {canvas}" in text and "## Suite" not in text.replace(f"## Suite {suite}", "")
+        table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+        assert len(table) == len(rows)
 
 
 def test_a_missing_model_is_not_yet_with_its_command(smoke, tmp_path):
@@ -115,7 +117,8 @@ def test_a_missing_model_is_not_yet_with_its_command(smoke, tmp_path):
     reasons = {r["sweep"]: (r["status"], r["reason"]) for r in result["rows"]}
     assert reasons["d2f"][0] == "not yet" and "tiny-d2f" in reasons["d2f"][1]
     assert reasons["fdv2"][0] == "not yet" and "train_tiny.py tiny-fdv2" in reasons["fdv2"][1]
-    assert "Not run:" in (tmp_path / "out" / "report-v2.md").read_text()
+    assert "Not run:" in (tmp_path / "out" / "report-v2-v2.md").read_text()
+    assert not (tmp_path / "out" / "report-v2-v1.md").exists()  # only the suite that ran
 
 
 def test_bad_arguments_fail_in_one_line():
