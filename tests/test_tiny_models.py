@@ -26,8 +26,11 @@ def test_embedded_models_ship_in_the_package():
         directory = models.path(name)
         assert directory is not None and directory.parent == pathlib.Path(models.__file__).parent
         files = {p.name for p in directory.iterdir()}
-        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "generation_config.json", "train_log.json"} <= files
+        assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "train_log.json"} <= files
+        # one file, or (exported since the export writes a shard per conversion group) an index and its shards
+        if "model.safetensors" not in files:
+            index = json.loads((directory / "model.safetensors.index.json").read_text())
+            assert set(index["weight_map"].values()) <= files
         size = sum(p.stat().st_size for p in directory.iterdir())
         assert size < 8 * 2**20, f"{name} is {size / 2**20:.1f} MiB; the embedded models must stay small"
         log = json.loads((directory / "train_log.json").read_text())
@@ -76,6 +79,15 @@ def test_tiny_ar_decodes_autoregressively():
     first = int(free.tokens[0][0])
     cut = lm.generate([prompt], stop_token_ids=[first])
     assert int(cut.lengths[0]) == 1 and int(cut.nfe[0]) == 1 and int(free.lengths[0]) > 1
+
+
+def test_tiny_ar_v2_solves_suite_v2():
+    """tiny-ar-v2 (98.6% on the 512-problem v2 test split, its train_log) on the first 64 v2 problems."""
+    lm = dlmjax.load("tiny-ar-v2", dtype="float32", progress=False)
+    test = tasks.make_split("test", 64, suite="v2")
+    metrics = train_tiny.evaluate(lm, lm.tokenizer, test, **train_tiny.baseline_kwargs("qwen2", gen_length=64))
+    assert metrics["accuracy"] >= 0.9, metrics
+    assert json.loads((models.path("tiny-ar-v2") / "train_log.json").read_text())["eval"]["suite"] == "v2"
 
 
 def test_cli_defaults_to_tiny_llada(capsys):

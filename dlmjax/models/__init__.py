@@ -2,10 +2,11 @@
 
     tiny-llada   LLaDA architecture, trained with the masked-diffusion loss
     tiny-ar      Qwen2 architecture, trained with the next-token loss (the AR baseline)
+    tiny-ar-v2   tiny-ar's architecture trained on task suite v2 (64-token answers)
 
-Both were trained from scratch on the task suite in experiments/tasks.py (arithmetic word
-problems with a chain of thought, sorting and reversing digits) by
-experiments/train_tiny.py; each directory holds bf16 safetensors in the Hugging Face
+They were trained from scratch on the task suite in experiments/tasks.py (arithmetic word
+problems with a chain of thought, sorting and reversing digits; v2: two-person problems and
+running sums with longer dependent chains) by experiments/train_tiny.py; each directory holds bf16 safetensors in the Hugging Face
 layout, config.json, the tokenizer and train_log.json (command, steps, time, accuracy).
 `dlmjax.load("tiny-llada")` finds them by name, offline.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import pathlib
 
-EMBEDDED = ("tiny-llada", "tiny-ar")
+EMBEDDED = ("tiny-llada", "tiny-ar", "tiny-ar-v2")
 DEFAULT = "tiny-llada"
 
 
