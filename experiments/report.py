@@ -84,10 +84,14 @@ ROWS = [
 BASELINE = "llada-32"
 
 
+def format_settings(settings: dict) -> str:
+    """lm.generate arguments as one would type them."""
+    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:g}" for k, v in settings.items())
+
+
 def settings_text(row: Row) -> str:
     """The lm.generate arguments of a row (gen_length aside), as one would type them."""
-    knobs = dict(method=row.method, **row.knobs)
-    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:g}" for k, v in knobs.items())
+    return format_settings(dict(method=row.method, **row.knobs))
 
 
 def missing_reason(row: Row) -> str | None:
@@ -274,17 +278,23 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def select_rows(names: str | None) -> list[Row]:
+def pick_by_name(names: str | None, items: list, what: str) -> list:
+    """The items (each with a .name) that comma-separated `names` name, in that order; all for None."""
     if not names:
-        return list(ROWS)
-    by_name = {r.name: r for r in ROWS}
+        return list(items)
+    by_name = {item.name: item for item in items}
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
-        raise SystemExit(f"unknown row(s) {', '.join(unknown)}; pick from {', '.join(by_name)}")
-    if BASELINE not in wanted:  # every speedup is relative to it
-        wanted.insert(0, BASELINE)
+        raise SystemExit(f"unknown {what}(s) {', '.join(unknown)}; pick from {', '.join(by_name)}")
     return [by_name[n] for n in wanted]
+
+
+def select_rows(names: str | None) -> list[Row]:
+    rows = pick_by_name(names, ROWS, "row")
+    if names and all(r.name != BASELINE for r in rows):  # every speedup is relative to it
+        rows.insert(0, next(r for r in ROWS if r.name == BASELINE))
+    return rows
 
 
 def main(argv=None) -> dict:

@@ -135,8 +135,7 @@ def resolve(settings: dict, gen_length: int) -> dict:
     return {k: (v(gen_length) if callable(v) else v) for k, v in settings.items()}
 
 
-def settings_text(settings: dict) -> str:
-    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:g}" for k, v in settings.items())
+settings_text = report.format_settings
 
 
 def pareto(points: list[tuple[float, float]], *, lower_x_better: bool) -> list[bool]:
@@ -315,14 +314,7 @@ def plot(rows: list[dict], suite: str, key: str, path: pathlib.Path) -> None:
 
 
 def select(names: str | None) -> list[Sweep]:
-    if not names:
-        return list(SWEEPS)
-    by_name = {s.name: s for s in SWEEPS}
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in by_name]
-    if unknown:
-        raise SystemExit(f"unknown sweep(s) {', '.join(unknown)}; pick from {', '.join(by_name)}")
-    return [by_name[n] for n in wanted]
+    return report.pick_by_name(names, SWEEPS, "sweep")
 
 
 def main(argv=None) -> dict:
