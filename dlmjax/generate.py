@@ -76,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         help="join a multi-host run first (TPU pod or SLURM detected by JAX); automatic when DLMJAX_COORDINATOR, "
         "DLMJAX_NUM_PROCESSES and DLMJAX_PROCESS_ID are set",
     )
-    p.add_argument("--json", action="store_true", help="print tokens, nfe, steps and seconds as JSON")
+    p.add_argument("--json", action="store_true", help="print tokens, nfe, steps, seconds and the trajectory as JSON")
+    p.add_argument("--stream", action="store_true",
+                   help="print the answer as it decodes, a block at a time (diffusion methods)")
+    p.add_argument("--show-trajectory", action="store_true",
+                   help="after the answer, print which forward pass committed each token (one line per pass)")
     return p
 
 
@@ -109,9 +113,29 @@ def _print_memory_estimate(lm, args, prompt) -> None:
     )
 
 
+def _stream(lm, prompt, kwargs: dict, lead: bool):
+    """Print row 0's answer as blocks of it are committed (its ids without a tokenizer); return
+    the whole output."""
+    update, shown = None, 0
+    for update in lm.stream(prompt, **kwargs):
+        if not lead:
+            continue
+        if update.deltas is not None:
+            print(update.deltas[0], end="", flush=True)
+        else:
+            ids = update.tokens[0]
+            print("".join(f" {t}" if i or shown else str(t) for i, t in enumerate(ids[shown:])), end="", flush=True)
+            shown = max(shown, len(ids))
+    if lead:
+        print(flush=True)
+    return update.output
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.stream and args.json:
+            raise DlmjaxError("--stream prints the answer as it decodes and --json prints it once as JSON; drop one of them")
         # Checked before the model loads: nothing is compiled for an input that cannot work.
         if args.gen_length is not None and args.gen_length <= 0:
             raise DlmjaxError(
@@ -160,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         if mesh is not None and lead:
             _print_memory_estimate(lm, args, prompt)
         knobs = {name: getattr(args, name) for name in knob_flags() if getattr(args, name) is not None}
-        out = lm.generate(prompt, method=args.method, chat=args.chat, seed=args.seed, stop_token_ids=args.stop_token_ids,
-                          kernel=args.kernel, **knobs)
+        kwargs = dict(method=args.method, chat=args.chat, seed=args.seed, stop_token_ids=args.stop_token_ids, kernel=args.kernel,
+                      **knobs)
+        if args.stream:
+            out = _stream(lm, prompt, kwargs, lead)
+        else:
+            out = lm.generate(prompt, **kwargs)
     except DlmjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -174,12 +202,19 @@ def main(argv: list[str] | None = None) -> int:
             "text": out.texts[0] if out.texts is not None else None,
             "tokens": out.tokens[0].tolist(), "length": int(out.lengths[0]), "nfe": int(out.nfe[0]), "steps": out.steps,
             "seconds": out.seconds, "compile_seconds": out.compile_seconds,
+            "trajectory": out.trajectory[0].tolist() if out.trajectory is not None else None,
         }))
         return 0
-    if out.texts is not None:
+    if args.stream:
+        pass  # printed as it came
+    elif out.texts is not None:
         print(out.texts[0])
     else:
         print(" ".join(map(str, out.tokens[0].tolist())))
+    if args.show_trajectory:
+        from dlmjax import viz
+
+        print(viz.terminal(out, 0, lm.tokenizer if out.texts is not None else None))
     method = args.method or ("ar" if cfg.is_autoregressive else "llada")
     print(
         f"[{method}] nfe {int(out.nfe[0])} | {produced / max(out.seconds, 1e-9):.1f} tokens/s "

@@ -227,6 +227,14 @@ class LM:
 
         return generate(self, prompts_or_ids, attention_mask, **kwargs)
 
+    def stream(self, prompts_or_ids, attention_mask=None, *, every: str = "block", **kwargs):
+        """Decode as `generate` does, yielding each row's text committed so far as blocks finish
+        (every="block") or after every forward pass (every="step"); the last update (`final`)
+        carries generate's output, with the same tokens. See `dlmjax.decode.stream`."""
+        from dlmjax.decode.stream import stream
+
+        return stream(self, prompts_or_ids, attention_mask, every=every, **kwargs)
+
     # -- export -------------------------------------------------------------------
     def save_pretrained(self, dst: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> pathlib.Path:
         """Export to a Hugging Face directory (safetensors + config + tokenizer) that PyTorch loads."""

@@ -117,6 +117,7 @@ def test_cli(converted, tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert len(data["tokens"]) == 8 and data["nfe"] == 8 and data["steps"] == 8 and data["seconds"] > 0
+    assert sorted(data["trajectory"]) == list(range(1, 9))  # one token per pass, each pass once
     stop = data["tokens"][2]
     result = subprocess.run(run + ["--prompt-ids", "5,6,7", "--json", "--gen-length", "8", "--stop-token-ids", f"{stop}"],
                             capture_output=True, text=True)

@@ -11,6 +11,7 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dlmjax.decode import rules
@@ -148,6 +149,7 @@ def generate(
     prompt_bucket: int = 32,
     stop_token_ids: Sequence[int] | None = None,
     kernel: str | None = None,
+    _emit=None,
 ) -> GenerateOutput:
     """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet",
     "d2f", "fast-dllm-v2"; default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
@@ -166,6 +168,8 @@ def generate(
     use them: "ar" ends a row there, "fast-dllm-v2" stops a row once one has no mask before it,
     "d2f" adds no block after one is committed, and stop_at_eos=True ends a row like
     "fast-dllm-v2" does. Every id must be inside the vocabulary.
+
+    _emit: streaming's callbacks (internal; use `lm.stream`).
 
     kernel: the cached-attention implementation of cached steps: "auto" (the platform's Pallas
     kernel where it runs, else XLA), "xla" or "pallas"; the default is DLMJAX_ATTENTION's value,
@@ -190,7 +194,7 @@ def generate(
         if lm.config.is_autoregressive:
             raise DlmjaxError(f"{lm.config.family} is an autoregressive model, which decodes with method='ar' only")
         method.check()
-        return _generate_diffusion(lm, prompts_or_ids, attention_mask, method, chat, seed, prompt_bucket, stops, kernel)
+        return _generate_diffusion(lm, prompts_or_ids, attention_mask, method, chat, seed, prompt_bucket, stops, kernel, _emit)
     if method is None:
         method = "ar" if lm.config.is_autoregressive else "llada"
     if gen_length is None:  # the canvas the checkpoint was made for (generation_config.json), else 128
@@ -204,7 +208,7 @@ def generate(
             diffusion_only=[name for name, value in knobs.items() if value is not None and name not in ar_knobs],
         )
     m = build_method(method, gen_length=gen_length, **knobs)
-    return _generate_diffusion(lm, prompts_or_ids, attention_mask, m, chat, seed, prompt_bucket, stops, kernel)
+    return _generate_diffusion(lm, prompts_or_ids, attention_mask, m, chat, seed, prompt_bucket, stops, kernel, _emit)
 
 
 KERNELS = ("auto", "xla", "pallas")
@@ -250,7 +254,7 @@ def answer_lengths(tokens: np.ndarray, stops: tuple[int, ...]) -> np.ndarray:
 
 
 def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: bool, seed: int, prompt_bucket: int,
-                        stops: tuple[int, ...], kernel: str = "auto"):
+                        stops: tuple[int, ...], kernel: str = "auto", emit=None):
     """Checks that need the model, then tokenize -> pad -> bucket -> place -> run -> gather -> detokenize."""
     gen_length = m.gen_length
     if m.cache.stores and isinstance(m.rule, rules.Quota) and lm.config.shifted_logits and m.steps_per_block < 2:
@@ -273,12 +277,16 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
     ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id, stops=stops)
     args = (lm.state, Batch(lm.place_batch(ids), lm.place_batch(mask), tokens), m.traced(), jax.random.key(seed))
+    streaming = None
+    if emit is not None:  # (Emit, stream id): the same program with host callbacks (dlmjax.decode.stream)
+        streaming, sid = emit
+        args = (*args, jnp.int32(sid))
 
     def lower():
         with jax.enable_x64(m.gumbel_x64):  # scoped: only LLaDA's exact Gumbel noise is float64
-            return engine.run.lower(lm.graphdef, *args, layout=lm.layout, kernel=kernel).compile()
+            return engine.run.lower(lm.graphdef, *args, layout=lm.layout, kernel=kernel, emit=streaming).compile()
 
-    program = (m.structure(), tokens, ids.shape, kernel)
+    program = (m.structure(), tokens, ids.shape, kernel, streaming)
     result, seconds, compile_seconds = _compile_and_run(lm, program, lower, args)
     out, nfe, trajectory = _gather(lm, result.tokens, result.nfe, result.trajectory)
     steps_run = result.steps

@@ -88,6 +88,8 @@ class Context:
     full_mask: jax.Array  # [B, P + G]
     positions: jax.Array  # [B, P + G]
     attn: object  # the canvas's attention mask
+    emit: object = None  # dlmjax.decode.stream.Emit (static) when the decode streams, else None
+    stream_id: jax.Array | None = None  # the stream's id (traced), routed by emit.hub
 
     @property
     def shifted(self) -> bool:
@@ -204,7 +206,12 @@ def _iteration(ctx: Context, s: State) -> State:
     s = dataclasses.replace(s, sched=sched)
     sample_key, select_key = jax.random.split(jax.random.fold_in(ctx.key, s.steps))
     x0, commit, s = _decide(ctx, s, v, sample_key, select_key)
+    masked_before, done_before = masked, s.done
     s = _write(ctx, s, v, x0, commit)
+    if ctx.emit is not None:
+        from dlmjax.decode.stream import send
+
+        send(ctx.emit, ctx.stream_id, m.block_length, masked_before, done_before, s, ctx.prompt_length, ctx.tokens.mask)
     masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
     s = dataclasses.replace(s, sched=m.blocks.settle(s.sched, masked, s.done, m.rule))
     return s.constrain(ctx.layout)
@@ -230,10 +237,12 @@ class Output:
     steps: jax.Array  # forward passes of the batch
 
 
-def _run(graphdef, state, batch: Batch, method: Method, key, *, layout: Layout | None = None, kernel: str = "auto") -> Output:
+def _run(graphdef, state, batch: Batch, method: Method, key, stream_id=None, *, layout: Layout | None = None,
+         kernel: str = "auto", emit=None) -> Output:
     """Decode `batch` with `method`: arrays in, arrays out, one program. Static: the model's
-    graphdef, the `layout` (None on one device) and the cached-attention implementation `kernel`
-    ("auto", "xla", "pallas"); the method's structure is its pytree structure."""
+    graphdef, the `layout` (None on one device), the cached-attention implementation `kernel`
+    ("auto", "xla", "pallas") and `emit` (streaming's callbacks, `dlmjax.decode.stream`; the
+    stream's id `stream_id` is traced); the method's structure is its pytree structure."""
     prompt, prompt_mask, tokens = batch.prompt, batch.mask, batch.tokens
     model = nnx.merge(graphdef, state)
     cfg = model.config
@@ -243,7 +252,7 @@ def _run(graphdef, state, batch: Batch, method: Method, key, *, layout: Layout |
     positions = position_ids(cfg, full_mask)
     attn = method.blocks.mask(method.attention, positions, full_mask, p)
     ctx = Context(model=model, method=method, tokens=tokens, layout=layout, kernel=kernel, key=key, prompt_length=p,
-                  full_mask=full_mask, positions=positions, attn=attn)
+                  full_mask=full_mask, positions=positions, attn=attn, emit=emit, stream_id=stream_id)
     x = jnp.concatenate([prompt, jnp.full((b, g), tokens.mask, prompt.dtype)], axis=1)
     zeros = jnp.zeros((b, g), jnp.float32)
     cache, nfe = method.cache.prefill(ctx, prompt, method.cache.init(ctx, b), jnp.zeros((b,), jnp.int32))
@@ -260,4 +269,4 @@ def _run(graphdef, state, batch: Batch, method: Method, key, *, layout: Layout |
     return Output(tokens=final.x[:, p:], nfe=final.nfe, trajectory=final.trajectory, steps=final.steps)
 
 
-run = jax.jit(_run, static_argnames=("graphdef", "layout", "kernel"))
+run = jax.jit(_run, static_argnames=("graphdef", "layout", "kernel", "emit"))
