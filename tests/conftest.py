@@ -35,7 +35,8 @@ unrolled_threefry_on_cpu()
 
 # The slowest files first, so that the two xdist workers (one file at a time each) finish together.
 SLOW_FIRST = ("test_sharding.py", "test_decode_cache.py", "test_train.py", "test_tiny_models.py", "test_decode_parity.py",
-              "test_report_v2.py", "test_report.py", "test_serve.py", "test_device_check.py", "test_stream_viz.py",
+              "test_report_v2.py", "test_harness.py", "test_report.py", "test_serve.py", "test_device_check.py",
+              "test_stream_viz.py", "test_notebooks.py",
               "test_decode_confident.py", "test_decode_reference_cache.py")
 
 

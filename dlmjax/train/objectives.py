@@ -196,6 +196,10 @@ def _adapter_off(model):
         lambda path, x: jnp.zeros_like(x) if str(getattr(path[-1], "key", path[-1])) == "lora_b" else jax.lax.stop_gradient(x),
         pure)
     nnx.replace_by_pure_dict(adapters, off)
+    # The base weights pass through a barrier so that the teacher's uses of them are not merged
+    # (CSE) with the student's: under fsdp both all-gather the same frozen weights, and one shared
+    # gather is kept alive from the teacher's layer to the student's, every layer at once.
+    rest = jax.lax.optimization_barrier(rest)
     return nnx.merge(graphdef, adapters, rest)
 
 
