@@ -40,6 +40,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError with the cell and its traceback on any failure
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert images, "the trajectory picture was not drawn"
+    if name == "quickstart.ipynb":
+        assert [o for o in outputs if "image/png" in o.get("data", {})], "the trajectory picture was not drawn"
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "Traceback" not in text
     assert os.environ["SMOKE"] == "1"

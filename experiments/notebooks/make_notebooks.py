@@ -125,7 +125,82 @@ else:
     ]
 
 
-NOTEBOOKS = {"quickstart.ipynb": quickstart}
+def tpu():
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    return [
+        md(badge("tpu.ipynb") + """
+
+# LLaDA-8B and Dream-7B on a TPU (or several GPUs) with a mesh
+
+On a Colab TPU or a TPU VM (`pip install -e ".[tpu]"`), the decode runs sharded over a mesh of the
+chips: parameters by the sharding preset's rules (`single`, `dp`, `fsdp`, `tp`, `fsdp_tp`), the
+batch over the data axes. First the memory each chip needs, from shapes alone, then the models.
+Under SMOKE (CI) the mesh is 8 simulated CPU devices and the model is `tiny-llada`."""),
+        code(INSTALL + """
+if SMOKE:  # 8 simulated devices; must be set before jax starts
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + ' --xla_force_host_platform_device_count=8'"""),
+        code("""import jax
+import dlmjax
+from dlmjax.sharding import ShardingRules, make_mesh
+print(jax.devices())
+n = jax.device_count()
+mesh_text = {8: "data=2,tensor=4", 4: "tensor=4", 1: "data=1"}.get(n, f"data={n}")
+if SMOKE:  # tiny-llada's 5 heads do not split over tensor=4: its embedding does over fsdp
+    mesh_text = "data=2,fsdp=4"
+print("mesh:", mesh_text)"""),
+        md("""## Memory first
+
+`dlmjax.memory.decode_memory` sizes a decode per device from the model's config, before any weight
+is downloaded: parameters as the preset shards them, the KV cache, the loop state and the largest
+activations of a step."""),
+        code("""import json, pathlib
+from dlmjax.config import from_hf_config
+from dlmjax.memory import decode_memory
+
+def hf_config(repo, local):
+    for path in [pathlib.Path(f"../configs/{local}/config.json"), pathlib.Path(f"experiments/configs/{local}/config.json")]:
+        if path.is_file():
+            return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download  # online: the config only (a few KB)
+    return json.loads(pathlib.Path(hf_hub_download(repo, "config.json")).read_text())
+
+mesh = make_mesh(mesh_text)
+for repo, local in [("GSAI-ML/LLaDA-8B-Instruct", "llada-8b"), ("Dream-org/Dream-v0-Instruct-7B", "dream-7b")]:
+    try:
+        cfg = from_hf_config(hf_config(repo, local))
+    except Exception as e:  # offline outside the repository
+        print(f"{repo}: no config ({type(e).__name__}); skipped")
+        continue
+    for preset in ("fsdp", "tp", "fsdp_tp"):
+        est = decode_memory(cfg, dtype="bfloat16", batch=8, prompt_length=256, gen_length=256, block_length=32,
+                            cache="dual", mesh=mesh, rules=ShardingRules.preset(preset), platform="tpu")
+        print(f"{repo:32s} {preset:8s} parameters {est.parameters / 2**30:5.2f} GiB  cache {est.cache / 2**30:5.2f} GiB  "
+              f"peak {est.total / 2**30:5.2f} GiB per device")"""),
+        md("""## Decode on the mesh
+
+The same `lm.generate` as on one device: the model loads onto the mesh (each chip reads only its
+shards), the whole decode is still one program, and the tokens equal one device's."""),
+        code("""name = "tiny-llada" if SMOKE else "GSAI-ML/LLaDA-8B-Instruct"
+lm = dlmjax.load(name, mesh=mesh, rules=ShardingRules.preset("fsdp_tp"))
+prompts = ["Sort: 7 3 9 1 4 2"] * 4 if SMOKE else ["What is the capital of France? Answer in one word."] * 4
+kw = dict(chat=True, method="fast-dllm", threshold=0.9, cache="dual", block_length=16 if SMOKE else 32,
+          gen_length=32 if SMOKE else 256)
+out = lm.generate(prompts, **kw)
+print(out.texts[0], "| nfe", out.nfe.tolist(), f"| {out.seconds:.2f} s")
+if SMOKE:  # the sharded decode equals one device's
+    one = dlmjax.load(name).generate(prompts, **kw)
+    assert (one.tokens == out.tokens).all()"""),
+        code("""if SMOKE:
+    print("Dream-7B: skipped under SMOKE (CI is offline)")
+else:
+    dream = dlmjax.load("Dream-org/Dream-v0-Instruct-7B", mesh=mesh, rules=ShardingRules.preset("fsdp_tp"))
+    out = dream.generate(["Write a haiku about TPUs."], chat=True, method="dream", gen_length=128, steps=128,
+                         alg="entropy", temperature=0.2, top_p=0.95)
+    print(out.texts[0])"""),
+    ]
+
+
+NOTEBOOKS = {"quickstart.ipynb": quickstart, "tpu.ipynb": tpu}
 
 
 def build(name: str) -> str:
