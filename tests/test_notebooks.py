@@ -35,6 +35,7 @@ def test_committed_notebooks_are_the_generated_ones():
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("SMOKE", "1")
+    monkeypatch.setenv("DLMJAX_REPO_DIR", str(HERE.parents[1]))  # the checkout under test (distill reads its task suite)
     nb = nbformat.read(HERE / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError with the cell and its traceback on any failure

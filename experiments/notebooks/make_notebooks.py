@@ -215,12 +215,15 @@ steps take minutes; the recipe at full length is `experiments/configs/tiny-d2f.y
 two steps, eight problems."""),
         code(INSTALL + """
 import pathlib, subprocess
-if not pathlib.Path("experiments/tasks.py").is_file() and pathlib.Path("../tasks.py").is_file():
-    os.chdir("../..")  # run from the repository's root (the notebook's folder is experiments/notebooks)
-if not pathlib.Path("experiments/tasks.py").is_file():  # Colab: the task suite lives in the repository
+# the task suite lives in the repository: a checkout named by DLMJAX_REPO_DIR, the one this notebook
+# sits in, or (Colab) a fresh clone
+roots = [os.environ.get("DLMJAX_REPO_DIR", ""), ".", "../.."]
+root = next((pathlib.Path(r) for r in roots if r and (pathlib.Path(r) / "experiments" / "tasks.py").is_file()), None)
+if root is None:
     repo = os.environ.get("DLMJAX_REPO", "dlmjax/dlmjax")
     subprocess.run(["git", "clone", "-q", "--depth", "1", f"https://github.com/{repo}.git", "dlmjax-repo"], check=True)
-    os.chdir("dlmjax-repo")"""),
+    root = pathlib.Path("dlmjax-repo")
+os.chdir(root)"""),
         code("""import json, sys, tempfile
 sys.path.insert(0, "experiments")
 import tasks  # the task suite the tiny models were trained on
