@@ -162,7 +162,10 @@ class DlmjaxLM(_HarnessLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from dlmjax.tokenizer import check_vocabulary
 
+        from tqdm.auto import tqdm
+
         out: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="dlmjax generate_until", disable=disable_tqdm)
         groups: dict[str, list[int]] = collections.defaultdict(list)
         for i, r in enumerate(requests):
             groups[repr(sorted((r.args[1] or {}).items(), key=str))].append(i)
@@ -181,6 +184,8 @@ class DlmjaxLM(_HarnessLM):
                     cut = min((text.find(u) for u in until if u and u in text), default=-1)
                     out[i] = text[:cut] if cut >= 0 else text
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+                bar.update(len(chunk))
+        bar.close()
         if self.stats["rows"]:
             log.info("dlmjax: %d rows, mean NFE %.2f, %.1f tokens/s", self.stats["rows"], self.stats["nfe"] / self.stats["rows"],
                      self.stats["tokens"] / max(self.stats["seconds"], 1e-9))
@@ -205,11 +210,15 @@ class DlmjaxLM(_HarnessLM):
         for (ctx, cont), r in zip(pairs, requests):
             if not cont:
                 raise DlmjaxError(f"the continuation {r.args[1]!r} encodes to no tokens; a likelihood needs at least one")
+        from tqdm.auto import tqdm
+
         if self.lm.config.is_autoregressive:
             results = self._ar_likelihood(pairs)
         else:
             greedy = self._greedy(pairs)
-            results = [(self._mc_likelihood(i, ctx, cont), g) for i, ((ctx, cont), g) in enumerate(zip(pairs, greedy))]
+            results = [(self._mc_likelihood(i, ctx, cont), g)
+                       for i, ((ctx, cont), g) in enumerate(tqdm(list(zip(pairs, greedy)), desc="dlmjax loglikelihood",
+                                                                 disable=disable_tqdm))]
         for r, res in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", r.args, res)
         return results

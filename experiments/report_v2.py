@@ -175,7 +175,9 @@ def run_sweep(sweep: Sweep, lm, examples: list, *, suite: str, gen_length: int, 
     """One result per point of the sweep ("ok" with the metrics, or "not yet" / "error" with a reason)."""
     points = sweep.points if not smoke or len(sweep.points) <= 2 else (sweep.points[0], sweep.points[-1])
     out = []
-    for point in points:
+    from tqdm.auto import tqdm
+
+    for point in tqdm(points, desc=f"{suite} {sweep.name}", unit="point", leave=False, disable=isinstance(lm, str)):
         knobs = resolve({**sweep.fixed, **point}, gen_length)
         result = dict(suite=suite, sweep=sweep.name, label=sweep.label, model=sweep.model, method=sweep.method,
                       knob=sweep.knob, point=resolve(point, gen_length), knobs=knobs,
