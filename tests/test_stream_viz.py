@@ -176,3 +176,19 @@ def test_cli_stream_and_show_trajectory(lm):
     assert lines[1:] == viz.terminal(want, tokenizer=lm.tokenizer).splitlines()
     bad = subprocess.run(base + ["--stream", "--json"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --stream") and "Traceback" not in bad.stderr
+
+
+def test_stream_autoregressive_model():
+    """tiny-ar streams too: a callback every 16 tokens (or when a row stops), or every token; the
+    tokens equal lm.generate's and the texts grow by their deltas."""
+    ar = dlmjax.load("tiny-ar", progress=False)
+    want = ar.generate(PROMPTS, chat=True)
+    updates = list(ar.stream(PROMPTS, chat=True))
+    np.testing.assert_array_equal(updates[-1].output.tokens, want.tokens)
+    for row in range(len(PROMPTS)):
+        assert "".join(u.deltas[row] for u in updates) == want.texts[row]
+        for u in updates:
+            assert u.tokens[row] == [int(t) for t in want.tokens[row][: len(u.tokens[row])]]
+    steps = list(ar.stream(PROMPTS, chat=True, every="step"))
+    assert [u.step for u in steps[:-1]] == list(range(2, want.steps + 1))  # after each model call past the prefill
+    assert [len(u.tokens[0]) for u in steps[:-1]] == sorted(len(u.tokens[0]) for u in steps[:-1])

@@ -205,7 +205,7 @@ def generate(
         return generate_ar(
             lm, prompts_or_ids, attention_mask, method=method, gen_length=gen_length, temperature=temperature,
             top_p=top_p, top_k=top_k, chat=chat, seed=seed, prompt_bucket=prompt_bucket, stops=stops, kernel=kernel,
-            diffusion_only=[name for name, value in knobs.items() if value is not None and name not in ar_knobs],
+            diffusion_only=[name for name, value in knobs.items() if value is not None and name not in ar_knobs], emit=_emit,
         )
     m = build_method(method, gen_length=gen_length, **knobs)
     return _generate_diffusion(lm, prompts_or_ids, attention_mask, m, chat, seed, prompt_bucket, stops, kernel, _emit)
@@ -300,7 +300,7 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
 
 def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: int, temperature: float, top_p, top_k,
                 chat: bool, seed: int, prompt_bucket: int, stops: tuple[int, ...] | None = None, kernel: str = "auto",
-                diffusion_only: Sequence[str] = ()) -> GenerateOutput:
+                diffusion_only: Sequence[str] = (), emit=None) -> GenerateOutput:
     """Token-by-token decoding of an autoregressive model (`dlmjax.decode.ar`); checks first, then one program."""
     cfg = lm.config
     if not cfg.is_autoregressive:
@@ -332,11 +332,17 @@ def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: 
     tokens = ARTokens(stops=stops, pad=pad)
     knobs = ARKnobs.make(temperature, top_k, top_p, cfg.vocab_size)
     args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), knobs, jax.random.key(seed))
+    streaming = None
+    if emit is not None:  # (Emit, stream id): host callbacks as tokens come (dlmjax.decode.stream)
+        streaming, sid = emit
+        args = (*args, jnp.int32(sid))
 
     def lower():
-        return decode_ar.lower(lm.graphdef, *args, method=m, tokens=tokens, layout=lm.layout, kernel=kernel).compile()
+        return decode_ar.lower(lm.graphdef, *args, method=m, tokens=tokens, layout=lm.layout, kernel=kernel,
+                               emit_spec=streaming).compile()
 
-    (out, steps_run, lengths), seconds, compile_seconds = _compile_and_run(lm, (m, tokens, ids.shape, kernel), lower, args)
+    (out, steps_run, lengths), seconds, compile_seconds = _compile_and_run(lm, (m, tokens, ids.shape, kernel, streaming),
+                                                                           lower, args)
     out, lengths = _gather(lm, out, lengths)
     texts = _texts(lm, out, lengths)
     # A row takes part in one model call per token it produces (the prefill gives the first).

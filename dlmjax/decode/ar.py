@@ -109,10 +109,15 @@ class ARState:
         )
 
 
-def _decode_ar(graphdef, state, prompt, prompt_mask, knobs: ARKnobs, key, *, method: ARMethod, tokens: ARTokens,
-               layout: Layout | None = None, kernel: str = "auto"):
+AR_BLOCK = 16  # with streaming every="block", an AR decode calls back every this many tokens
+
+
+def _decode_ar(graphdef, state, prompt, prompt_mask, knobs: ARKnobs, key, stream_id=None, *, method: ARMethod,
+               tokens: ARTokens, layout: Layout | None = None, kernel: str = "auto", emit_spec=None):
     """Returns tokens [B, G], nfe (scalar: model calls, the prefill included) and lengths [B].
-    `kernel` (static) is the cached-attention implementation ("auto", "xla", "pallas")."""
+    `kernel` (static) is the cached-attention implementation ("auto", "xla", "pallas"); `emit_spec`
+    (static, `dlmjax.decode.stream.Emit`) streams: a host callback every AR_BLOCK tokens
+    (every="block"; or when a row stops) or every token (every="step")."""
     model = nnx.merge(graphdef, state)
     cfg = model.config
     b, p = prompt.shape
@@ -157,10 +162,16 @@ def _decode_ar(graphdef, state, prompt, prompt_mask, knobs: ARKnobs, key, *, met
         mask = mask_spec("causal", key_valid, query_index=(p + j - 1)[None], key_index=jnp.arange(slots))
         logits, cache = model(last, (real + j - 1)[:, None], mask, cache=s.cache, cache_index=p + j - 1, layout=layout,
                               kernel=kernel)
-        return emit(dataclasses.replace(s, cache=cache), logits[:, -1], j).constrain(layout)
+        out = emit(dataclasses.replace(s, cache=cache), logits[:, -1], j).constrain(layout)
+        if streaming is not None:
+            from dlmjax.decode.stream import send_ar
 
+            send_ar(streaming, stream_id, out, s.done, AR_BLOCK)
+        return out
+
+    streaming = emit_spec
     final = jax.lax.while_loop(cond, body, init)
     return final.tokens, final.step, final.lengths
 
 
-decode_ar = jax.jit(_decode_ar, static_argnames=("graphdef", "method", "tokens", "layout", "kernel"))
+decode_ar = jax.jit(_decode_ar, static_argnames=("graphdef", "method", "tokens", "layout", "kernel", "emit_spec"))

@@ -15,9 +15,10 @@ one (`final=True`) with the whole output.
 
 What a row "has committed so far" is the contiguous run of committed positions from the start of
 its canvas (a token after a still-masked position is not shown yet), cut after the first stop token.
-Streaming covers the diffusion methods (an autoregressive model's "ar" decode is refused in one
-line: not built yet). Under a mesh spanning several processes it is refused too (the callback
-would run on one process only): use `lm.generate` there.
+An autoregressive model's "ar" decode streams too: a callback every AR_BLOCK (16) tokens with
+every="block" (and when a row stops), every token with every="step". Under a mesh spanning
+several processes streaming is refused (the callback would run on one process only): use
+`lm.generate` there.
 """
 
 from __future__ import annotations
@@ -106,6 +107,21 @@ def send(emit: Emit, stream_id, block_length: int, masked_before, done_before, s
     jax.lax.cond(now, call, lambda: None)
 
 
+def send_ar(emit: Emit, stream_id, s, done_before, block: int) -> None:
+    """In an AR decode's loop body: call back every `block` tokens (or when a row stops), or every
+    token; the tokens not produced yet read as -1 (the host's mask)."""
+    g = s.tokens.shape[1]
+    now = jnp.bool_(True) if emit.every == "step" else (s.step % block == 0) | jnp.any(s.done & ~done_before)
+    position = jnp.arange(g)[None]
+    x_gen = jnp.where(position < s.lengths[:, None], s.tokens, -1)
+    trajectory = jnp.where(position < s.lengths[:, None], position + 1, 0).astype(jnp.int32)
+
+    def call():
+        io_callback(emit.hub.deliver, None, stream_id, s.step, x_gen, trajectory, s.lengths, s.done, ordered=False)
+
+    jax.lax.cond(now, call, lambda: None)
+
+
 @dataclasses.dataclass
 class Update:
     """One streamed update of a batch.
@@ -162,8 +178,6 @@ def stream(lm, prompts_or_ids, attention_mask=None, *, every: str = "block", **k
     `next()`, before anything compiles."""
     if every not in EVERY:
         raise DlmjaxError(f"every='{every}' is not a streaming cadence; use 'block' (as blocks finish) or 'step' (every forward pass)")
-    if lm.config.is_autoregressive or kwargs.get("method") == "ar":
-        raise DlmjaxError("streaming covers the diffusion methods; decode an autoregressive model with lm.generate")
     if jax.process_count() > 1 and lm.mesh is not None:
         raise DlmjaxError("streaming runs on one process; under a multi-host mesh use lm.generate")
     from dlmjax.decode.api import decode_text, generate
@@ -222,7 +236,8 @@ def stream(lm, prompts_or_ids, attention_mask=None, *, every: str = "block", **k
 def _meta(lm, kwargs) -> dict:
     from dlmjax.decode.api import resolve_stops
 
-    return dict(mask=lm.config.mask_token_id, stops=resolve_stops(lm.config, kwargs.get("stop_token_ids")),
+    mask = -1 if lm.config.is_autoregressive else lm.config.mask_token_id  # AR: tokens not produced yet read -1
+    return dict(mask=mask, stops=resolve_stops(lm.config, kwargs.get("stop_token_ids")),
                 text=lm.directory is not None and (lm.directory / "hf").is_dir())
 
 
