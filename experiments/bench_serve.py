@@ -5,7 +5,7 @@
 
 Starts `python -m dlmjax.serve` on a free loopback port (default flags: --method fast-dllm
 --threshold 0.9 --block-length 8 --batch-wait-ms 20), warms it up (each batch shape compiles once:
-a warm-up round at every concurrency, not timed), then for each concurrency C runs C client threads
+two untimed rounds at every concurrency), then for each concurrency C runs C client threads
 (the official `openai` client, chat completions of task-suite prompts), each sending `--requests`
 requests one after the other, half of the clients streaming. Reported per C: requests/s, answer
 tokens/s (completion tokens, stop included, over the wall time of the round), mean and p90 latency,
@@ -113,7 +113,8 @@ def main(argv=None) -> None:
         client = OpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
         rows = []
         for c in args.concurrency:
-            round_of(client, args.model, c, 2, seed=99)  # warm-up: compiles the batch shapes this concurrency makes
+            for _ in range(2):  # warm-up: compiles the batch shapes (size, streaming or not) this concurrency makes
+                round_of(client, args.model, c, args.requests, seed=99)
             row = round_of(client, args.model, c, args.requests, seed=c)
             rows.append(row)
             print(json.dumps(row), flush=True)
