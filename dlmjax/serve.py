@@ -15,7 +15,8 @@ multiple of the block length (32 unless the request names one), the answer cut a
 tokens. `temperature` and `top_p` go to the method where it has them (OpenAI's defaults are not
 sent by the client; absent, the method's own apply); `seed` seeds the decode; `stop` strings cut
 the text after decoding (the decode itself stops at the model's stop tokens). `n` > 1, `logprobs`,
-`echo`, penalties and tools are refused with a 400 naming the field.
+`echo`, penalties and tools are refused with a 400 naming the field; malformed JSON is a 400, an
+unknown model a 404, a prompt over the context a 413, and a full queue (`--max-queue`) a 429.
 
 `stream=true` answers with server-sent events, one chunk per completed block of the answer
 (`lm.stream`), then `data: [DONE]`. Responses carry `"dlmjax": {"nfe", "passes", "batch"}` besides
@@ -51,6 +52,14 @@ REFUSED = {  # OpenAI fields a diffusion decode cannot honour: refused unless le
 }
 
 
+class TooLong(DlmjaxError):
+    """A prompt that leaves no room for the canvas (HTTP 413)."""
+
+
+class Busy(DlmjaxError):
+    """The queue is full (HTTP 429)."""
+
+
 @dataclasses.dataclass
 class Job:
     """One request: its prompt ids, its decode settings and where its results go."""
@@ -70,8 +79,8 @@ class Job:
 class Batcher:
     """The queue and the worker thread that decodes compatible requests together."""
 
-    def __init__(self, lm, *, max_batch: int = 32, wait_s: float = 0.005):
-        self.lm, self.max_batch, self.wait_s = lm, max_batch, wait_s
+    def __init__(self, lm, *, max_batch: int = 32, wait_s: float = 0.005, max_queue: int = 1024):
+        self.lm, self.max_batch, self.wait_s, self.max_queue = lm, max_batch, wait_s, max_queue
         self._jobs: list[Job] = []
         self._cv = threading.Condition()
         self._stop = False
@@ -81,6 +90,8 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         with self._cv:
+            if len(self._jobs) >= self.max_queue:
+                raise Busy(f"{len(self._jobs)} requests are waiting (--max-queue {self.max_queue}); retry shortly")
             self._jobs.append(job)
             self._cv.notify_all()
 
@@ -184,17 +195,26 @@ def _apply_stop(text: str, stop) -> tuple[str, bool]:
 class Server:
     """The request handling behind the app: checks, settings, and the batcher."""
 
-    def __init__(self, lm, *, name: str, defaults: dict, max_batch: int, wait_s: float):
+    def __init__(self, lm, *, name: str, defaults: dict, max_batch: int, wait_s: float, max_queue: int = 1024):
         from dlmjax.generate import knob_flags
 
         self.lm, self.name, self.defaults = lm, name, dict(defaults)
         self.knobs = set(knob_flags()) | {"method"}
-        self.batcher = Batcher(lm, max_batch=max_batch, wait_s=wait_s)
+        self.batcher = Batcher(lm, max_batch=max_batch, wait_s=wait_s, max_queue=max_queue)
         self.created = int(time.time())
 
     def settings(self, body: dict, *, chat: bool) -> tuple[list[int], dict, int | None]:
-        """(prompt ids, lm.generate settings, max_tokens) of a request; DlmjaxError if it cannot work."""
-        from dlmjax.decode.api import _prompts_that_fit, build_method
+        """(prompt ids, lm.generate settings, max_tokens) of a request; DlmjaxError if it cannot work
+        (TooLong for a prompt over the context)."""
+        from dlmjax.decode.api import _prompts_that_fit as fits, build_method
+
+        def _prompts_that_fit(*args):
+            try:
+                return fits(*args)
+            except DlmjaxError as e:
+                if "exceeds the model's" in str(e):
+                    raise TooLong(str(e)) from None
+                raise
 
         unknown = sorted(k for k in body if k not in OPENAI_FIELDS and k not in self.knobs and k not in REFUSED)
         if unknown:
@@ -272,7 +292,8 @@ def _chunk(kind: str, rid: str, created: int, model: str, text: str | None, fini
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
-def build_app(lm, *, name: str, defaults: dict | None = None, max_batch: int = 32, wait_s: float = 0.005):
+def build_app(lm, *, name: str, defaults: dict | None = None, max_batch: int = 32, wait_s: float = 0.005,
+              max_queue: int = 1024):
     """The FastAPI app serving `lm` under the model name `name` (FastAPI and uvicorn: the `serve` extra)."""
     try:
         from fastapi import FastAPI, Request
@@ -281,7 +302,7 @@ def build_app(lm, *, name: str, defaults: dict | None = None, max_batch: int = 3
         raise DlmjaxError('the server needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
     import contextlib
 
-    server = Server(lm, name=name, defaults=defaults or {}, max_batch=max_batch, wait_s=wait_s)
+    server = Server(lm, name=name, defaults=defaults or {}, max_batch=max_batch, wait_s=wait_s, max_queue=max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -309,6 +330,10 @@ def build_app(lm, *, name: str, defaults: dict | None = None, max_batch: int = 3
             return error(f"model {body.get('model')!r} is not served here; this server serves {name!r}", 404, "not_found")
         try:
             job = await server.run(body, chat=kind == "chat")
+        except TooLong as e:
+            return error(str(e), 413)
+        except Busy as e:
+            return error(str(e), 429, "rate_limit_error")
         except DlmjaxError as e:
             return error(str(e))
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -395,6 +420,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32, help="the most requests decoded together")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests that may wait; more get HTTP 429")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long the oldest waiting request waits for others to share its batch")
     return p
@@ -407,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_batch < 1:
             raise DlmjaxError(f"--max-batch {args.max_batch} must be at least 1")
+        if args.max_queue < 0:
+            raise DlmjaxError(f"--max-queue {args.max_queue} must not be negative")
         if args.batch_wait_ms < 0:
             raise DlmjaxError(f"--batch-wait-ms {args.batch_wait_ms} must not be negative")
         try:
@@ -420,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.method:
             defaults["method"] = args.method
         app = build_app(lm, name=args.name or args.model, defaults=defaults, max_batch=args.max_batch,
-                        wait_s=args.batch_wait_ms / 1e3)
+                        wait_s=args.batch_wait_ms / 1e3, max_queue=args.max_queue)
         if not lm.config.is_autoregressive:  # the defaults must make a method: checked before serving
             app.state.server.settings({"prompt": [0]}, chat=False)
     except DlmjaxError as e:

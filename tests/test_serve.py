@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -162,3 +163,32 @@ def test_server_flags_are_checked_before_serving():
     last = run.stderr.strip().splitlines()[-1]  # after the model's load (a progress bar on a first conversion)
     assert run.returncode == 2 and last.startswith("error: threshold does not apply to method 'llada'")
     assert "Traceback" not in run.stderr and run.stderr.count("error: ") == 1
+
+
+def test_http_statuses_malformed_json_and_prompt_over_the_context(server, client):
+    """Malformed JSON is a 400, a prompt longer than the model's positions a 413, each a JSON error;
+    the server answers the next request."""
+    request = urllib.request.Request(server[0] + "/chat/completions", data=b"{not json", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=60)
+    assert e.value.code == 400 and json.loads(e.value.read())["error"]["message"] == "the request body is not JSON"
+    long = "Sort: " + " ".join(["7"] * 600)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="tiny-llada", messages=[{"role": "user", "content": long}])
+    assert e.value.status_code == 413 and "exceeds the model's" in e.value.body["message"]
+    ok = client.chat.completions.create(model="tiny-llada", messages=[{"role": "user", "content": "Sort: 3 1 2"}])
+    assert ok.choices[0].message.content
+
+
+def test_a_full_queue_is_a_429(lm):
+    """With --max-queue 0 every request is refused with 429 and a JSON error (in-process app)."""
+    from fastapi.testclient import TestClient
+
+    from dlmjax.serve import build_app
+
+    app = build_app(lm, name="tiny-llada", defaults=KNOBS, max_queue=0)
+    with TestClient(app) as http:
+        r = http.post("/v1/chat/completions", json={"model": "tiny-llada", "messages": [{"role": "user", "content": "Sort: 3 1 2"}]})
+        assert r.status_code == 429 and "--max-queue 0" in r.json()["error"]["message"]
+        assert http.get("/v1/models").status_code == 200

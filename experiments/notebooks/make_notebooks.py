@@ -180,8 +180,12 @@ for repo, local in [("GSAI-ML/LLaDA-8B-Instruct", "llada-8b"), ("Dream-org/Dream
 
 The same `lm.generate` as on one device: the model loads onto the mesh (each chip reads only its
 shards), the whole decode is still one program, and the tokens equal one device's."""),
-        code("""name = "tiny-llada" if SMOKE else "GSAI-ML/LLaDA-8B-Instruct"
-lm = dlmjax.load(name, mesh=mesh, rules=ShardingRules.preset("fsdp_tp"))
+        code("""from dlmjax.errors import DlmjaxError
+name = "tiny-llada" if SMOKE else "GSAI-ML/LLaDA-8B-Instruct"
+try:
+    lm = dlmjax.load(name, mesh=mesh, rules=ShardingRules.preset("fsdp_tp"))
+except DlmjaxError as e:  # offline or too small a machine: what to download or change, no traceback
+    raise SystemExit(f"{name}: {e}")
 prompts = ["Sort: 7 3 9 1 4 2"] * 4 if SMOKE else ["What is the capital of France? Answer in one word."] * 4
 kw = dict(chat=True, method="fast-dllm", threshold=0.9, cache="dual", block_length=16 if SMOKE else 32,
           gen_length=32 if SMOKE else 256)
@@ -193,7 +197,10 @@ if SMOKE:  # the sharded decode equals one device's
         code("""if SMOKE:
     print("Dream-7B: skipped under SMOKE (CI is offline)")
 else:
-    dream = dlmjax.load("Dream-org/Dream-v0-Instruct-7B", mesh=mesh, rules=ShardingRules.preset("fsdp_tp"))
+    try:
+        dream = dlmjax.load("Dream-org/Dream-v0-Instruct-7B", mesh=mesh, rules=ShardingRules.preset("fsdp_tp"))
+    except DlmjaxError as e:
+        raise SystemExit(f"Dream-7B: {e}")
     out = dream.generate(["Write a haiku about TPUs."], chat=True, method="dream", gen_length=128, steps=128,
                          alg="entropy", temperature=0.2, top_p=0.95)
     print(out.texts[0])"""),
@@ -221,7 +228,11 @@ roots = [os.environ.get("DLMJAX_REPO_DIR", ""), ".", "../.."]
 root = next((pathlib.Path(r) for r in roots if r and (pathlib.Path(r) / "experiments" / "tasks.py").is_file()), None)
 if root is None:
     repo = os.environ.get("DLMJAX_REPO", "dlmjax/dlmjax")
-    subprocess.run(["git", "clone", "-q", "--depth", "1", f"https://github.com/{repo}.git", "dlmjax-repo"], check=True)
+    clone = subprocess.run(["git", "clone", "-q", "--depth", "1", f"https://github.com/{repo}.git", "dlmjax-repo"],
+                           capture_output=True, text=True)
+    if clone.returncode:  # offline: say what to fetch, no traceback
+        raise SystemExit(f"this notebook needs the dlmjax repository's task suite: clone https://github.com/{repo} "
+                         "and set DLMJAX_REPO_DIR to it (git said: " + clone.stderr.strip().splitlines()[-1] + ")")
     root = pathlib.Path("dlmjax-repo")
 os.chdir(root)"""),
         code("""import json, sys, tempfile
