@@ -7,3 +7,7 @@ without a traceback.
 
 class DlmjaxError(ValueError):
     """Bad input or an unusable checkpoint; the message says what to do."""
+
+
+class PromptTooLong(DlmjaxError):
+    """A prompt that leaves no room for the requested generation (the server answers HTTP 413)."""

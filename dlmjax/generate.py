@@ -37,6 +37,16 @@ def knob_flags() -> dict[str, tuple[type, tuple | None, str]]:
     return flags
 
 
+def add_knob_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per decode knob (`knob_flags`), unset by default: the CLI's and the server's."""
+    for name, (kind, choices, help) in knob_flags().items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help)
+        else:
+            parser.add_argument(flag, type=kind, choices=choices, help=help)
+
+
 def _ids(text: str) -> list[int]:
     """'151643,151645' -> [151643, 151645] (argparse type: a bad list is a one-line usage error)."""
     try:
@@ -57,12 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--method", help=f"preset: {', '.join(PRESETS)} (default llada), or ar for autoregressive models (their default)")
-    for name, (kind, choices, help) in knob_flags().items():
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action="store_true", default=None, help=help)
-        else:
-            p.add_argument(flag, type=kind, choices=choices, help=help)
+    add_knob_flags(p)
     p.add_argument("--stop-token-ids", type=_ids, metavar="IDS",
                    help="comma-separated ids that end the answer (default: the model's EOS and end-of-turn)")
     p.add_argument("--kernel", choices=("auto", "xla", "pallas"),

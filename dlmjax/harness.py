@@ -39,7 +39,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dlmjax.errors import DlmjaxError
 
@@ -68,26 +67,21 @@ def llada_noise(rng: np.random.Generator, seq_len: int, prompt_len: int, b: int,
     return noisy, x / target
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "shifted", "guided"))
-def _mc_rows(graphdef, state, seq, noisy, mask, p, prompt_len, cfg_scale, *, shifted: bool, guided: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mask_id", "shifted", "guided"))
+def _mc_rows(graphdef, state, seq, noisy, mask, p, prompt_len, cfg_scale, *, mask_id: int, shifted: bool, guided: bool):
     """Per row, sum over masked positions of CE / p (LLaDA's estimator), on the device."""
-    from dlmjax.attention import attention_mask
-    from dlmjax.model import position_ids
+    from dlmjax.lm import _forward_logits
 
-    model = nnx.merge(graphdef, state)
-    positions = position_ids(model.config, mask)
-    attn = attention_mask("bidirectional", mask)
-    logits, _ = model(noisy, positions, attn)
+    logits = _forward_logits(graphdef, state, noisy, mask, 0, "bidirectional", None)
     if guided:
         in_prompt = jnp.arange(noisy.shape[1])[None] < prompt_len
-        un = jnp.where(in_prompt, model.config.mask_token_id, noisy)
-        un_logits, _ = model(un, positions, attn)
+        un_logits = _forward_logits(graphdef, state, jnp.where(in_prompt, mask_id, noisy), mask, 0, "bidirectional", None)
         logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
     if shifted:
         logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(logp, seq[..., None], axis=-1)[..., 0]
-    masked = (noisy == model.config.mask_token_id) & (mask > 0)
+    masked = (noisy == mask_id) & (mask > 0)
     return jnp.sum(jnp.where(masked, ce / p[:, None], 0.0), axis=1)
 
 
@@ -95,11 +89,9 @@ def _mc_rows(graphdef, state, seq, noisy, mask, p, prompt_len, cfg_scale, *, shi
 def _ar_rows(graphdef, state, seq, mask, cont):
     """Per row, the causal log-probability of the continuation (cont marks its positions) and
     whether greedy decoding would produce it."""
-    from dlmjax.attention import attention_mask
-    from dlmjax.model import position_ids
+    from dlmjax.lm import _forward_logits
 
-    model = nnx.merge(graphdef, state)
-    logits, _ = model(seq, position_ids(model.config, mask), attention_mask("causal", mask))
+    logits = _forward_logits(graphdef, state, seq, mask, 0, "causal", None)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     target = seq[:, 1:]
     lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
@@ -233,15 +225,14 @@ class DlmjaxLM(_HarnessLM):
         n = len(seq)
         width = _bucket(n)
         rng = np.random.default_rng([self.seed, index])
+        b, pad = self.mc_batch_size, width - n  # right padding, outside attention: the real positions see what they would alone
+        ids = lm.place_batch(np.pad(np.broadcast_to(seq, (b, n)), ((0, 0), (0, pad))).astype(np.int32))
+        mask = lm.place_batch(np.pad(np.ones((b, n), np.int32), ((0, 0), (0, pad))))
         rows = []
-        for _ in range(self.mc_num // self.mc_batch_size):
-            noisy, p = llada_noise(rng, n, len(ctx), self.mc_batch_size, cfg.mask_token_id, seq)
-            pad = width - n  # right padding, outside attention: the real positions see what they would alone
-            ids = np.pad(np.broadcast_to(seq, noisy.shape), ((0, 0), (0, pad)))
-            noisy = np.pad(noisy, ((0, 0), (0, pad)))
-            mask = np.pad(np.ones(noisy.shape[0:1] + (n,), np.int32), ((0, 0), (0, pad)))
-            got = _mc_rows(lm.graphdef, lm.state, lm.place_batch(ids.astype(np.int32)), lm.place_batch(noisy.astype(np.int32)),
-                           lm.place_batch(mask), lm.place_batch(p.astype(np.float32)), len(ctx), self.cfg_scale,
+        for _ in range(self.mc_num // b):
+            noisy, p = llada_noise(rng, n, len(ctx), b, cfg.mask_token_id, seq)
+            got = _mc_rows(lm.graphdef, lm.state, ids, lm.place_batch(np.pad(noisy, ((0, 0), (0, pad))).astype(np.int32)), mask,
+                           lm.place_batch(p.astype(np.float32)), len(ctx), self.cfg_scale, mask_id=cfg.mask_token_id,
                            shifted=bool(cfg.shifted_logits), guided=self.cfg_scale > 0)
             rows.append(np.asarray(jax.device_get(got)))
         return -float(np.mean(np.concatenate(rows)))

@@ -18,7 +18,7 @@ from flax import nnx
 from dlmjax import checkpoint, hub
 from dlmjax.attention import MASK_MODES, attention_mask
 from dlmjax.config import ModelConfig
-from dlmjax.errors import DlmjaxError
+from dlmjax.errors import DlmjaxError, PromptTooLong
 from dlmjax.model import LoRAConfig, Transformer, position_ids
 from dlmjax.sharding import on_model_mesh
 
@@ -158,7 +158,7 @@ class LM:
         if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise DlmjaxError(f"input_ids must be a non-empty integer array [batch, length], got {ids.dtype} {list(ids.shape)}")
         if ids.shape[1] > self.config.max_position_embeddings:
-            raise DlmjaxError(
+            raise PromptTooLong(
                 f"input length {ids.shape[1]} exceeds the model's {self.config.max_position_embeddings} positions; "
                 "shorten the input"
             )

@@ -41,7 +41,7 @@ import time
 import uuid
 from typing import Any
 
-from dlmjax.errors import DlmjaxError
+from dlmjax.errors import DlmjaxError, PromptTooLong
 
 OPENAI_FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
                  "stream", "stream_options", "stop", "n", "user"}
@@ -50,10 +50,6 @@ REFUSED = {  # OpenAI fields a diffusion decode cannot honour: refused unless le
     "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "response_format": (None,),
 }
-
-
-class TooLong(DlmjaxError):
-    """A prompt that leaves no room for the canvas (HTTP 413)."""
 
 
 class Busy(DlmjaxError):
@@ -168,20 +164,16 @@ def _cut(lm, tokens: list[int], max_tokens: int | None) -> str:
 
 
 def _result(lm, out, i: int, job: Job, batch: int) -> dict:
-    from dlmjax.decode.api import decode_text
+    from dlmjax.decode.api import decode_text, resolve_stops
 
     length = int(out.lengths[i])
     tokens = [int(t) for t in out.tokens[i][:length]]
-    stopped = length < out.tokens.shape[1] or (length and tokens[-1] in _stops(lm))
+    stopped = bool(tokens) and tokens[-1] in resolve_stops(lm.config, None)  # lengths end at the first stop
     if job.max_tokens is not None and len(tokens) > job.max_tokens:
         tokens, stopped = tokens[: job.max_tokens], False
     text = decode_text(lm, tokens)
     return dict(text=text, finish_reason="stop" if stopped else "length", completion_tokens=len(tokens),
                 prompt_tokens=len(job.ids), nfe=int(out.nfe[i]), passes=int(out.steps), batch=batch)
-
-
-def _stops(lm) -> set[int]:
-    return {t for t in (lm.config.eos_token_id, lm.config.eot_token_id) if t is not None}
 
 
 def _apply_stop(text: str, stop) -> tuple[str, bool]:
@@ -205,16 +197,8 @@ class Server:
 
     def settings(self, body: dict, *, chat: bool) -> tuple[list[int], dict, int | None]:
         """(prompt ids, lm.generate settings, max_tokens) of a request; DlmjaxError if it cannot work
-        (TooLong for a prompt over the context)."""
-        from dlmjax.decode.api import _prompts_that_fit as fits, build_method
-
-        def _prompts_that_fit(*args):
-            try:
-                return fits(*args)
-            except DlmjaxError as e:
-                if "exceeds the model's" in str(e):
-                    raise TooLong(str(e)) from None
-                raise
+        (PromptTooLong for a prompt over the context)."""
+        from dlmjax.decode.api import _prompts_that_fit, build_method
 
         unknown = sorted(k for k in body if k not in OPENAI_FIELDS and k not in self.knobs and k not in REFUSED)
         if unknown:
@@ -330,7 +314,7 @@ def build_app(lm, *, name: str, defaults: dict | None = None, max_batch: int = 3
             return error(f"model {body.get('model')!r} is not served here; this server serves {name!r}", 404, "not_found")
         try:
             job = await server.run(body, chat=kind == "chat")
-        except TooLong as e:
+        except PromptTooLong as e:
             return error(str(e), 413)
         except Busy as e:
             return error(str(e), 429, "rate_limit_error")
@@ -403,19 +387,14 @@ def _response(kind: str, rid: str, created: int, model: str, result: dict, stop)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dlmjax.generate import knob_flags
+    from dlmjax.generate import add_knob_flags
 
     p = argparse.ArgumentParser(prog="python -m dlmjax.serve", description="An OpenAI-compatible dlmjax server.")
     p.add_argument("--model", default="tiny-llada", help="embedded name, local directory or Hugging Face id")
     p.add_argument("--name", help="the model name clients use (default: --model)")
     p.add_argument("--adapter", help="a LoRA adapter directory or id to load onto the model")
     p.add_argument("--method", help="the default method of requests (default llada, or ar for AR models)")
-    for name, (kind, choices, help) in knob_flags().items():
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action="store_true", default=None, help=help)
-        else:
-            p.add_argument(flag, type=kind, choices=choices, help=help)
+    add_knob_flags(p)
     p.add_argument("--dtype", choices=("bfloat16", "float32"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -20,7 +20,7 @@ from dlmjax.decode import engine
 from dlmjax.decode.engine import Batch, Tokens
 from dlmjax.decode.method import Method
 from dlmjax.decode.presets import PRESETS
-from dlmjax.errors import DlmjaxError
+from dlmjax.errors import DlmjaxError, PromptTooLong
 from dlmjax.sharding import on_model_mesh
 from dlmjax.tokenizer import check_vocabulary
 
@@ -277,10 +277,7 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
     ids, mask = _bucket(ids, mask, max(1, prompt_bucket), limit)
     tokens = Tokens(mask=cfg.mask_token_id, eos=cfg.eos_token_id, eot=cfg.eot_token_id, stops=stops)
     args = (lm.state, Batch(lm.place_batch(ids), lm.place_batch(mask), tokens), m.traced(), jax.random.key(seed))
-    streaming = None
-    if emit is not None:  # (Emit, stream id): the same program with host callbacks (dlmjax.decode.stream)
-        streaming, sid = emit
-        args = (*args, jnp.int32(sid))
+    args, streaming = _with_stream(args, emit)
 
     def lower():
         with jax.enable_x64(m.gumbel_x64):  # scoped: only LLaDA's exact Gumbel noise is float64
@@ -332,10 +329,7 @@ def generate_ar(lm, prompts_or_ids, attention_mask, *, method: str, gen_length: 
     tokens = ARTokens(stops=stops, pad=pad)
     knobs = ARKnobs.make(temperature, top_k, top_p, cfg.vocab_size)
     args = (lm.state, lm.place_batch(ids), lm.place_batch(mask), knobs, jax.random.key(seed))
-    streaming = None
-    if emit is not None:  # (Emit, stream id): host callbacks as tokens come (dlmjax.decode.stream)
-        streaming, sid = emit
-        args = (*args, jnp.int32(sid))
+    args, streaming = _with_stream(args, emit)
 
     def lower():
         return decode_ar.lower(lm.graphdef, *args, method=m, tokens=tokens, layout=lm.layout, kernel=kernel,
@@ -360,11 +354,20 @@ def _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat: bool, gen_length
     ids, mask = _prepare_prompts(lm, prompts_or_ids, attention_mask, chat)
     limit = cfg.max_position_embeddings - gen_length
     if ids.shape[1] > limit:
-        raise DlmjaxError(
+        raise PromptTooLong(
             f"prompt length {ids.shape[1]} plus gen_length {gen_length} exceeds the model's {cfg.max_position_embeddings} "
             "positions; shorten the prompt or gen_length"
         )
     return ids, mask, limit
+
+
+def _with_stream(args: tuple, emit) -> tuple[tuple, object]:
+    """The program's arguments and its static Emit: `emit` is None, or (Emit, stream id) from
+    `dlmjax.decode.stream`, whose id joins the arguments (traced)."""
+    if emit is None:
+        return args, None
+    streaming, sid = emit
+    return (*args, jnp.int32(sid)), streaming
 
 
 def _compile_and_run(lm, program: tuple, lower, args: tuple):

@@ -182,6 +182,7 @@ def stream(lm, prompts_or_ids, attention_mask=None, *, every: str = "block", **k
         raise DlmjaxError("streaming runs on one process; under a multi-host mesh use lm.generate")
     from dlmjax.decode.api import decode_text, generate
 
+    meta = _meta(lm, kwargs)  # a bad stop_token_ids raises here, before anything runs
     hub = _hub(lm)
     sid, q = hub.open()
     done_marker = object()
@@ -197,7 +198,6 @@ def stream(lm, prompts_or_ids, attention_mask=None, *, every: str = "block", **k
 
     worker = threading.Thread(target=work, name="dlmjax-stream", daemon=True)
     worker.start()
-    meta = None
     previous: list[str] | None = None
     previous_tokens, previous_done = None, None
     last_step = -1
@@ -210,8 +210,6 @@ def stream(lm, prompts_or_ids, attention_mask=None, *, every: str = "block", **k
             if step <= last_step:  # callbacks are unordered: an older one arriving late is skipped
                 continue
             last_step = step
-            if meta is None:
-                meta = _meta(lm, kwargs)
             tokens = committed_prefix(x_gen, meta["mask"], meta["stops"])
             texts = [decode_text(lm, row) for row in tokens] if meta["text"] else None
             if every == "block" and tokens == previous_tokens and np.array_equal(done, previous_done):
@@ -224,7 +222,6 @@ def stream(lm, prompts_or_ids, attention_mask=None, *, every: str = "block", **k
         if "error" in result:
             raise result["error"]
         out = result["out"]
-        meta = meta or _meta(lm, kwargs)
         tokens = [[int(t) for t in row[: int(n)]] for row, n in zip(out.tokens, out.lengths)]
         texts = out.texts
         yield Update(texts=texts, deltas=_deltas(previous, texts), tokens=tokens, step=out.steps, nfe=out.nfe,
