@@ -94,6 +94,7 @@ def test_a_recipe_objective_on_the_cli(tmp_path, capsys):
     (["data.prompt_length=2"], "no row fits prompt_length 2"),
     (["steps"], "override 'steps' is not key=value"),
     (["eval.every=-1"], "eval.every must be a whole number of steps"),
+    (["train.learning_rate=fast"], "train.learning_rate must be a number, got 'fast'"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, capsys, overrides, words):
     train_file = _jsonl(tmp_path / "train.jsonl", "train", 8)
@@ -113,6 +114,10 @@ def test_config_values_and_overrides():
                                                                "model.name=tiny-llada"])
     assert config.train.steps == 5 and config.train.learning_rate == 0.01 and config.mesh == "data=2"
     assert config.lora.targets == ["q_proj", "v_proj"] and config.model.name == "tiny-llada"
+    # YAML 1.1 reads 5e-4 (no dot) as a string and 1 as an int; float fields take both as floats
+    config = parse_config("train: {learning_rate: 5e-4, weight_decay: 1}\n", ["train.b2=99e-2", "model.name=x"])
+    assert (config.train.learning_rate, config.train.weight_decay, config.train.b2) == (5e-4, 1.0, 0.99)
+    assert all(isinstance(v, float) for v in (config.train.learning_rate, config.train.weight_decay, config.train.b2))
 
 
 def test_dry_run_prints_per_device_memory(tmp_path):

@@ -123,6 +123,19 @@ def _unknown(key: str) -> DlmjaxError:
     return DlmjaxError(f"unknown config key '{key}'{hint}")
 
 
+def _numeric(cls, name: str, value):
+    """A float field's value as a float: YAML 1.1 reads `5e-4` (no dot) as a string, and 1 as an int."""
+    kind = {f.name: str(f.type) for f in dataclasses.fields(cls)}[name.split(".")[-1]]
+    if kind.split(" |")[0] != "float" or value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DlmjaxError(f"{name} must be a number, got {value!r}") from None
+
+
 def parse_config(text: str | None, overrides: list[str]) -> RunConfig:
     """The RunConfig of a YAML document and `section.key=value` overrides (values parsed as YAML)."""
     import yaml
@@ -158,6 +171,7 @@ def parse_config(text: str | None, overrides: list[str]) -> RunConfig:
             for inner in value:
                 if inner not in fields:
                     raise _unknown(f"{key}.{inner}")
+            value = {inner: _numeric(sections[key], f"{key}.{inner}", v) for inner, v in value.items()}
             values[key] = sections[key](**value)
         elif key in {f.name for f in dataclasses.fields(RunConfig)}:
             values[key] = value
