@@ -34,12 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to-block-diffusion", type=int, metavar="BD_SIZE",
                         help="write an autoregressive Qwen2 checkpoint as a Fast-dLLM v2 one with blocks of BD_SIZE "
                              "(Hugging Face layout, weights unchanged, the mask token added), the start of its fine-tuning")
+    parser.add_argument("--to-dream", action="store_true",
+                        help="write an autoregressive Qwen2 checkpoint as a Dream (masked diffusion) one (weights unchanged, "
+                             "<|mask|> added), the start of Dream's adaptation")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        if args.to_block_diffusion is not None:
+        if args.to_dream:
+            from .block_diffusion import to_dream
+
+            if args.export or args.adapter or args.to_block_diffusion is not None:
+                raise DlmjaxError("--to-dream rewrites a Hugging Face checkpoint; drop --export / --adapter / --to-block-diffusion")
+            out = to_dream(args.src, args.dst, overwrite=args.overwrite)
+        elif args.to_block_diffusion is not None:
             from .block_diffusion import to_block_diffusion
 
             if args.export or args.adapter:

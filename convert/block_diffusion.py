@@ -14,6 +14,12 @@ architecture, `bd_size` and `mask_token_id`; a tokenizer that already has a mask
 free id, which must lie inside the embedding. The mask row of the embedding is whatever the base
 holds (Qwen2.5's unused rows): the fine-tuning trains it. The directory is written whole or not
 at all.
+
+`to_dream` writes the same base as a Dream checkpoint (Dream 7B's recipe: Qwen2.5's weights,
+bidirectional attention, logits read shifted by one, masked-diffusion training; its mask token
+`<|mask|>`, id 151666 in Dream's tokenizer): model_type `Dream`, no blocks.
+
+    python -m dlmjax.convert Qwen/Qwen2.5-7B runs/qwen2.5-7b-dream --to-dream
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dlmjax.errors import DlmjaxError
 from .hf_import import atomic_directory
 
 MASK_TOKEN = "|<MASK>|"  # Fast-dLLM v2's mask token
+DREAM_MASK_TOKEN = "<|mask|>"  # Dream's
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt")
 
@@ -36,12 +43,23 @@ def to_block_diffusion(src: str | os.PathLike, dst: str | os.PathLike, *, bd_siz
                        overwrite: bool = False) -> pathlib.Path:
     """Write `src` (a Qwen2 Hugging Face directory, hub id or embedded name) to `dst` as a
     Fast-dLLM v2 checkpoint with blocks of `bd_size`; returns `dst`."""
+    if not isinstance(bd_size, int) or bd_size < 1:
+        raise DlmjaxError(f"bd_size must be a positive integer (Fast-dLLM v2: 32), got {bd_size!r}")
+    return _from_autoregressive(src, dst, "fast_dllm_v2", {"bd_size": bd_size}, mask_token, overwrite, "block-diffusion")
+
+
+def to_dream(src: str | os.PathLike, dst: str | os.PathLike, *, mask_token: str = DREAM_MASK_TOKEN,
+             overwrite: bool = False) -> pathlib.Path:
+    """Write `src` (a Qwen2 Hugging Face directory, hub id or embedded name) to `dst` as a Dream
+    (masked-diffusion) checkpoint, the start of Dream's adaptation; returns `dst`."""
+    return _from_autoregressive(src, dst, "dream", {}, mask_token, overwrite, "Dream")
+
+
+def _from_autoregressive(src, dst, target: str, extra: dict, mask_token: str, overwrite: bool, what: str) -> pathlib.Path:
     from dlmjax import families
     from dlmjax.hub import resolve
     from dlmjax.tokenizer import load_tokenizer
 
-    if not isinstance(bd_size, int) or bd_size < 1:
-        raise DlmjaxError(f"bd_size must be a positive integer (Fast-dLLM v2: 32), got {bd_size!r}")
     dst = pathlib.Path(dst)
     if dst.exists() and not overwrite:
         raise DlmjaxError(f"{dst} exists; pass overwrite=True (--overwrite) or choose another directory")
@@ -52,7 +70,7 @@ def to_block_diffusion(src: str | os.PathLike, dst: str | os.PathLike, *, bd_siz
     config = json.loads(config_path.read_text())
     family = families.for_model_type(config.get("model_type"))
     if family.name != "qwen2":
-        raise DlmjaxError(f"{src} is a {family.display_name} model; the block-diffusion conversion takes an autoregressive "
+        raise DlmjaxError(f"{src} is a {family.display_name} model; the {what} conversion takes an autoregressive "
                           "Qwen2 checkpoint (e.g. Qwen/Qwen2.5-7B-Instruct)")
     weights = sorted(p for p in src.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"))
     if not any(p.suffix == ".safetensors" for p in weights):
@@ -68,9 +86,9 @@ def to_block_diffusion(src: str | os.PathLike, dst: str | os.PathLike, *, bd_siz
                           "a base whose tokenizer fills its embedding needs a resized embedding first")
 
     out = dict(config)
-    out["model_type"] = families.get("fast_dllm_v2").model_types[0]
-    out["architectures"] = list(families.get("fast_dllm_v2").architectures)
-    out["bd_size"] = bd_size
+    out["model_type"] = families.get(target).model_types[0]
+    out["architectures"] = list(families.get(target).architectures)
+    out.update(extra)
     out["mask_token_id"] = mask_id
     out["converted_from"] = {"model_type": config.get("model_type"), "source": str(src), "mask_token_added": added}
 

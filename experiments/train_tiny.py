@@ -5,6 +5,7 @@
     python experiments/train_tiny.py tiny-llada-v2         # task suite v2, from tiny-llada's weights
     python experiments/train_tiny.py tiny-ar-v2            # task suite v2, from scratch
     python experiments/train_tiny.py tiny-fdv2             # tiny-ar-v2 as block diffusion, Fast-dLLM v2's fine-tuning
+    python experiments/train_tiny.py tiny-dream-v2         # tiny-ar-v2 as Dream (masked diffusion from AR weights)
 
 Each recipe is a config of the training CLI (experiments/configs/NAME.yaml: objective, steps,
 batch, learning rate, eval hook), and this script runs it through `python -m dlmjax.train`'s own
@@ -71,6 +72,12 @@ RECIPES = {
     # Fast-dLLM v2's fine-tuning.
     "tiny-fdv2": dict(family="fast_dllm_v2", hidden=160, layers=4, heads=5, mlp=480, config="tiny-fdv2.yaml", suite="v2",
                       base="tiny-ar-v2", bd_size=16),
+    # tiny-dream-v2: tiny-ar-v2 written as a Dream model (bidirectional attention, shifted logits; Dream 7B's
+    # start from Qwen2.5), then masked diffusion on suite v2. The LLaDA architecture trained as masked diffusion
+    # (tiny-llada-v2) could not learn v2's two-person problems in 5000 steps: it never copied the second
+    # person's numbers from the prompt, which the AR-initialised model does from its first hundreds of steps.
+    "tiny-dream-v2": dict(family="dream", hidden=160, layers=4, heads=5, mlp=480, config="tiny-dream-v2.yaml", suite="v2",
+                          base="tiny-ar-v2", to="dream"),
     # tiny-d2f: a LoRA adapter on tiny-llada-v2 (shipped as the adapter), judged with D2F's pipelined decoder.
     "tiny-d2f": dict(family="llada", hidden=160, layers=4, heads=5, mlp=480, config="tiny-d2f.yaml", suite="v2",
                      base="tiny-llada-v2", export="adapter", decoder=dict(method="d2f", block_length=16)),
@@ -147,7 +154,7 @@ def baseline_kwargs(family: str, gen_length: int = GEN_LENGTH) -> dict:
 def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, per_example: bool = False, **generate_kwargs) -> dict:
     """Accuracy, mean NFE per row and tokens/s of `lm.generate` on `examples` (and with
     per_example, whether each was answered right: "correct", in order)."""
-    correct, nfe, seconds, generated, right = 0, 0.0, 0.0, 0, []
+    correct, nfe, seconds, generated, right, kinds = 0, 0.0, 0.0, 0, [], {}
     eos = tasks.token_ids()[tasks.EOS]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -159,10 +166,12 @@ def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, per_example: bool
             generated += len(answer) + (1 if eos in row else 0)
             right.append(bool(tasks.is_correct(example, tokenizer.decode(answer))))
             correct += right[-1]
+            kinds.setdefault(example.kind, []).append(right[-1])
         nfe += float(np.sum(out.nfe))
         seconds += out.seconds
     metrics = {"accuracy": correct / len(examples), "mean_nfe": nfe / len(examples), "seconds": seconds,
-               "tokens_per_s": generated / max(seconds, 1e-9), "examples": len(examples)}
+               "tokens_per_s": generated / max(seconds, 1e-9), "examples": len(examples),
+               "accuracy_by_kind": {kind: round(sum(r) / len(r), 4) for kind, r in sorted(kinds.items())}}
     return {**metrics, "correct": right} if per_example else metrics
 
 
@@ -243,11 +252,14 @@ def main(argv=None) -> None:
         if not (base / "config.json").is_file():
             raise SystemExit(f"{args.name} starts from {recipe['base']}, which is not at {base}; train it first with "
                              f"`python experiments/train_tiny.py {recipe['base']}`")
-        if "bd_size" in recipe:
+        if "bd_size" in recipe or recipe.get("to") == "dream":
             if not (init / "config.json").is_file():
-                from dlmjax.convert.block_diffusion import to_block_diffusion
+                from dlmjax.convert.block_diffusion import to_block_diffusion, to_dream
 
-                to_block_diffusion(base, init, bd_size=recipe["bd_size"], overwrite=True)
+                if "bd_size" in recipe:
+                    to_block_diffusion(base, init, bd_size=recipe["bd_size"], overwrite=True)
+                else:
+                    to_dream(base, init, overwrite=True)
             start_dir = init
         else:
             start_dir = base  # trained as it is (LoRA adapters on it)
@@ -315,6 +327,7 @@ def main(argv=None) -> None:
         "architecture": {k: recipe[k] for k in ("family", "hidden", "layers", "heads", "mlp")},
         **({"base": f"dlmjax/models/{recipe['base']}"} if "base" in recipe else {}),
         **({"bd_size": recipe["bd_size"]} if "bd_size" in recipe else {}),
+        **({"converted_to": recipe["to"]} if "to" in recipe else {}),
         **({"trajectories": recipe["trajectories"]} if "trajectories" in recipe else {}),
         **({"lora": dataclasses.asdict(config.lora), "export": recipe.get("export", "merged")} if config.lora.rank > 0 else {}),
         **({"init_from": f"dlmjax/models/{recipe['init_from']}"} if "init_from" in recipe else {}),

@@ -296,3 +296,32 @@ def test_an_ar_checkpoint_becomes_block_diffusion(tmp_path, capsys):
         to_block_diffusion(small, tmp_path / "z")
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written
+
+
+def test_an_ar_checkpoint_becomes_dream(tmp_path):
+    """`--to-dream` (Dream 7B's start: Qwen2.5's weights): the weights unchanged under Dream's model
+    type, bidirectional attention and shifted logits; the tokenizer's mask token, else <|mask|> added."""
+    import jax
+
+    from dlmjax.convert.__main__ import main
+    from dlmjax.convert.block_diffusion import to_dream
+
+    assert main(["tiny-ar", str(tmp_path / "dream"), "--to-dream"]) == 0
+    ar, dream = dlmjax.load("tiny-ar", progress=False), dlmjax.load(tmp_path / "dream", progress=False)
+    assert (dream.config.family, dream.config.shifted_logits, dream.config.mask_token_id) == ("dream", True, ar.tokenizer.mask_token_id)
+    for x, y in zip(jax.tree.leaves(ar.state), jax.tree.leaves(dream.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    config = json.loads((tmp_path / "dream" / "config.json").read_text())
+    assert config["architectures"] == ["DreamModel"] and "bd_size" not in config
+    # bidirectional: a later token changes an earlier position's logits (it cannot under the AR model)
+    ids = np.asarray([[5, 6, 7, 8]]), np.asarray([[5, 6, 7, 9]])
+    a, b = (np.asarray(dream.logits(x)) for x in ids)
+    assert not np.allclose(a[0, 0], b[0, 0])
+    a, b = (np.asarray(ar.logits(x)) for x in ids)
+    np.testing.assert_allclose(a[0, :3], b[0, :3], rtol=1e-5, atol=1e-5)
+    out = dream.generate(["Sort: 3 1 2"], method="dream", chat=True, gen_length=8, steps=8)
+    assert out.tokens.shape == (1, 8) and dream.config.mask_token_id not in out.tokens
+    with pytest.raises(DlmjaxError, match="the Dream conversion takes an autoregressive Qwen2 checkpoint"):
+        to_dream("tiny-llada", tmp_path / "x")
+    assert main(["tiny-ar", str(tmp_path / "y"), "--to-dream", "--export"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -130,8 +130,9 @@ def test_the_tiny_recipes_run_on_the_training_cli(tmp_path):
 
 
 def test_recipes_that_start_from_an_embedded_model(tmp_path):
-    """tiny-llada-v2 starts from tiny-llada's weights under the v2 tokenizer (init_from), and tiny-fdv2
-    from tiny-ar-v2 written as block diffusion (base): two steps of each, on one-layer stand-ins."""
+    """tiny-llada-v2 starts from tiny-llada's weights under the v2 tokenizer (init_from), tiny-fdv2
+    from tiny-ar-v2 written as block diffusion (base), tiny-dream-v2 from tiny-ar-v2 written as Dream:
+    two steps of each, on one-layer stand-ins."""
     from test_report import stand_in
 
     from dlmjax.tokenizer import load_tokenizer
@@ -158,6 +159,15 @@ def test_recipes_that_start_from_an_embedded_model(tmp_path):
     log = json.loads((tmp_path / "fdv2" / "train_log.json").read_text())
     assert log["base"] == "dlmjax/models/tiny-ar-v2" and log["train"]["objective"] == "fdv2"
     assert log["eval"]["decoder"]["method"] == "fast-dllm-v2" and log["eval"]["suite"] == "v2"
+
+    train_tiny.main(["tiny-dream-v2", *common, "--out", str(tmp_path / "dream"), "--run-dir", str(tmp_path / "dream-run")])
+    init = dlmjax.load(tmp_path / "dream-run" / "init", dtype="float32", progress=False)
+    assert (init.config.family, init.config.shifted_logits) == ("dream", True)
+    for a, b in zip(jax_leaves(init), jax_leaves(base)):  # Dream's start: the AR weights as they are
+        np.testing.assert_array_equal(a, b)
+    log = json.loads((tmp_path / "dream" / "train_log.json").read_text())
+    assert log["converted_to"] == "dream" and log["train"]["objective"] == "mdm" and log["eval"]["decoder"]["method"] == "llada"
+    assert dlmjax.load(tmp_path / "dream", progress=False).config.family == "dream"
 
     train_tiny.main(["tiny-llada-v2", *common, "--out", str(tmp_path / "v2"), "--run-dir", str(tmp_path / "v2-run")])
     start = dlmjax.load(tmp_path / "v2-run" / "init", dtype="float32", progress=False)
