@@ -75,7 +75,8 @@ RECIPES = {
     # tiny-dream-v2: tiny-ar-v2 written as a Dream model (bidirectional attention, shifted logits; Dream 7B's
     # start from Qwen2.5), then masked diffusion on suite v2. The LLaDA architecture trained as masked diffusion
     # (tiny-llada-v2) could not learn v2's two-person problems in 5000 steps: it never copied the second
-    # person's numbers from the prompt, which the AR-initialised model does from its first hundreds of steps.
+    # person's numbers from the prompt, which the AR-initialised model does from its first hundreds of steps
+    # (but 1200 steps leave it at 4.7% on them: see its config).
     "tiny-dream-v2": dict(family="dream", hidden=160, layers=4, heads=5, mlp=480, config="tiny-dream-v2.yaml", suite="v2",
                           base="tiny-ar-v2", to="dream"),
     # tiny-d2f: a LoRA adapter on tiny-llada-v2 (shipped as the adapter), judged with D2F's pipelined decoder.
