@@ -4,6 +4,7 @@ construction, fits its canvas, the splits are disjoint, and v2's tokenizer gives
 same ids."""
 
 import hashlib
+import json
 import pathlib
 import re
 import sys
@@ -81,3 +82,36 @@ def test_v2_tokenizer_keeps_v1_ids(v2_tokenizer, tmp_path):
     assert v1.encode("Add") != v2_tokenizer.encode("Add")  # v1 has no such word
     with pytest.raises(ValueError, match="suite must be one of"):
         tasks.make_split("test", 1, suite="v3")
+
+
+def test_the_diagnosis_variants(v2_tokenizer, tmp_path):
+    """experiments/v2_diagnosis.py's continuation data: "anchored" is v2's problems with each chain
+    opened by its person's name, "long-arith" one person's problems of 4 to 6 steps; both fit the
+    canvas, are right by construction, keep the eval problems out of training, and leave tasks as it was."""
+    import v2_diagnosis
+
+    v2 = tasks.make_split("test", 300, suite="v2")
+    with v2_diagnosis.variant("anchored") as suite:
+        anchored = tasks.make_split("test", 300, suite=suite)
+    assert [e.prompt for e in anchored] == [e.prompt for e in v2]
+    for a, e in zip(anchored, v2):
+        if e.kind == "arith2":
+            first, second = e.prompt.split(" ")[0], re.search(r"\. (\w+) has ", e.prompt).group(1)
+            assert a.answer.startswith(f"{first}:") and f" {second}:" in a.answer and a.final == e.final
+            assert re.sub(r"\w+:", "", a.answer) == e.answer  # the names are all that is added
+        else:
+            assert a == e
+    with v2_diagnosis.variant("long-arith") as suite:
+        long = tasks.make_split("test", 300, suite=suite)
+    assert tasks.make_split("test", 300, suite="v2") == v2 and "x" not in tasks.SUITES  # restored
+    arith = [e for e in long if e.kind == "arith"]
+    assert {e.kind for e in long} == {"arith", "add", "sort", "reverse"} and arith
+    for e in anchored + long:
+        answer = v2_tokenizer.encode(e.answer, add_special_tokens=False)
+        assert tasks.is_correct(e, e.answer) and len(answer) + 1 <= 64 and v2_tokenizer.decode(answer) == e.answer
+    assert all(4 <= len(_check_equations(e.answer)) <= 6 for e in arith)
+
+    v2_diagnosis.main(["data", "long-arith", str(tmp_path / "long"), "--train-examples", "500"])
+    rows = [json.loads(line) for line in (tmp_path / "long" / "train.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (tmp_path / "long" / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 500 and len(held) == 64 and not {r["prompt"] for r in rows} & {r["prompt"] for r in held}

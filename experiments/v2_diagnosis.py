@@ -1,0 +1,116 @@
+"""Why tiny-llada-v2 stalls on task suite v2: accuracy by kind, by block length, and two variants of
+the data to continue training on (the experiments behind experiments/configs/tiny-llada-v2.yaml's notes).
+
+    # accuracy by kind (LLaDA one token per step, semi-AR blocks of each length) and Fast-dLLM's passes
+    python experiments/v2_diagnosis.py eval runs/tiny-llada-v2/final --n 256 --blocks 64,32,16,8
+    python experiments/v2_diagnosis.py eval DIR --kinds arith2 --n 64 --blocks 64,4,1
+
+    # data for a continuation: "anchored" (each person's chain opens with their name) or "long-arith"
+    # (v2 with one person's problems of 4 to 6 steps in place of the two-person ones); eval rows of the
+    # changed kind only. It prints the training command that continues a checkpoint on it.
+    python experiments/v2_diagnosis.py data long-arith runs/v2-long-arith --start runs/tiny-llada-v2/final
+
+`eval` takes a Hugging Face directory (a run's final/, or an embedded model). A training run's
+checkpoint at step S is exported by running its command again with train.steps=S in a copy of the
+run directory that holds only that checkpoint (the CLI then writes final/ without training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import random
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import tasks  # noqa: E402
+
+VARIANTS = ("anchored", "long-arith")
+
+
+def _anchored_arith2(rng: random.Random) -> tasks.Example:
+    """tasks._arith2 with each chain opened by its person's name: "Ben:17+4=21. 21*3=63. Ann:8*3=24. ..."
+    (the same draws, so the same problems as v2's)."""
+    first, second = rng.sample(tasks.NAMES, 2)
+    item = rng.choice(tasks.ITEMS)
+    a = tasks._arith(rng, name=first, item=item)
+    b = tasks._arith(rng, name=second, item=item, n_steps=2 if a.answer.count("=") == 3 else rng.choice((2, 3)))
+    va, vb = int(a.final), int(b.final)
+    prompt = a.prompt.removesuffix(" How many now?") + " " + b.prompt
+    steps = f"{first}:" + a.answer.split(" ####")[0] + f" {second}:" + b.answer.split(" ####")[0] + f" {va}+{vb}={va + vb}."
+    return tasks.Example("arith2", prompt, f"{steps} #### {va + vb}", str(va + vb))
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """tasks.make_split yields the variant's rows inside this context: "anchored" under v2's streams,
+    "long-arith" as suite "x" (kinds arithlong:add:sort:reverse 2:2:1:1, arithlong = tasks._arith with
+    4 to 6 steps, its examples' kind "arith")."""
+    make_example, arith2 = tasks.make_example, tasks._arith2
+    if name == "anchored":
+        tasks._arith2 = _anchored_arith2
+    else:
+        tasks.SUITES["x"] = (("arithlong", "add", "sort", "reverse"), (2, 2, 1, 1))
+        tasks.make_example = lambda kind, rng, suite="v1": (tasks._arith(rng, n_steps=rng.randint(4, 6)) if kind == "arithlong"
+                                                            else make_example(kind, rng, suite))
+    try:
+        yield "v2" if name == "anchored" else "x"
+    finally:
+        tasks.make_example, tasks._arith2 = make_example, arith2
+        tasks.SUITES.pop("x", None)
+
+
+def cmd_eval(args) -> None:
+    import dlmjax
+    import train_tiny
+
+    lm = dlmjax.load(args.model, dtype="float32", progress=False)
+    test = [e for e in tasks.make_split("test", 4 * args.n, 0, "v2") if not args.kinds or e.kind in args.kinds.split(",")][: args.n]
+    rows = []
+    for block in map(int, args.blocks.split(",")):
+        m = train_tiny.evaluate(lm, lm.tokenizer, test, method="llada", gen_length=64, steps=64, block_length=block)
+        rows.append(dict(decoder=f"llada, blocks of {block}", accuracy=m["accuracy"], mean_nfe=m["mean_nfe"], by_kind=m["accuracy_by_kind"]))
+        print(json.dumps(rows[-1]), flush=True)
+    m = train_tiny.evaluate(lm, lm.tokenizer, test, method="fast-dllm", gen_length=64, threshold=0.9)
+    print(json.dumps(dict(decoder="fast-dllm 0.9", accuracy=m["accuracy"], mean_nfe=m["mean_nfe"], by_kind=m["accuracy_by_kind"])))
+
+
+def cmd_data(args) -> None:
+    import train_tiny
+
+    out = pathlib.Path(args.out)
+    changed = "arith" if args.variant == "long-arith" else "arith2"
+    with variant(args.variant) as suite:  # make_split keeps the test problems out of the train split
+        train = tasks.make_split("train", args.train_examples, 0, suite)
+        held = [e for e in tasks.make_split("test", 2000, 0, suite) if e.kind == changed]
+    train_tiny.write_rows(out / "train.jsonl", train)
+    train_tiny.write_rows(out / "eval.jsonl", held[:64])
+    print(f"wrote {len(train)} training rows and {min(64, len(held))} eval rows ({changed} only) to {out}")
+    print("continue a checkpoint on them (constant learning rate, evaluated every 200 steps):")
+    print(f"  python -m dlmjax.train experiments/configs/tiny-llada-v2.yaml train.steps=1200 output={out}/run "
+          f"model.name={args.start} model.init=false data.train={out}/train.jsonl data.eval={out}/eval.jsonl "
+          "train.save_every=200 train.seed=1 train.schedule=constant train.learning_rate=5e-4 train.warmup_steps=50")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("eval", help="accuracy by kind and block length")
+    e.add_argument("model")
+    e.add_argument("--n", type=int, default=256)
+    e.add_argument("--kinds", default="", help="comma-separated kinds (default: all)")
+    e.add_argument("--blocks", default="64")
+    d = sub.add_parser("data", help="a variant's training and eval rows")
+    d.add_argument("variant", choices=VARIANTS)
+    d.add_argument("out")
+    d.add_argument("--start", default="runs/tiny-llada-v2/final", help="the checkpoint the printed command continues")
+    d.add_argument("--train-examples", type=int, default=300_000)
+    args = parser.parse_args(argv)
+    (cmd_eval if args.command == "eval" else cmd_data)(args)
+
+
+if __name__ == "__main__":
+    main()
