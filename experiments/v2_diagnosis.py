@@ -5,7 +5,7 @@ the data to continue training on (the experiments behind experiments/configs/tin
     python experiments/v2_diagnosis.py eval runs/tiny-llada-v2/final --n 256 --blocks 64,32,16,8
     python experiments/v2_diagnosis.py eval DIR --kinds arith2 --n 64 --blocks 64,4,1
 
-    # data for a continuation: "anchored" (each person's chain opens with their name) or "long-arith"
+    # data for a continuation: "v2" (as it is), "anchored" (each person's chain opens with their name) or "long-arith"
     # (v2 with one person's problems of 4 to 6 steps in place of the two-person ones); eval rows of the
     # changed kind only. It prints the training command that continues a checkpoint on it.
     python experiments/v2_diagnosis.py data long-arith runs/v2-long-arith --start runs/tiny-llada-v2/final
@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import tasks  # noqa: E402
 
-VARIANTS = ("anchored", "long-arith")
+VARIANTS = ("v2", "anchored", "long-arith")
 
 
 def _anchored_arith2(rng: random.Random) -> tasks.Example:
@@ -50,14 +50,16 @@ def variant(name: str):
     "long-arith" as suite "x" (kinds arithlong:add:sort:reverse 2:2:1:1, arithlong = tasks._arith with
     4 to 6 steps, its examples' kind "arith")."""
     make_example, arith2 = tasks.make_example, tasks._arith2
-    if name == "anchored":
+    if name == "v2":  # unchanged: the rows tiny-llada-v2 trains on, two-person problems as eval rows
+        pass
+    elif name == "anchored":
         tasks._arith2 = _anchored_arith2
     else:
         tasks.SUITES["x"] = (("arithlong", "add", "sort", "reverse"), (2, 2, 1, 1))
         tasks.make_example = lambda kind, rng, suite="v1": (tasks._arith(rng, n_steps=rng.randint(4, 6)) if kind == "arithlong"
                                                             else make_example(kind, rng, suite))
     try:
-        yield "v2" if name == "anchored" else "x"
+        yield "x" if name == "long-arith" else "v2"
     finally:
         tasks.make_example, tasks._arith2 = make_example, arith2
         tasks.SUITES.pop("x", None)

@@ -91,6 +91,8 @@ def test_the_diagnosis_variants(v2_tokenizer, tmp_path):
     import v2_diagnosis
 
     v2 = tasks.make_split("test", 300, suite="v2")
+    with v2_diagnosis.variant("v2") as suite:
+        assert tasks.make_split("test", 300, suite=suite) == v2
     with v2_diagnosis.variant("anchored") as suite:
         anchored = tasks.make_split("test", 300, suite=suite)
     assert [e.prompt for e in anchored] == [e.prompt for e in v2]
