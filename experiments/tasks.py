@@ -108,14 +108,17 @@ def _arith(rng: random.Random, name: str | None = None, item: str | None = None,
     return Example("arith", " ".join(sentences), " ".join(steps) + f" #### {value}", str(value))
 
 
-def _arith2(rng: random.Random) -> Example:
+def _arith2(rng: random.Random, anchored: bool = False) -> Example:
+    """With `anchored`, each chain opens with its person's name ("Ben:17+4=21. ... Ann:8*3=24. ..."),
+    from the same draws (experiments/v2_diagnosis.py's variant; suite v2 has no names)."""
     first, second = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
     a = _arith(rng, name=first, item=item)
     b = _arith(rng, name=second, item=item, n_steps=2 if a.answer.count("=") == 3 else rng.choice((2, 3)))  # 5 steps at most
     va, vb = int(a.final), int(b.final)
     prompt = a.prompt.removesuffix(" How many now?") + " " + b.prompt
-    steps = a.answer.split(" ####")[0] + " " + b.answer.split(" ####")[0] + f" {va}+{vb}={va + vb}."
+    names = (f"{first}:", f" {second}:") if anchored else ("", " ")
+    steps = names[0] + a.answer.split(" ####")[0] + names[1] + b.answer.split(" ####")[0] + f" {va}+{vb}={va + vb}."
     return Example("arith2", prompt, f"{steps} #### {va + vb}", str(va + vb))
 
 

@@ -155,7 +155,7 @@ def baseline_kwargs(family: str, gen_length: int = GEN_LENGTH) -> dict:
 def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, per_example: bool = False, **generate_kwargs) -> dict:
     """Accuracy, mean NFE per row and tokens/s of `lm.generate` on `examples` (and with
     per_example, whether each was answered right: "correct", in order)."""
-    correct, nfe, seconds, generated, right, kinds = 0, 0.0, 0.0, 0, [], {}
+    correct, nfe, seconds, generated, right = 0, 0.0, 0.0, 0, []
     eos = tasks.token_ids()[tasks.EOS]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -167,9 +167,11 @@ def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, per_example: bool
             generated += len(answer) + (1 if eos in row else 0)
             right.append(bool(tasks.is_correct(example, tokenizer.decode(answer))))
             correct += right[-1]
-            kinds.setdefault(example.kind, []).append(right[-1])
         nfe += float(np.sum(out.nfe))
         seconds += out.seconds
+    kinds: dict[str, list[bool]] = {}
+    for example, r in zip(examples, right):
+        kinds.setdefault(example.kind, []).append(r)
     metrics = {"accuracy": correct / len(examples), "mean_nfe": nfe / len(examples), "seconds": seconds,
                "tokens_per_s": generated / max(seconds, 1e-9), "examples": len(examples),
                "accuracy_by_kind": {kind: round(sum(r) / len(r), 4) for kind, r in sorted(kinds.items())}}

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import pathlib
-import random
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -31,30 +31,15 @@ import tasks  # noqa: E402
 VARIANTS = ("v2", "anchored", "long-arith")
 
 
-def _anchored_arith2(rng: random.Random) -> tasks.Example:
-    """tasks._arith2 with each chain opened by its person's name: "Ben:17+4=21. 21*3=63. Ann:8*3=24. ..."
-    (the same draws, so the same problems as v2's)."""
-    first, second = rng.sample(tasks.NAMES, 2)
-    item = rng.choice(tasks.ITEMS)
-    a = tasks._arith(rng, name=first, item=item)
-    b = tasks._arith(rng, name=second, item=item, n_steps=2 if a.answer.count("=") == 3 else rng.choice((2, 3)))
-    va, vb = int(a.final), int(b.final)
-    prompt = a.prompt.removesuffix(" How many now?") + " " + b.prompt
-    steps = f"{first}:" + a.answer.split(" ####")[0] + f" {second}:" + b.answer.split(" ####")[0] + f" {va}+{vb}={va + vb}."
-    return tasks.Example("arith2", prompt, f"{steps} #### {va + vb}", str(va + vb))
-
-
 @contextlib.contextmanager
 def variant(name: str):
     """tasks.make_split yields the variant's rows inside this context: "anchored" under v2's streams,
     "long-arith" as suite "x" (kinds arithlong:add:sort:reverse 2:2:1:1, arithlong = tasks._arith with
     4 to 6 steps, its examples' kind "arith")."""
     make_example, arith2 = tasks.make_example, tasks._arith2
-    if name == "v2":  # unchanged: the rows tiny-llada-v2 trains on, two-person problems as eval rows
-        pass
-    elif name == "anchored":
-        tasks._arith2 = _anchored_arith2
-    else:
+    if name == "anchored":  # ("v2" changes nothing: the rows tiny-llada-v2 trains on)
+        tasks._arith2 = functools.partial(arith2, anchored=True)
+    elif name == "long-arith":
         tasks.SUITES["x"] = (("arithlong", "add", "sort", "reverse"), (2, 2, 1, 1))
         tasks.make_example = lambda kind, rng, suite="v1": (tasks._arith(rng, n_steps=rng.randint(4, 6)) if kind == "arithlong"
                                                             else make_example(kind, rng, suite))
@@ -71,13 +56,11 @@ def cmd_eval(args) -> None:
 
     lm = dlmjax.load(args.model, dtype="float32", progress=False)
     test = [e for e in tasks.make_split("test", 4 * args.n, 0, "v2") if not args.kinds or e.kind in args.kinds.split(",")][: args.n]
-    rows = []
-    for block in map(int, args.blocks.split(",")):
-        m = train_tiny.evaluate(lm, lm.tokenizer, test, method="llada", gen_length=64, steps=64, block_length=block)
-        rows.append(dict(decoder=f"llada, blocks of {block}", accuracy=m["accuracy"], mean_nfe=m["mean_nfe"], by_kind=m["accuracy_by_kind"]))
-        print(json.dumps(rows[-1]), flush=True)
-    m = train_tiny.evaluate(lm, lm.tokenizer, test, method="fast-dllm", gen_length=64, threshold=0.9)
-    print(json.dumps(dict(decoder="fast-dllm 0.9", accuracy=m["accuracy"], mean_nfe=m["mean_nfe"], by_kind=m["accuracy_by_kind"])))
+    decoders = {f"llada, blocks of {b}": dict(method="llada", steps=64, block_length=b) for b in map(int, args.blocks.split(","))}
+    decoders["fast-dllm 0.9"] = dict(method="fast-dllm", threshold=0.9)
+    for name, kwargs in decoders.items():
+        m = train_tiny.evaluate(lm, lm.tokenizer, test, gen_length=64, **kwargs)
+        print(json.dumps(dict(decoder=name, accuracy=m["accuracy"], mean_nfe=m["mean_nfe"], by_kind=m["accuracy_by_kind"])), flush=True)
 
 
 def cmd_data(args) -> None:

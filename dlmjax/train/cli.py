@@ -128,8 +128,6 @@ def _numeric(cls, name: str, value):
     kind = {f.name: str(f.type) for f in dataclasses.fields(cls)}[name.split(".")[-1]]
     if kind.split(" |")[0] != "float" or value is None or isinstance(value, bool):
         return value
-    if isinstance(value, (int, float)):
-        return float(value)
     try:
         return float(value)
     except (TypeError, ValueError):
