@@ -23,10 +23,13 @@ likelihood: `mc_num` (default 128), `mc_batch_size` (default 16), `cfg_scale` (d
   round k ~ U{1..L} and the masked counts round(linspace(k, k + (b-1) L / b, b)) wrapped into
   [1, L], masked at random positions of the continuation; the estimate is minus the mean over
   rows of sum CE / (count / L); with `cfg_scale` > 0 the logits are un + (cfg + 1)(cond - un),
-  the unconditional row having the prompt masked. is_greedy is LLaDA's too: the continuation
+  the unconditional row having the prompt masked. Requests are batched: `--batch_size` of them
+  (shortest first) share each forward pass, batch_size x mc_batch_size rows; a request's noise
+  comes from its own generator (seed, its index), so its estimate does not depend on the batch.
+  is_greedy is LLaDA's too: the continuation
   decoded one token per step, the most confident first (`method="llada"`, one block), equal to it.
   Shifted models (Dream) read position i's logits at i - 1. Autoregressive models (qwen2) get the
-  exact causal log-probability and greedy check.
+  exact causal log-probability and greedy check, `--batch_size` requests a forward pass.
 - loglikelihood_rolling is not supported (perplexity tasks): refused with a one-line error.
 """
 
@@ -69,12 +72,13 @@ def llada_noise(rng: np.random.Generator, seq_len: int, prompt_len: int, b: int,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mask_id", "shifted", "guided"))
 def _mc_rows(graphdef, state, seq, noisy, mask, p, prompt_len, cfg_scale, *, mask_id: int, shifted: bool, guided: bool):
-    """Per row, sum over masked positions of CE / p (LLaDA's estimator), on the device."""
+    """Per row, sum over masked positions of CE / p (LLaDA's estimator), on the device; `prompt_len`
+    is per row (rows of several requests share a batch)."""
     from dlmjax.lm import _forward_logits
 
     logits = _forward_logits(graphdef, state, noisy, mask, 0, "bidirectional", None)
     if guided:
-        in_prompt = jnp.arange(noisy.shape[1])[None] < prompt_len
+        in_prompt = jnp.arange(noisy.shape[1])[None] < prompt_len[:, None]
         un_logits = _forward_logits(graphdef, state, jnp.where(in_prompt, mask_id, noisy), mask, 0, "bidirectional", None)
         logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
     if shifted:
@@ -208,34 +212,58 @@ class DlmjaxLM(_HarnessLM):
             results = self._ar_likelihood(pairs)
         else:
             greedy = self._greedy(pairs)
-            results = [(self._mc_likelihood(i, ctx, cont), g)
-                       for i, ((ctx, cont), g) in enumerate(tqdm(list(zip(pairs, greedy)), desc="dlmjax loglikelihood",
-                                                                 disable=disable_tqdm))]
+            lls = [0.0] * len(pairs)
+            bar = tqdm(total=len(pairs), desc="dlmjax loglikelihood", disable=disable_tqdm)
+            for chunk in self._chunks(pairs):
+                for i, ll in zip(chunk, self._mc_batch([(i, *pairs[i]) for i in chunk])):
+                    lls[i] = ll
+                bar.update(len(chunk))
+            bar.close()
+            results = list(zip(lls, greedy))
         for r, res in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", r.args, res)
         return results
 
     def mc_likelihood(self, context_ids, continuation_ids, index: int = 0) -> float:
         """LLaDA's Monte Carlo log-likelihood of the continuation ids after the context ids."""
-        return self._mc_likelihood(index, list(context_ids), list(continuation_ids))
+        return self._mc_batch([(index, list(context_ids), list(continuation_ids))])[0]
 
-    def _mc_likelihood(self, index: int, ctx: list[int], cont: list[int]) -> float:
+    def _chunks(self, pairs) -> list[list[int]]:
+        """The requests' indices in batches of `batch_size`, shortest first (so a batch's width,
+        its longest rounded up to 32, wastes little)."""
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        step = max(self.batch_size, 1)
+        return [order[k : k + step] for k in range(0, len(order), step)]
+
+    def _mc_batch(self, items) -> list[float]:
+        """LLaDA's estimate for each (index, ctx, cont) of `items`, all in one batch: each round runs
+        mc_batch_size noisy copies of every item in one forward pass. An item's noise comes from its
+        own generator (seed, index), so its estimate is the same in any batch or alone."""
         lm, cfg = self.lm, self.lm.config
-        seq = np.asarray(ctx + cont, np.int32)
-        n = len(seq)
-        width = _bucket(n)
-        rng = np.random.default_rng([self.seed, index])
-        b, pad = self.mc_batch_size, width - n  # right padding, outside attention: the real positions see what they would alone
-        ids = lm.place_batch(np.pad(np.broadcast_to(seq, (b, n)), ((0, 0), (0, pad))).astype(np.int32))
-        mask = lm.place_batch(np.pad(np.ones((b, n), np.int32), ((0, 0), (0, pad))))
-        rows = []
+        b, mask_id = self.mc_batch_size, cfg.mask_token_id
+        seqs = [np.asarray(ctx + cont, np.int32) for _, ctx, cont in items]
+        width = _bucket(max(len(s) for s in seqs))
+        rngs = [np.random.default_rng([self.seed, index]) for index, _, _ in items]
+        # a batch's row count is fixed at batch_size x b (a short last batch repeats its first item,
+        # whose extra results are dropped), so every batch of a width shares one compilation
+        slots = list(range(len(items))) + [0] * (max(self.batch_size, len(items)) - len(items))
+
+        def rows(arrays):  # [item][b, n] -> [slots x b, width], right padding outside attention
+            return np.concatenate([np.pad(arrays[j], ((0, 0), (0, width - arrays[j].shape[1]))) for j in slots]).astype(np.int32)
+
+        ids = lm.place_batch(rows([np.broadcast_to(s, (b, len(s))) for s in seqs]))
+        mask = lm.place_batch(rows([np.ones((b, len(s)), np.int32) for s in seqs]))
+        prompt_len = lm.place_batch(np.repeat([len(items[j][1]) for j in slots], b).astype(np.int32))
+        totals = [[] for _ in items]
         for _ in range(self.mc_num // b):
-            noisy, p = llada_noise(rng, n, len(ctx), b, cfg.mask_token_id, seq)
-            got = _mc_rows(lm.graphdef, lm.state, ids, lm.place_batch(np.pad(noisy, ((0, 0), (0, pad))).astype(np.int32)), mask,
-                           lm.place_batch(p.astype(np.float32)), len(ctx), self.cfg_scale, mask_id=cfg.mask_token_id,
-                           shifted=bool(cfg.shifted_logits), guided=self.cfg_scale > 0)
-            rows.append(np.asarray(jax.device_get(got)))
-        return -float(np.mean(np.concatenate(rows)))
+            noise = [llada_noise(rng, len(s), len(ctx), b, mask_id, s) for rng, s, (_, ctx, _) in zip(rngs, seqs, items)]
+            p = np.concatenate([noise[j][1] for j in slots]).astype(np.float32)
+            got = _mc_rows(lm.graphdef, lm.state, ids, lm.place_batch(rows([n for n, _ in noise])), mask, lm.place_batch(p),
+                           prompt_len, self.cfg_scale, mask_id=mask_id, shifted=bool(cfg.shifted_logits), guided=self.cfg_scale > 0)
+            got = np.asarray(jax.device_get(got)).reshape(len(slots), b)
+            for j in range(len(items)):
+                totals[j].append(got[j])
+        return [-float(np.mean(np.concatenate(t))) for t in totals]
 
     def _greedy(self, pairs) -> list[bool]:
         """LLaDA's suffix_greedy_prediction per pair, batched by continuation length."""
@@ -254,17 +282,24 @@ class DlmjaxLM(_HarnessLM):
         return greedy
 
     def _ar_likelihood(self, pairs) -> list[tuple[float, bool]]:
+        """The exact causal log-probability and greedy check, in batches of `batch_size`."""
         lm = self.lm
-        results = []
-        for ctx, cont in pairs:
-            n = len(ctx) + len(cont)
-            width = _bucket(n)
-            seq = np.zeros((1, width), np.int32)
-            seq[0, :n] = ctx + cont
-            mask = (np.arange(width) < n).astype(np.int32)[None]
-            where = ((np.arange(width) >= len(ctx)) & (np.arange(width) < n))[None]
-            lp, greedy = _ar_rows(lm.graphdef, lm.state, lm.place_batch(seq), lm.place_batch(mask), lm.place_batch(where))
-            results.append((float(np.asarray(lp)[0]), bool(np.asarray(greedy)[0])))
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        for chunk in self._chunks(pairs):
+            width = _bucket(max(len(pairs[i][0]) + len(pairs[i][1]) for i in chunk))
+            seq = np.zeros((max(self.batch_size, len(chunk)), width), np.int32)  # a short batch's spare rows: one token
+            where = np.zeros(seq.shape, bool)
+            lengths = np.ones(len(seq), np.int32)
+            for r, i in enumerate(chunk):
+                ctx, cont = pairs[i]
+                lengths[r] = len(ctx) + len(cont)
+                seq[r, : lengths[r]] = ctx + cont
+                where[r, len(ctx) : lengths[r]] = True
+            mask = np.arange(width)[None] < lengths[:, None]
+            lp, greedy = _ar_rows(lm.graphdef, lm.state, lm.place_batch(seq), lm.place_batch(mask.astype(np.int32)), lm.place_batch(where))
+            lp, greedy = np.asarray(lp), np.asarray(greedy)
+            for r, i in enumerate(chunk):
+                results[i] = (float(lp[r]), bool(greedy[r]))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):

@@ -155,7 +155,7 @@ def baseline_kwargs(family: str, gen_length: int = GEN_LENGTH) -> dict:
 def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, per_example: bool = False, **generate_kwargs) -> dict:
     """Accuracy, mean NFE per row and tokens/s of `lm.generate` on `examples` (and with
     per_example, whether each was answered right: "correct", in order)."""
-    correct, nfe, seconds, generated, right = 0, 0.0, 0.0, 0, []
+    correct, nfe, seconds, generated, right, row_nfe = 0, 0.0, 0.0, 0, [], []
     eos = tasks.token_ids()[tasks.EOS]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -168,13 +168,17 @@ def evaluate(lm, tokenizer, examples, *, batch_size: int = 64, per_example: bool
             right.append(bool(tasks.is_correct(example, tokenizer.decode(answer))))
             correct += right[-1]
         nfe += float(np.sum(out.nfe))
+        row_nfe += [float(x) for x in np.asarray(out.nfe).reshape(-1)[: len(chunk)]]
         seconds += out.seconds
     kinds: dict[str, list[bool]] = {}
-    for example, r in zip(examples, right):
+    kind_nfe: dict[str, list[float]] = {}
+    for example, r, n in zip(examples, right, row_nfe):
         kinds.setdefault(example.kind, []).append(r)
+        kind_nfe.setdefault(example.kind, []).append(n)
     metrics = {"accuracy": correct / len(examples), "mean_nfe": nfe / len(examples), "seconds": seconds,
                "tokens_per_s": generated / max(seconds, 1e-9), "examples": len(examples),
-               "accuracy_by_kind": {kind: round(sum(r) / len(r), 4) for kind, r in sorted(kinds.items())}}
+               "accuracy_by_kind": {kind: round(sum(r) / len(r), 4) for kind, r in sorted(kinds.items())},
+               "mean_nfe_by_kind": {kind: round(sum(n) / len(n), 2) for kind, n in sorted(kind_nfe.items())}}
     return {**metrics, "correct": right} if per_example else metrics
 
 

@@ -55,12 +55,15 @@ def cmd_eval(args) -> None:
     import train_tiny
 
     lm = dlmjax.load(args.model, dtype="float32", progress=False)
-    test = [e for e in tasks.make_split("test", 4 * args.n, 0, "v2") if not args.kinds or e.kind in args.kinds.split(",")][: args.n]
-    decoders = {f"llada, blocks of {b}": dict(method="llada", steps=64, block_length=b) for b in map(int, args.blocks.split(","))}
-    decoders["fast-dllm 0.9"] = dict(method="fast-dllm", threshold=0.9)
+    with variant(args.variant) as suite:
+        test = [e for e in tasks.make_split("test", 4 * args.n, 0, suite) if not args.kinds or e.kind in args.kinds.split(",")][: args.n]
+    decoders = {f"llada, blocks of {b}": dict(method="llada", steps=64, block_length=b) for b in map(int, filter(None, args.blocks.split(",")))}
+    for b in map(int, args.fast_blocks.split(",")):
+        decoders[f"fast-dllm 0.9, blocks of {b}"] = dict(method="fast-dllm", threshold=0.9, block_length=b)
     for name, kwargs in decoders.items():
         m = train_tiny.evaluate(lm, lm.tokenizer, test, gen_length=64, **kwargs)
-        print(json.dumps(dict(decoder=name, accuracy=m["accuracy"], mean_nfe=m["mean_nfe"], by_kind=m["accuracy_by_kind"])), flush=True)
+        print(json.dumps(dict(decoder=name, accuracy=m["accuracy"], mean_nfe=m["mean_nfe"], by_kind=m["accuracy_by_kind"],
+                         nfe_by_kind=m["mean_nfe_by_kind"])), flush=True)
 
 
 def cmd_data(args) -> None:
@@ -87,7 +90,9 @@ def main(argv=None) -> None:
     e.add_argument("model")
     e.add_argument("--n", type=int, default=256)
     e.add_argument("--kinds", default="", help="comma-separated kinds (default: all)")
-    e.add_argument("--blocks", default="64")
+    e.add_argument("--blocks", default="64", help="LLaDA's semi-AR block lengths (comma-separated; empty: none)")
+    e.add_argument("--fast-blocks", default="64,16", help="Fast-dLLM's block lengths (16: report v2's)")
+    e.add_argument("--variant", choices=VARIANTS, default="v2", help="the test problems' variant (default: suite v2 as it is)")
     d = sub.add_parser("data", help="a variant's training and eval rows")
     d.add_argument("variant", choices=VARIANTS)
     d.add_argument("out")

@@ -124,14 +124,14 @@ def test_mc_likelihood_equals_numpy_on_full_logits():
     so that the device's right padding to 32 positions, outside attention, changes nothing)."""
     lm = dlmjax.load("tiny-llada", dtype="float32", progress=False)
     model = harness.DlmjaxLM.__new__(harness.DlmjaxLM)
-    model.lm, model.mc_num, model.mc_batch_size, model.seed = lm, 8, 4, 7
+    model.lm, model.mc_num, model.mc_batch_size, model.seed, model.batch_size = lm, 8, 4, 7, 1
     ctx = list(lm.apply_chat_template([{"role": "user", "content": "Sort: 4 2 6 9"}]))
     cont = list(lm.tokenizer.encode("#### 2 4 6 9", add_special_tokens=False)) + [lm.config.eos_token_id]
     seq = np.asarray(ctx + cont)
     mask_id = lm.config.mask_token_id
     for cfg_scale in (0.0, 1.5):
         model.cfg_scale = cfg_scale
-        got = model._mc_likelihood(3, ctx, cont)
+        got = model.mc_likelihood(ctx, cont, index=3)
         rng = np.random.default_rng([7, 3])
         totals = []
         for _ in range(2):
@@ -151,6 +151,32 @@ def test_mc_likelihood_equals_numpy_on_full_logits():
     noisy, p = harness.llada_noise(rng, 20, 5, 4, mask_id, np.arange(20))
     counts = np.sum(noisy == mask_id, axis=1)
     assert (noisy[:, :5] != mask_id).all() and np.allclose(counts / 15, p) and (counts >= 1).all() and (counts <= 15).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-llada", "tiny-ar"])
+def test_batched_likelihoods_equal_one_at_a_time(name):
+    """loglikelihood in batches (requests of different lengths share a forward pass; the last
+    batch is short) gives each request what it gets alone: LLaDA's Monte Carlo estimate with the
+    same noise (its generator is the request's), with and without CFG, and the AR model's exact
+    log-probability; the greedy flags too."""
+    lm = dlmjax.load(name, dtype="float32", progress=False)
+    model = harness.DlmjaxLM.__new__(harness.DlmjaxLM)
+    model.lm, model.mc_num, model.mc_batch_size, model.seed, model.cfg_scale = lm, 8, 4, 7, 0.0
+    model.cache_hook = type("Hook", (), {"add_partial": lambda *a: None})()
+    examples = [e for e in tasks.make_split("test", 40, 0, "v1")][:5]
+    requests = [_Request(lm.apply_chat_template([{"role": "user", "content": e.prompt}], tokenize=False), e.answer) for e in examples]
+    assert len({len(e.prompt) for e in examples}) > 2  # lengths differ
+    for cfg_scale in (0.0, 1.5) if name == "tiny-llada" else (0.0,):
+        model.cfg_scale = cfg_scale
+        model.batch_size = 3
+        together = model.loglikelihood(requests, disable_tqdm=True)
+        model.batch_size = 1
+        alone = [model.loglikelihood([r], disable_tqdm=True)[0] for r in requests]
+        if name == "tiny-llada":  # alone, request 0's generator: index 0 in a list of one
+            alone = [(model.mc_likelihood(*model._pair(*r.args), index=i), g) for i, (r, (_, g)) in enumerate(zip(requests, alone))]
+        assert [g for _, g in together] == [g for _, g in alone]
+        np.testing.assert_allclose([ll for ll, _ in together], [ll for ll, _ in alone], rtol=2e-5, atol=2e-6)
+        assert len({round(ll, 4) for ll, _ in together}) == len(requests)  # and they are not all one number
 
 
 def test_bad_model_args_are_one_line():
