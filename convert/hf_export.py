@@ -60,6 +60,8 @@ def _export(
         for key in relative[:-1]:
             node = node[key]
         array = np.asarray(node[relative[-1]])
+        if spec.index is not None:  # one expert of a stacked weight
+            array = array[spec.index]
         role = spec.path[2] if spec.path[0] == "layers" else None
         if lora is not None and role in lora.targets and relative[-1] == "weight":
             a = np.asarray(node["lora_a"], np.float32)

@@ -190,7 +190,10 @@ def convert(
                 role = spec.path[2] if spec.path[0] == "layers" else None
                 if lora_adapter is not None and lora == "merge" and spec.path[-1] == "weight":
                     array = lora_adapter.merge_into(spec.path[1], role, array)
-                _set(tree, _relative(spec.path), array.astype(target, copy=False))
+                if spec.index is not None:  # one expert's slice of a stacked weight
+                    _stacked(tree, _relative(spec.path), (cfg.num_experts, *spec.shape), target)[spec.index] = array
+                else:
+                    _set(tree, _relative(spec.path), array.astype(target, copy=False))
                 bar.update(array.size * np.dtype(target).itemsize)
             if lora_cfg is not None and group != "embed":
                 for role, (a, b) in lora_adapter.layer_factors(int(group.split("_")[1])).items():
@@ -209,6 +212,15 @@ def convert(
 def _relative(path: tuple) -> tuple:
     """A parameter path relative to its group (blocks drop their 'layers', i prefix)."""
     return path[2:] if path[0] == "layers" else path
+
+
+def _stacked(tree: dict, path: tuple, shape: tuple, dtype) -> np.ndarray:
+    """The stacked array at `path`, created on its first slice."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    if path[-1] not in tree:
+        tree[path[-1]] = np.zeros(shape, dtype)
+    return tree[path[-1]]
 
 
 def _set(tree: dict, path: tuple, value: Any) -> None:

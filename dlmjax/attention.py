@@ -29,7 +29,12 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [B, T, heads, head_dim] by the tables [B, T, head_dim], in float32."""
+    """Rotate x [B, T, heads, head_dim] by the tables [B, T, rotary_dim], in float32. With tables
+    narrower than the head (LLaDA2's partial RoPE) only the first rotary_dim channels turn, pairs
+    (j, j + rotary_dim / 2) within them; the rest pass through."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)

@@ -37,6 +37,25 @@ class ModelConfig:
     eot_token_id: int | None = None
     bd_size: int | None = None  # Fast-dLLM v2 block-diffusion block size
     dtype: str = "float32"  # dtype the checkpoint stores its weights in
+    # LLaDA2's mixture of experts and attention variants (families with `moe`; inert elsewhere).
+    num_experts: int = 0  # routed experts of each MoE layer (0: every layer is a dense MLP)
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # width of each routed expert (and of each shared expert)
+    num_shared_experts: int = 0  # always-on experts, one MLP of num_shared_experts x that width
+    n_group: int = 1  # group-limited routing: experts in n_group contiguous groups,
+    topk_group: int = 1  # of which the topk_group best (sum of each group's top-2 scores) may be picked
+    routed_scaling_factor: float = 1.0  # multiplies the normalised routed weights
+    first_k_dense_replace: int = 0  # layers [0, first_k_dense_replace) keep a dense MLP
+    partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim x factor) channels of each head
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (over head_dim)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates (all but in LLaDA2, which rotates half)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer >= self.first_k_dense_replace
 
     @property
     def family_spec(self) -> families.Family:
@@ -65,6 +84,13 @@ class ModelConfig:
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
                 "fix the config so that query heads split evenly over key/value heads"
             )
+        if self.num_experts:
+            self._validate_moe()
+        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise DlmjaxError(
+                f"partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} rotary channels of head_dim "
+                f"{self.head_dim}; it must give an even number in (0, head_dim]"
+            )
         if self.mask_token_id is None:
             if not self.is_autoregressive:
                 raise DlmjaxError(
@@ -82,6 +108,26 @@ class ModelConfig:
                 "set mask_token_id in config.json to the id of the mask token"
             )
         return self
+
+
+    def _validate_moe(self) -> None:
+        e, g, k = self.num_experts, self.n_group, self.num_experts_per_tok
+        problem = None
+        if g < 1 or e % g:
+            problem = f"num_experts {e} does not split into n_group {g} groups"
+        elif e // g < 2:
+            problem = f"groups of {e // g} expert(s): a group's score is the sum of its top 2, so each group needs at least 2"
+        elif not 1 <= self.topk_group <= g:
+            problem = f"topk_group {self.topk_group} is not in [1, n_group {g}]"
+        elif not 1 <= k <= self.topk_group * (e // g):
+            problem = (f"num_experts_per_tok {k} is not in [1, {self.topk_group * (e // g)}] "
+                       f"(the experts of topk_group {self.topk_group} groups of {e // g})")
+        elif self.moe_intermediate_size < 1:
+            problem = f"moe_intermediate_size {self.moe_intermediate_size} is not positive"
+        elif not 0 <= self.first_k_dense_replace <= self.num_layers:
+            problem = f"first_k_dense_replace {self.first_k_dense_replace} is not in [0, num_layers {self.num_layers}]"
+        if problem:
+            raise DlmjaxError(f"inconsistent MoE config: {problem}; use the config.json that came with the checkpoint")
 
 
 def _get(cfg: Mapping[str, Any], *keys: str | None, default: Any = dataclasses.MISSING) -> Any:
@@ -158,8 +204,29 @@ def from_hf_config(hf_config: Mapping[str, Any]) -> ModelConfig:
         bd_size=None if family.bd_size is None else int(_get(hf_config, keys.bd_size, default=family.bd_size)),
         dtype=_dtype_name(hf_config),
         **ids,
+        **(_moe_fields(hf_config) if keys.moe else {}),
     )
     return cfg.validate()
+
+
+# ModelConfig's MoE and attention-variant fields and their config.json keys (LLaDA2's names).
+MOE_KEYS = {
+    "num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+    "moe_intermediate_size": "moe_intermediate_size", "num_shared_experts": "num_shared_experts",
+    "n_group": "n_group", "topk_group": "topk_group", "routed_scaling_factor": "routed_scaling_factor",
+    "first_k_dense_replace": "first_k_dense_replace", "partial_rotary_factor": "partial_rotary_factor",
+    "qk_norm": "use_qk_norm",
+}
+
+
+def _moe_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in MOE_KEYS}
+    defaults.update(partial_rotary_factor=1.0, qk_norm=True)  # LLaDA2's configuration defaults
+    out = {}
+    for field, key in MOE_KEYS.items():
+        value = _get(hf_config, key, default=defaults[field])
+        out[field] = type(defaults[field])(value)
+    return out
 
 
 def _id_when_absent(family: families.Family, key: str, hf_config: Mapping[str, Any], cfg: ModelConfig) -> Any:
@@ -200,6 +267,8 @@ def to_hf_config(cfg: ModelConfig, original: Mapping[str, Any] | None = None) ->
         out.setdefault(key, cfg.vocab_size)
     if cfg.bd_size is not None:
         out[keys.bd_size] = cfg.bd_size
+    if keys.moe:
+        out.update({key: getattr(cfg, field) for field, key in MOE_KEYS.items()})
     for key in ("mask_token_id", "pad_token_id", "eos_token_id", "eot_token_id"):
         value = getattr(cfg, key)
         if isinstance(out.get(key), list) and out[key] and out[key][0] == value:

@@ -43,6 +43,10 @@ class TensorNames:
     block: tuple[tuple[str, str], ...]  # (our module, HF module) per block, in export order
     final_norm: str
     lm_head: str  # tied checkpoints may still carry it, as a copy of the embedding
+    # mixture-of-experts layers (LLaDA2): their modules replace the block's gate/up/down_proj
+    router: str | None = None  # the router's module: "<router>.weight" [E, D] and "<router>.expert_bias" [E]
+    expert: str | None = None  # one routed expert's module, str.format'ed with expert=e
+    shared_expert: str | None = None  # the shared experts' module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,7 @@ class ConfigKeys:
     head_dim: str | None = None
     qkv_bias: str | None = None
     bd_size: str | None = None  # block-diffusion block size
+    moe: bool = False  # the config carries LLaDA2's MoE and attention-variant keys (dlmjax.config.MOE_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +130,11 @@ class Family:
 
     def block_names(self) -> dict[str, str]:
         return dict(self.tensor_names.block)
+
+    @property
+    def fused_qkv(self) -> bool:
+        """Queries, keys and values in one projection (LLaDA2's query_key_value)."""
+        return "qkv_proj" in self.block_names()
 
 
 _QWEN_BLOCK = (
@@ -324,7 +334,87 @@ QWEN2 = Family(
     ),
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLADA, DREAM, FAST_DLLM_V2, QWEN2)}
+# LLaDA2.0/2.1 (llada2.md): dInfer's chat format, with its "detailed thinking off" system turn
+# when the messages bring none (real checkpoints ship their own template).
+LLADA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<role>SYSTEM</role>detailed thinking off<|role_end|>' }}{% endif %}"
+    "{% for message in messages %}{{ '<role>' + message['role'] | upper | replace('USER', 'HUMAN') + '</role>'"
+    " + message['content'] + '<|role_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
+
+LLADA2 = Family(
+    name="llada2",
+    display_name="LLaDA2",
+    model_types=("llada2_moe",),
+    architectures=("LLaDA2MoeModelLM",),
+    autoregressive=False,
+    shifted_logits=False,
+    positions_from_mask=False,  # absolute positions 0..W-1 (generate() passes no padding)
+    chat_template=LLADA2_CHAT_TEMPLATE,
+    tensor_names=TensorNames(
+        embed="model.word_embeddings.weight",
+        block_prefix="model.layers.{layer}.",
+        block=(
+            ("attn_norm", "input_layernorm"),
+            ("qkv_proj", "attention.query_key_value"),  # rows [Q heads | K heads | V heads]
+            ("q_norm", "attention.query_layernorm"),
+            ("k_norm", "attention.key_layernorm"),
+            ("o_proj", "attention.dense"),
+            ("mlp_norm", "post_attention_layernorm"),
+            ("gate_proj", "mlp.gate_proj"),  # the dense layers [0, first_k_dense_replace)
+            ("up_proj", "mlp.up_proj"),
+            ("down_proj", "mlp.down_proj"),
+        ),
+        final_norm="model.norm.weight",
+        lm_head="lm_head.weight",
+        router="mlp.gate",
+        expert="mlp.experts.{expert}",
+        shared_expert="mlp.shared_experts",
+    ),
+    # <|role_end|> ends a turn, but its id is not pinned and generate() never checks it
+    special_ids=SpecialIds(mask_token_id=156895, eos_token_id=156892, pad_token_id=156892, eot_token_id=None),
+    config_keys=ConfigKeys(
+        vocab_size=("vocab_size",),
+        hidden_size="hidden_size",
+        num_layers="num_hidden_layers",
+        num_heads="num_attention_heads",
+        num_kv_heads="num_key_value_heads",
+        intermediate_size="intermediate_size",
+        max_position_embeddings="max_position_embeddings",
+        tie_word_embeddings="tie_word_embeddings",
+        head_dim="head_dim",
+        moe=True,
+    ),
+    tie_word_embeddings=False,
+    rope_theta=600000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=16384,
+    qkv_bias=False,
+    bd_size=None,
+    rejected=(
+        RejectedFlags(
+            ("use_qkv_bias", "use_bias"),
+            "this LLaDA2 config has attention biases (use_qkv_bias / use_bias), which the released LLaDA2 models do not; "
+            "dlmjax supports the released architecture only",
+        ),
+    ),
+    tiny=TinyCheckpoint(
+        special_tokens=("<|endoftext|>", "<|mask|>", "<|role_end|>"),
+        config_ids=(("pad_token_id", "<|endoftext|>"), ("eos_token_id", "<|endoftext|>"),
+                    ("mask_token_id", "<|mask|>")),
+        bos_token=None,
+        mask_token="<|mask|>",
+        eos_token="<|endoftext|>",
+        rope_theta=600000.0,
+        extra_config=(("hidden_act", "silu"), ("use_qkv_bias", False), ("use_bias", False), ("use_qk_norm", True),
+                      ("partial_rotary_factor", 0.5), ("num_experts", 8), ("num_experts_per_tok", 2),
+                      ("moe_intermediate_size", 16), ("num_shared_experts", 1), ("n_group", 4), ("topk_group", 2),
+                      ("routed_scaling_factor", 2.5), ("first_k_dense_replace", 1)),
+    ),
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLADA, DREAM, FAST_DLLM_V2, QWEN2, LLADA2)}
 _BY_MODEL_TYPE = {model_type.lower(): f for f in FAMILIES.values() for model_type in f.model_types}
 
 

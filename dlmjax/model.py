@@ -1,8 +1,8 @@
-"""One Flax NNX transformer for LLaDA, Dream and Fast-dLLM v2.
+"""One Flax NNX transformer for LLaDA, Dream, Fast-dLLM v2, Qwen2 and LLaDA2 (mixture of experts).
 
 Weights keep PyTorch's [out, in] layout, so a Hugging Face tensor maps onto a parameter
 without a transpose and exports back bit for bit. Every parameter carries its logical
-axis names in the `logical_axes` metadata (embed, heads, kv_heads, mlp, vocab) for the
+axis names in the `logical_axes` metadata (embed, heads, kv_heads, head_dim, mlp, vocab, expert) for the
 sharding rules.
 
 The forward is pure in everything that changes during decoding: token ids, positions,
@@ -86,8 +86,8 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim, eps, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+    def __init__(self, dim, eps, dtype, axis="embed"):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis,))
         self.eps = eps
 
     def __call__(self, x):
@@ -97,8 +97,98 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.weight[...]
 
 
+class Router(nnx.Module):
+    """LLaDA2's router: sigmoid scores of a linear gate [E, D]; `expert_bias` [E] shifts only
+    which experts are picked, never their weights (a buffer upstream, kept out of gradients here)."""
+
+    def __init__(self, cfg: ModelConfig, dtype):
+        self.weight = _zeros((cfg.num_experts, cfg.hidden_size), dtype, ("expert", "embed"))
+        self.expert_bias = _zeros((cfg.num_experts,), jnp.float32, ("expert",))
+        self.n_group, self.topk_group, self.top_k = cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok
+        self.scale = cfg.routed_scaling_factor
+
+    def __call__(self, x):
+        """Experts [N, k] (int32) and their weights [N, k] (float32) for tokens x [N, D]: scores
+        s = sigmoid(x W^T) in float32; groups ranked by the sum of their top two biased scores
+        s + bias, the best topk_group kept; the top k biased scores among their experts; weights
+        s normalised to sum 1 (k > 1), times routed_scaling_factor. Ties go to the lower index."""
+        n = x.shape[0]
+        scores = jax.nn.sigmoid(jnp.einsum("nd,ed->ne", x.astype(jnp.float32), self.weight[...].astype(jnp.float32)))
+        biased = scores + jax.lax.stop_gradient(self.expert_bias[...].astype(jnp.float32))
+        grouped = biased.reshape(n, self.n_group, -1)
+        group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [N, G]
+        _, best = jax.lax.top_k(group_score, self.topk_group)
+        keep = jnp.zeros((n, self.n_group), bool).at[jnp.arange(n)[:, None], best].set(True)
+        masked = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, -1)
+        _, experts = jax.lax.top_k(masked, self.top_k)
+        weights = jnp.take_along_axis(scores, experts, axis=-1)
+        if self.top_k > 1:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        return experts.astype(jnp.int32), weights * self.scale
+
+
+class Experts(nnx.Module):
+    """E SwiGLU experts stacked [E, out, in] (PyTorch's layout, one slice per expert), computed as
+    grouped matmuls over the tokens sorted by expert (`jax.lax.ragged_dot_general`), not a loop."""
+
+    def __init__(self, cfg: ModelConfig, dtype):
+        e, d, m = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = _zeros((e, m, d), dtype, ("expert", "mlp", "embed"))
+        self.up_proj = _zeros((e, m, d), dtype, ("expert", "mlp", "embed"))
+        self.down_proj = _zeros((e, d, m), dtype, ("expert", "embed", "mlp"))
+
+    def __call__(self, x, experts, weights):
+        """sum_k weights[n, k] expert_{experts[n, k]}(x[n]) for x [N, D], in float32 [N, D]."""
+        n, k = experts.shape
+        e = self.gate_proj.shape[0]
+        flat = experts.reshape(-1)
+        order = jnp.argsort(flat, stable=True)  # the N k (token, expert) pairs, grouped by expert
+        token = order // k
+        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        numbers = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+        def grouped(lhs, w):  # lhs [M, in] against each row's expert's w [out, in]
+            return jax.lax.ragged_dot_general(lhs, w[...], sizes, numbers, preferred_element_type=jnp.float32).astype(x.dtype)
+
+        rows = x[token]
+        hidden = jax.nn.silu(grouped(rows, self.gate_proj)) * grouped(rows, self.up_proj)
+        out = grouped(hidden, self.down_proj).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+        return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)): LLaDA2's shared expert."""
+
+    def __init__(self, d, width, dtype, rngs):
+        self.gate_proj = Linear(d, width, ("mlp", "embed"), bias=False, dtype=dtype, lora=None, rngs=rngs)
+        self.up_proj = Linear(d, width, ("mlp", "embed"), bias=False, dtype=dtype, lora=None, rngs=rngs)
+        self.down_proj = Linear(width, d, ("embed", "mlp"), bias=False, dtype=dtype, lora=None, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nnx.Module):
+    """LLaDA2's mixture of experts: routed experts weighted by the router, plus the always-on shared expert."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.router = Router(cfg, dtype)
+        self.experts = Experts(cfg, dtype)
+        width = cfg.moe_intermediate_size * cfg.num_shared_experts
+        self.shared = SwiGLU(cfg.hidden_size, width, dtype, rngs) if cfg.num_shared_experts else None
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        experts, weights = self.router(flat)
+        # the weighted sum in float32, cast back to the activations' dtype (as upstream's moe_infer)
+        y = self.experts(flat, experts, weights).astype(x.dtype).reshape(b, t, d)
+        return y if self.shared is None else y + self.shared(x)
+
+
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, lora: LoRAConfig | None, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, lora: LoRAConfig | None, rngs: nnx.Rngs, layer: int = 0):
         d, hd = cfg.hidden_size, cfg.head_dim
         q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
 
@@ -107,15 +197,41 @@ class Block(nnx.Module):
             return Linear(d_in, d_out, axes, bias=bias, dtype=dtype, lora=use_lora, rngs=rngs)
 
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.q_proj = proj("q_proj", d, q_out, ("heads", "embed"), cfg.qkv_bias)
-        self.k_proj = proj("k_proj", d, kv_out, ("kv_heads", "embed"), cfg.qkv_bias)
-        self.v_proj = proj("v_proj", d, kv_out, ("kv_heads", "embed"), cfg.qkv_bias)
+        if cfg.family_spec.fused_qkv:  # LLaDA2: one [Q heads | K heads | V heads] projection
+            self.qkv_proj = proj("qkv_proj", d, q_out + 2 * kv_out, ("heads", "embed"), cfg.qkv_bias)
+            self.q_proj = self.k_proj = self.v_proj = None
+        else:
+            self.q_proj = proj("q_proj", d, q_out, ("heads", "embed"), cfg.qkv_bias)
+            self.k_proj = proj("k_proj", d, kv_out, ("kv_heads", "embed"), cfg.qkv_bias)
+            self.v_proj = proj("v_proj", d, kv_out, ("kv_heads", "embed"), cfg.qkv_bias)
+            self.qkv_proj = None
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, "head_dim") if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, "head_dim") if cfg.qk_norm else None
         self.o_proj = proj("o_proj", q_out, d, ("embed", "heads"))
         self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.gate_proj = proj("gate_proj", d, cfg.intermediate_size, ("mlp", "embed"))
-        self.up_proj = proj("up_proj", d, cfg.intermediate_size, ("mlp", "embed"))
-        self.down_proj = proj("down_proj", cfg.intermediate_size, d, ("embed", "mlp"))
+        if cfg.is_moe_layer(layer):
+            self.moe = MoE(cfg, dtype, rngs)
+            self.gate_proj = self.up_proj = self.down_proj = None
+        else:
+            self.gate_proj = proj("gate_proj", d, cfg.intermediate_size, ("mlp", "embed"))
+            self.up_proj = proj("up_proj", d, cfg.intermediate_size, ("mlp", "embed"))
+            self.down_proj = proj("down_proj", cfg.intermediate_size, d, ("embed", "mlp"))
+            self.moe = None
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+    def _qkv(self, h, key):
+        """Queries [B, T, H, D], keys and values [B, T, Hkv, D], before RoPE."""
+        b, t, _ = h.shape
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(h, key(0)).reshape(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
+        else:
+            q = self.q_proj(h, key(0)).reshape(b, t, self.num_heads, self.head_dim)
+            k = self.k_proj(h, key(1)).reshape(b, t, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(h, key(2)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_index, cache_keep=None,
                  layout: Layout | None = None, kv=None, kernel: str = "auto", dropout=None):
@@ -126,9 +242,10 @@ class Block(nnx.Module):
 
         h = self.attn_norm(x)
         heads, kv_heads = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
-        q = constrain(apply_rope(self.q_proj(h, key(0)).reshape(b, t, self.num_heads, self.head_dim), cos, sin), heads, layout)
-        k = constrain(apply_rope(self.k_proj(h, key(1)).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin), kv_heads, layout)
-        v = constrain(self.v_proj(h, key(2)).reshape(b, t, self.num_kv_heads, self.head_dim), kv_heads, layout)
+        q, k, v = self._qkv(h, key)
+        q = constrain(apply_rope(q, cos, sin), heads, layout)
+        k = constrain(apply_rope(k, cos, sin), kv_heads, layout)
+        v = constrain(v, kv_heads, layout)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
         if cache is not None:
             cache = cache.write(layer, k, v, cache_index, cache_keep)
@@ -141,6 +258,8 @@ class Block(nnx.Module):
         a = attend(q, k, v, mask, shard, kernel).reshape(b, t, -1)
         x = constrain(x + self.o_proj(a, key(3)), RESIDUAL, layout)
         h = self.mlp_norm(x)
+        if self.moe is not None:
+            return constrain(x + self.moe(h), RESIDUAL, layout), cache
         hidden = constrain(jax.nn.silu(self.gate_proj(h, key(4))) * self.up_proj(h, key(5)), ("batch", "length", "mlp"), layout)
         x = constrain(x + self.down_proj(hidden, key(6)), RESIDUAL, layout)
         return x, cache
@@ -158,7 +277,10 @@ class Transformer(nnx.Module):
         self.config = cfg
         self.lora = lora
         self.embed = _zeros((cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))
-        self.layers = nnx.List([Block(cfg, dtype, lora, rngs) for _ in range(cfg.num_layers)])
+        if lora is not None and cfg.num_experts:
+            raise DlmjaxError(f"LoRA on the {cfg.family_spec.display_name} mixture of experts is not supported yet; "
+                              "merge the adapter into the weights (lora='merge')")
+        self.layers = nnx.List([Block(cfg, dtype, lora, rngs, i) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _zeros((cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))
 
@@ -203,7 +325,7 @@ class Transformer(nnx.Module):
         # batch axes like the ids, instead of over fsdp twice (batch and embed).
         table = constrain(self.embed[...], ("vocab", None), layout)
         x = constrain(table[input_ids], RESIDUAL, layout)
-        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_tables(positions, self.config.rotary_dim, self.config.rope_theta)
         if cache is not None:  # keys come from the cache: never attend to a slot nothing was written to
             cache = cache.mark_written(cache_index, input_ids.shape[1], cache_keep)
             mask = restrict_keys(mask, cache.written)

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dlmjax.errors import DlmjaxError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "lora_rank")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "lora_rank", "expert")
 logger = logging.getLogger("dlmjax.sharding")
 
 _TP = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}

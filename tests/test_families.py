@@ -68,7 +68,14 @@ def test_tensor_names_cover_every_parameter_of_the_model(record, tied):
     model = nnx.eval_shape(lambda: Transformer(cfg))
     params = {path: tuple(leaf.shape) for path, leaf in nnx.state(model, nnx.Param).flat_state()}
     specs = layouts.tensor_specs(cfg)
-    assert {s.path: s.shape for s in specs} == params
+    assert layouts.parameter_shapes(cfg, specs) == params
+    # a stacked weight (experts) is read from exactly one tensor per slice
+    slices: dict = {}
+    for s in specs:
+        if s.index is not None:
+            slices.setdefault(s.path, []).append(s.index)
+    assert all(sorted(indices) == list(range(cfg.num_experts)) for indices in slices.values())
+    assert bool(slices) == bool(cfg.num_experts)
     hf_names = [s.hf_name for s in specs]
     assert len(set(hf_names)) == len(hf_names)
     assert (layouts.head_name(cfg) in hf_names) == (not tied)
