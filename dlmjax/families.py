@@ -350,7 +350,9 @@ LLADA2 = Family(
     architectures=("LLaDA2MoeModelLM",),
     autoregressive=False,
     shifted_logits=False,
-    positions_from_mask=False,  # absolute positions 0..W-1 (generate() passes no padding)
+    # upstream's generate() takes one unpadded row at positions 0..W-1; a left-padded row numbers its real
+    # tokens from 0 so that it decodes as it would alone (its blocks are aligned to its own position 0)
+    positions_from_mask=True,
     chat_template=LLADA2_CHAT_TEMPLATE,
     tensor_names=TensorNames(
         embed="model.word_embeddings.weight",

@@ -34,6 +34,10 @@ PINS = {
     # False (the block-level prefix cache only, no sub-block DualCache); 2.3: `c > threshold`
     "fast-dllm-v2": dict(rule="threshold", blocks="fdv2", threshold=0.9, strict=True, sub_block_length=8, block_length=32,
                          attention="block_causal", cache="block"),
+    # llada2.md 6 (M20:1263-1277): generate() defaults block_length 32, steps 32 (per block), threshold 0.95 (strict,
+    # step 4), minimal_topk 1, eos_early_stop False; blocks from position 0 (5); the exact cache is SGLang's/dInfer's (5)
+    "llada2": dict(rule="quota_threshold", blocks="aligned", threshold=0.95, steps=32, minimal_topk=1, eos_early_stop=False,
+                   block_length=32, attention="block_causal", cache="block"),
 }
 
 
@@ -43,7 +47,8 @@ def test_preset_defaults(method):
     block_length = pins.pop("block_length")
     m = build_method(method, gen_length=256)
     assert m.block_length == (block_length or 256), m
-    assert m.gen_length == 256 and m.steps == 256  # LLaDA's and the papers' steps = gen_length by default
+    # LLaDA's and the papers' steps = gen_length by default (LLaDA2's are per block)
+    assert m.gen_length == 256 and m.steps == pins.pop("steps", 256)
     assert type(m.rule) is rules.RULES[pins.pop("rule")], m.rule
     blocks = pins.pop("blocks", "semi_ar")
     assert m.blocks.name == blocks, m.blocks

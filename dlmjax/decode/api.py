@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlmjax.decode import rules
+from dlmjax.decode import rules, schedules
 from dlmjax.decode.ar import ARKnobs, ARMethod, ARTokens, decode_ar
 from dlmjax.decode import engine
 from dlmjax.decode.engine import Batch, Tokens
@@ -141,6 +141,8 @@ def generate(
     tau_conf: float | None = None,
     sub_block_length: int | None = None,
     strict: bool | None = None,
+    minimal_topk: int | None = None,
+    eos_early_stop: bool | None = None,
     blocks: str | None = None,
     cache: str | None = None,
     attention: str | None = None,
@@ -152,7 +154,7 @@ def generate(
     _emit=None,
 ) -> GenerateOutput:
     """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet",
-    "d2f", "fast-dllm-v2"; default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
+    "d2f", "fast-dllm-v2", "llada2"; default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
     `method` may also be a composed `dlmjax.decode.Method` (e.g. `presets.fast_dllm(256, threshold=0.8)`
     or `compose(...)`), which carries its own knobs.
     Autoregressive models (family qwen2) decode with method "ar" (their default and only method),
@@ -183,7 +185,7 @@ def generate(
         logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf, alg=alg, alg_temp=alg_temp, top_p=top_p,
         top_k=top_k, eps=eps, cfg_scale=cfg_scale, gumbel_x64=gumbel_x64, cache=cache, attention=attention,
         temperature=temperature, tau_add=tau_add, tau_act=tau_act, tau_conf=tau_conf, blocks=blocks,
-        sub_block_length=sub_block_length, strict=strict,
+        sub_block_length=sub_block_length, strict=strict, minimal_topk=minimal_topk, eos_early_stop=eos_early_stop,
     )
     if isinstance(method, Method):
         given = [name for name, value in knobs.items() if value is not None]
@@ -266,8 +268,8 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
     m.blocks.check_model(cfg)
     if (m.stop_at_eos or m.logits_eos_inf or m.confidence_eos_eot_inf) and cfg.eos_token_id is None:
         raise DlmjaxError("this model's config has no eos_token_id; set it in config.json or drop the EOS options")
-    ids, mask, limit = _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat, gen_length)
-    if m.attention == "block_causal":  # blocks counted from position 0 must line up with the generation blocks
+    ids, mask, limit = _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat, m.canvas_length)
+    if m.attention == "block_causal" and not isinstance(m.blocks, schedules.Aligned):  # blocks counted from position 0 must line up with the generation blocks
         prompt_bucket = m.block_length * max(1, prompt_bucket // m.block_length)
         if -(-ids.shape[1] // m.block_length) * m.block_length > limit:
             raise DlmjaxError(

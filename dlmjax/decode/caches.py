@@ -43,7 +43,7 @@ class Cache(Part):
 
     def init(self, ctx, batch: int) -> KVCache | None:
         """The cache before the first step (with what the policy writes up front)."""
-        return KVCache.zeros(ctx.model.config, batch, ctx.prompt_length + ctx.method.gen_length, ctx.model.embed[...].dtype)
+        return KVCache.zeros(ctx.model.config, batch, ctx.prompt_length + ctx.method.canvas_length, ctx.model.embed[...].dtype)
 
     def prefill(self, ctx, prompt, cache, nfe):
         """(cache, nfe) once the prompt [B, P] is written, for policies that write it before the loop."""
@@ -95,7 +95,7 @@ class Prefix(Cache):
 
 def _exact_window(ctx, s, win: Window, noise, v, keep=None, writes=None):
     """The forward of an exact window (one compiled branch per width) and its predictions."""
-    p, g = ctx.prompt_length, ctx.method.gen_length
+    p, g = ctx.prompt_length, ctx.method.canvas_length
     length = p + g
     shifted = int(ctx.shifted)
 

@@ -211,7 +211,8 @@ def _iteration(ctx: Context, s: State) -> State:
     if ctx.emit is not None:
         from dlmjax.decode.stream import send
 
-        send(ctx.emit, ctx.stream_id, m.block_length, masked_before, done_before, s, ctx.prompt_length, ctx.tokens.mask)
+        send(ctx.emit, ctx.stream_id, m.block_length, masked_before, done_before, s, ctx.prompt_length, ctx.tokens.mask,
+             m.gen_length)
     masked = s.x[:, ctx.prompt_length:] == ctx.tokens.mask
     s = dataclasses.replace(s, sched=m.blocks.settle(s.sched, masked, s.done, m.rule))
     return s.constrain(ctx.layout)
@@ -247,7 +248,7 @@ def _run(graphdef, state, batch: Batch, method: Method, key, stream_id=None, *, 
     model = nnx.merge(graphdef, state)
     cfg = model.config
     b, p = prompt.shape
-    g = method.gen_length
+    g = method.canvas_length
     full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, g), prompt_mask.dtype)], axis=1)
     positions = position_ids(cfg, full_mask)
     attn = method.blocks.mask(method.attention, positions, full_mask, p)
@@ -266,7 +267,8 @@ def _run(graphdef, state, batch: Batch, method: Method, key, stream_id=None, *, 
         return method.blocks.running(s.sched) & jnp.any(~s.done) & (s.steps < method.blocks.max_steps)
 
     final = jax.lax.while_loop(running, lambda s: _iteration(ctx, s), init.constrain(layout))
-    return Output(tokens=final.x[:, p:], nfe=final.nfe, trajectory=final.trajectory, steps=final.steps)
+    answer = method.gen_length  # the canvas may run past it (LLaDA2's last block)
+    return Output(tokens=final.x[:, p:p + answer], nfe=final.nfe, trajectory=final.trajectory[:, :answer], steps=final.steps)
 
 
 run = jax.jit(_run, static_argnames=("graphdef", "layout", "kernel", "emit"))

@@ -64,6 +64,12 @@ class Method(Part):
         return self.blocks.gen_length
 
     @property
+    def canvas_length(self) -> int:
+        """The generation region the decode carries (LLaDA2's blocks decode the last block whole,
+        past gen_length); the output keeps its first gen_length positions."""
+        return getattr(self.blocks, "canvas_length", self.gen_length)
+
+    @property
     def block_length(self) -> int:
         return self.blocks.block_length
 
@@ -105,6 +111,8 @@ class Method(Part):
             allowed = ("none", "block", "dual") if self.blocks.has_sub_blocks else ("none", "block")
             if self.cache.name not in allowed:
                 raise DlmjaxError(f"{what} takes cache={' or '.join(repr(c) for c in allowed)}, not '{self.cache.name}'")
+        if isinstance(self.rule, rules.QuotaThreshold) and not isinstance(self.blocks, schedules.Aligned):
+            raise DlmjaxError("rule 'quota_threshold' takes its quotas from LLaDA2's blocks; use method='llada2' (blocks='aligned')")
         if isinstance(self.rule, rules.D2F) and not isinstance(self.blocks, Pipeline):
             raise DlmjaxError("rule 'd2f' needs D2F's pipeline of blocks; use method='d2f' (blocks='d2f')")
         if isinstance(self.rule, rules.Dream) and (self.guidance is not None or self.gumbel_x64):

@@ -15,8 +15,9 @@ from dlmjax.decode.method import Method, compose
 def _preset(name: str, defaults: dict[str, Any], gen_length: int, knobs: dict[str, Any]) -> Method:
     given = {k for k, v in knobs.items() if v is not None}
     settings = {**defaults, **{k: v for k, v in knobs.items() if v is not None}, "gen_length": gen_length}
-    if "block_length" not in given:  # the paper's block, never longer than the canvas
+    if "block_length" not in given and defaults.get("blocks") != "aligned":  # the paper's block, never longer than the canvas
         settings["block_length"] = min(defaults.get("block_length") or gen_length, gen_length)
+    # (LLaDA2's blocks are the model's, counted from position 0: a short answer still fills a whole one)
     settings.setdefault("steps", gen_length)  # LLaDA's and the papers' steps = gen_length
     return compose(settings, given, name)
 
@@ -70,7 +71,16 @@ def d2f(gen_length: int, **knobs) -> Method:
     return _preset("d2f", defaults, gen_length, knobs)
 
 
+def llada2(gen_length: int, **knobs) -> Method:
+    """LLaDA2.0's generate(): blocks of 32 from position 0 (the first holds the prompt's tail), at most 32
+    steps a block, each committing every token with confidence > 0.95 when they fill the step's quota,
+    else the quota's most confident (upstream's defaults; llada2.md section 6), with the exact block cache."""
+    defaults = dict(rule="quota_threshold", threshold=0.95, blocks="aligned", attention="block_causal", block_length=32,
+                    steps=32, minimal_topk=1, cache="block")
+    return _preset("llada2", defaults, gen_length, knobs)
+
+
 PRESETS: dict[str, Callable[..., Method]] = {
     "llada": llada, "fast-dllm": fast_dllm, "dparallel": dparallel, "sched": sched, "prophet": prophet, "dream": dream, "d2f": d2f,
-    "fast-dllm-v2": fast_dllm_v2,
+    "fast-dllm-v2": fast_dllm_v2, "llada2": llada2,
 }

@@ -113,6 +113,27 @@ class Threshold(Rule):
 
 
 @part
+class QuotaThreshold(Rule):
+    """LLaDA2.0: every candidate with confidence > threshold (strict) when there are at least the
+    step's quota of them, else the quota's most confident candidates (LLaDA2's blocks give the quota)."""
+
+    name: ClassVar[str] = "quota_threshold"
+    threshold: float = traced(0.95, "commit every candidate whose confidence is > this when they fill the step's quota "
+                                    "(else the quota's most confident)")
+
+    def check(self) -> None:
+        if not 0 <= self.threshold <= 1:
+            raise DlmjaxError(f"confidence threshold {self.threshold} is outside [0, 1]; pass a threshold such as 0.95")
+
+    def commit(self, step: Step) -> jax.Array:
+        candidates = step.candidates
+        sure = candidates & (step.confidence > self.threshold)
+        enough = jnp.sum(sure, axis=-1) >= step.quota
+        score = jnp.where(candidates, step.confidence, NEG_INF)
+        return jnp.where(enough[:, None], sure, quota_commit(score, candidates, step.quota))
+
+
+@part
 class Factor(Rule):
     """Fast-dLLM's factor rule: the longest prefix of the descending confidences with
     c_(n) >= 1 - factor / (n + 1) at every rank n (1-based); at least one token.
@@ -268,4 +289,4 @@ class Dream(Rule):
         return x0, to_region(quota_commit(score, block_candidates, jnp.broadcast_to(n, (b,))))
 
 
-RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Quota, Threshold, Factor, Entropy, D2F, Dream)}
+RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Quota, Threshold, QuotaThreshold, Factor, Entropy, D2F, Dream)}

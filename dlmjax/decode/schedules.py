@@ -19,6 +19,9 @@ loop (a pytree in `State.sched`) and updates it after the commit.
   is decoded to at least `tau_add`; block j + 1 is fully activated (must commit a token every
   step) once block j is decoded to at least `tau_act`; every added block is a window, decoded in
   the same forward. A row stops adding blocks once it commits an EOS.
+* `Aligned`: LLaDA2.0's blocks. Blocks are aligned to each row's position 0 as in `Hierarchy`,
+  without sub-blocks: each step commits, in the row's current block, at least the step's quota
+  (block_length spread over `steps`), and a block ends when it has no mask left.
 """
 
 from __future__ import annotations
@@ -131,6 +134,15 @@ class Schedule(Part):
             raise DlmjaxError(f"gen_length and block_length must be positive, got {gen} and {block}")
         if gen % block:
             raise DlmjaxError(f"gen_length {gen} is not divisible by block_length {block}; pick a block_length that divides it")
+
+
+def _position_window_mask(positions, full_mask, query_index, block_length: int):
+    """[B, W, P + G]: the queries at canvas indices `query_index` ([W] or [B, W]) against every
+    slot, block-causal by position (blocks of `block_length` from each row's position 0)."""
+    query_index = jnp.broadcast_to(query_index, (positions.shape[0],) + query_index.shape[-1:])
+    query_block = jnp.take_along_axis(positions, query_index, axis=1) // block_length
+    key_block = positions // block_length
+    return full_mask.astype(bool)[:, None, :] & (key_block[:, None, :] <= query_block[:, :, None])
 
 
 def block_span(block, gen_length: int, block_length: int) -> jax.Array:
@@ -387,11 +399,7 @@ class Hierarchy(Schedule):
         return position_block_causal(positions, full_mask, self.block_length)
 
     def window_mask(self, attention: str, positions, full_mask, prompt_length: int, query_index):
-        """[B, W, P + G]: the queries at canvas indices `query_index` ([W] or [B, W]) by position."""
-        query_index = jnp.broadcast_to(query_index, (positions.shape[0],) + query_index.shape[-1:])
-        query_block = jnp.take_along_axis(positions, query_index, axis=1) // self.block_length
-        key_block = positions // self.block_length
-        return full_mask.astype(bool)[:, None, :] & (key_block[:, None, :] <= query_block[:, :, None])
+        return _position_window_mask(positions, full_mask, query_index, self.block_length)
 
     def exact_window(self, st: HierarchyState, masked, done, shifted: bool, prompt_length: int) -> Window:
         """The row's current block and the position after it (whose prediction, from the block's
@@ -455,4 +463,131 @@ class Hierarchy(Schedule):
         return st, finished, keep
 
 
-SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (SemiAR, Hierarchy, Pipeline)}
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AlignedState:
+    block: jax.Array  # [B] the block being decoded (0: the one holding the prompt's last token, or starting after it)
+    i: jax.Array  # [B] steps taken in it
+    prompt_length: jax.Array  # [B] real prompt tokens (blocks are aligned to the row's position 0)
+    fresh: jax.Array  # [B] the row's next forward is the first of its block
+    cold: jax.Array  # scalar: no forward yet (the exact cache's first forward writes the whole canvas)
+
+
+@part
+class Aligned(Schedule):
+    """LLaDA2.0's blocks (SPEC.md, LLaDA2): per row, blocks of block_length from position 0, the
+    first holding the prompt's tail; each block runs at most `steps` forwards (min(steps, gen_length
+    // minimal_topk)), each committing at least the step's quota (block_length spread evenly over
+    the steps) and ending once the block has no mask. The last block is decoded whole, past
+    gen_length (the canvas holds gen_length + block_length - 1 positions; the output keeps
+    gen_length). A row stops after a block that leaves a stop token with no mask before it, and,
+    with eos_early_stop, at the step that commits one."""
+
+    name: ClassVar[str] = "aligned"
+    title: ClassVar[str] = "LLaDA2's blocks"
+    gen_length: int = gen_length_field()
+    block_length: int = block_length_field(32)
+    steps: int = static(32, "LLaDA2: forward passes per block at most (each commits at least block_length / steps tokens)")
+    minimal_topk: int = static(1, "LLaDA2: caps steps per block at gen_length // minimal_topk (upstream's rule)")
+    eos_early_stop: bool = static(False, "LLaDA2: stop a row at the step that commits a stop token with no mask before it")
+
+    def check(self) -> None:
+        gen, block = self.gen_length, self.block_length
+        if gen <= 0 or block <= 0:
+            raise DlmjaxError(f"gen_length and block_length must be positive, got {gen} and {block}")
+        if self.steps <= 0 or self.minimal_topk <= 0:
+            raise DlmjaxError(f"steps and minimal_topk must be positive, got {self.steps} and {self.minimal_topk}")
+        if gen // self.minimal_topk == 0:
+            raise DlmjaxError(f"minimal_topk {self.minimal_topk} exceeds gen_length {gen}, which leaves no step; lower it")
+
+    def check_model(self, cfg) -> None:
+        if cfg.shifted_logits:
+            raise DlmjaxError(f"method 'llada2' reads each position's own prediction, but {cfg.family} predicts the next "
+                              "token; use 'fast-dllm-v2', 'd2f' or 'fast-dllm'")
+
+    @property
+    def canvas_length(self) -> int:
+        """The generation region the decode carries: any row's blocks end within it."""
+        return self.gen_length + self.block_length - 1
+
+    @property
+    def steps_per_block(self) -> int:
+        return min(self.steps, self.gen_length // self.minimal_topk)
+
+    @property
+    def num_blocks(self) -> int:  # a row's blocks at most
+        return -(-self.canvas_length // self.block_length)
+
+    @property
+    def max_steps(self) -> int:  # every block: its steps, one commit a step at least
+        return self.num_blocks * min(self.steps_per_block, self.block_length)
+
+    def init(self, masked, prompt_lengths) -> AlignedState:
+        ones = jnp.ones_like(prompt_lengths, bool)
+        return AlignedState(block=jnp.zeros_like(prompt_lengths), i=jnp.zeros_like(prompt_lengths),
+                            prompt_length=prompt_lengths, fresh=ones, cold=jnp.bool_(True))
+
+    def running(self, st: AlignedState) -> jax.Array:
+        return jnp.bool_(True)
+
+    def _geometry(self, st: AlignedState):
+        """Every canvas position's block [B, G'] counted from the row's first denoised block, the
+        row's last block [B], and the end [B] of its current block (a generation index)."""
+        bs = self.block_length
+        position = st.prompt_length[:, None] + jnp.arange(self.canvas_length)[None, :]
+        first = st.prompt_length // bs
+        block = position // bs - first[:, None]
+        last = (st.prompt_length + self.gen_length - 1) // bs - first  # the block holding the answer's last position
+        hi = (first + st.block + 1) * bs - st.prompt_length
+        return block, last, hi
+
+    def mask(self, attention: str, positions, full_mask, prompt_length: int):
+        return position_block_causal(positions, full_mask, self.block_length)
+
+    def window_mask(self, attention: str, positions, full_mask, prompt_length: int, query_index):
+        return _position_window_mask(positions, full_mask, query_index, self.block_length)
+
+    def exact_window(self, st: AlignedState, masked, done, shifted: bool, prompt_length: int) -> Window:
+        """The row's current block, with the block before it on the block's first forward (its K/V
+        rewritten from its final tokens, once); the first forward feeds the whole canvas."""
+        _, _, hi = self._geometry(st)
+        k = self.block_length
+        which = jnp.where(st.cold, 2, jnp.where(jnp.any(st.fresh & ~done), 1, 0)).astype(jnp.int32)
+        return Window(end=hi, widths=(k, 2 * k, prompt_length + self.canvas_length), which=which)
+
+    def begin(self, st: AlignedState, masked, done, rule, refresh_commits_one: bool):
+        block, _, _ = self._geometry(st)
+        region = block == st.block[:, None]
+        active = ~done & jnp.any(masked & region, axis=-1)
+        spb = self.steps_per_block
+        quota = self.block_length // spb + (st.i < self.block_length % spb).astype(jnp.int32)
+        view = View(run=jnp.bool_(True), active=active, region=region & active[:, None], windows=1, force=None,
+                    block=jnp.int32(0), i=jnp.int32(0), noise_start=0, noise_length=self.canvas_length, quota=quota)
+        return st, view
+
+    def settle(self, st: AlignedState, masked, done, rule) -> AlignedState:
+        return st
+
+    def after(self, st: AlignedState, before, x_gen, tokens):
+        """Move rows whose block has no mask left to their next block; the rows that are finished
+        (past their last block, or stopped by a stop token) and the positions they keep."""
+        block, last, _ = self._geometry(st)
+        masked = x_gen == tokens.mask
+        in_block = block == st.block[:, None]
+        complete = ~jnp.any(masked & in_block, axis=-1)
+        stopped, stop_at = first_stop(x_gen, tokens)
+        g = jnp.arange(self.canvas_length)[None, :]
+        # a stop token up to the block's end with no mask before it: after the block always, at the step
+        # that commits one with eos_early_stop (upstream looks only at the generated part, SPEC.md)
+        ends = stopped & complete & (stop_at < jnp.max(jnp.where(in_block, g + 1, 0), axis=-1))
+        if self.eos_early_stop and tokens.stops:
+            committed = before & ~masked & jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype))
+            ends = ends | (stopped & jnp.any(committed, axis=-1))
+        finished = ends | (complete & (st.block >= last))
+        st = dataclasses.replace(st, block=jnp.where(complete, st.block + 1, st.block), i=jnp.where(complete, 0, st.i + 1),
+                                 fresh=complete, cold=jnp.bool_(False))
+        keep = ~masked & ~(stopped[:, None] & (g > stop_at[:, None])) & (g < self.gen_length)
+        return st, finished, keep
+
+
+SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (SemiAR, Hierarchy, Pipeline, Aligned)}

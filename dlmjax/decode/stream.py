@@ -89,11 +89,13 @@ def completed_blocks(masked: jax.Array, block_length: int) -> jax.Array:
     return jnp.sum(~jnp.any(padded.reshape(b, nb, block_length), axis=-1), axis=-1)
 
 
-def send(emit: Emit, stream_id, block_length: int, masked_before, done_before, s, prompt_length: int, mask_id: int) -> None:
+def send(emit: Emit, stream_id, block_length: int, masked_before, done_before, s, prompt_length: int, mask_id: int,
+         gen_length: int) -> None:
     """In the loop body: call back to the host when `emit.every` says so (no result; the device
-    does not wait on it)."""
-    x_gen = s.x[:, prompt_length:]
+    does not wait on it). The host sees the first gen_length positions (the answer's)."""
+    x_gen = s.x[:, prompt_length:prompt_length + gen_length]
     masked = x_gen == mask_id
+    masked_before = masked_before[:, :gen_length]
     if emit.every == "step":
         now = jnp.bool_(True)
     else:
@@ -101,7 +103,7 @@ def send(emit: Emit, stream_id, block_length: int, masked_before, done_before, s
         now = jnp.any(grew | (s.done & ~done_before))
 
     def call():
-        io_callback(emit.hub.deliver, None, stream_id, s.steps, x_gen, s.trajectory, s.nfe, s.done,
+        io_callback(emit.hub.deliver, None, stream_id, s.steps, x_gen, s.trajectory[:, :gen_length], s.nfe, s.done,
                                      ordered=False)
 
     jax.lax.cond(now, call, lambda: None)
