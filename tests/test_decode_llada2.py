@@ -1,8 +1,9 @@
-"""method="llada2" (LLaDA2.0's block decoding) against tests/decode_reference_llada2.py, a plain
-loop written from llada2.md section 6 alone that calls the model once per forward on the whole
-window (no cache): tokens and NFE per row, single prompts and left-padded batches, with and
-without the exact block cache, across thresholds, step counts and prompt/answer lengths that put
-the prompt's tail in the first block and run the last block past gen_length."""
+"""method="llada2" (LLaDA2.0's block decoding) and "llada2.1" (its token editing) against
+tests/decode_reference_llada2.py, plain loops written from llada2.md sections 6 and 7 alone that
+call the model once per forward on the whole window (no cache): tokens, NFE and (2.1) the edits of
+every position per row, single prompts and left-padded batches, with and without the exact block
+cache, across thresholds, step counts and prompt/answer lengths that put the prompt's tail in the
+first block and run the last block past gen_length."""
 
 import numpy as np
 import pytest
@@ -97,6 +98,74 @@ def test_stops_equal_the_reference(lm):
         assert np.any(out.nfe < free.nfe)  # some row stopped early
 
 
+def _edits(want, prompt, gen_length):
+    """Per answer position, how often the reference rewrote it."""
+    edits = np.zeros(gen_length, int)
+    for step in want["steps_log"]:
+        for position in step["edited"]:
+            if position - len(prompt) < gen_length:
+                edits[position - len(prompt)] += 1
+    return edits
+
+
+@pytest.mark.parametrize("cache", ["none", "block"])
+@pytest.mark.parametrize("threshold, editing_threshold, max_post_steps, num_to_transfer, gen_length", [
+    (0.7, 0.5, 16, 1, 13),  # mode Q
+    (0.5, 0.0, 16, 1, 16),  # mode S: every changed prediction is rewritten (blocks run to max_post_steps)
+    (0.3, 0.2, 2, 2, 11),
+    (0.9, 1.0, 0, 1, 12),  # no edit can pass 1.0; no post step
+    (0.2, 0.1, 1, 3, 16),
+])
+def test_editing_equals_the_reference(lm, cache, threshold, editing_threshold, max_post_steps, num_to_transfer, gen_length):
+    """LLaDA2.1: rows of a left-padded batch decode as the reference decodes them alone: the tokens
+    (cut after the first EOS, as upstream returns them), the NFE and how often each position was
+    rewritten (so also the edits of every block)."""
+    prompts = _prompts(0, (3, 8, 11, 16))
+    cfg = lm.config
+    knobs = dict(gen_length=gen_length, block_length=B, threshold=threshold, editing_threshold=editing_threshold,
+                 max_post_steps=max_post_steps, num_to_transfer=num_to_transfer)
+    out = lm.generate(prompts, method="llada2.1", cache=cache, **knobs)
+    edited = 0
+    for row, prompt in enumerate(prompts):
+        want = reference.llada21_generate(_logits_fn(lm), prompt, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id, **knobs)
+        assert list(out.tokens[row]) == want["tokens"], (row, len(prompt))
+        assert int(out.nfe[row]) == want["nfe"], (row, len(prompt))
+        assert np.array_equal(out.edits[row], _edits(want, prompt, gen_length)), (row, len(prompt))
+        edited += int(out.edits[row].sum())
+    if editing_threshold >= 1:
+        assert edited == 0
+    elif editing_threshold <= 0.2:  # low editing thresholds do rewrite tokens of this random model
+        assert edited > 0
+
+
+def test_editing_stop_equals_the_reference(lm):
+    """LLaDA2.1 with eos_early_stop ends a row after the block that leaves a stop token (without it,
+    the row decodes to its last block): tokens up to the stop, NFE as the reference's."""
+    prompts = _prompts(1, (5, 9, 14))
+    cfg = lm.config
+    knobs = dict(gen_length=24, block_length=B, threshold=0.3, editing_threshold=0.5, max_post_steps=2)
+    free = lm.generate(prompts, method="llada2.1", stop_token_ids=[], **knobs)
+    values, counts = np.unique(free.tokens, return_counts=True)
+    for stop in values[np.argsort(-counts, kind="stable")][:8]:
+        wants = [reference.llada21_generate(_logits_fn(lm), p, eos_early_stop=True, mask_id=cfg.mask_token_id, eos_id=int(stop),
+                                            **knobs) for p in prompts]
+        if any(w["nfe"] < n for w, n in zip(wants, free.nfe)):
+            break
+    else:
+        pytest.fail("no frequent token whose stop ends a row early")
+    out = lm.generate(prompts, method="llada2.1", eos_early_stop=True, stop_token_ids=[int(stop)], **knobs)
+    for row, w in enumerate(wants):
+        assert list(out.tokens[row]) [: int(out.lengths[row])] == w["tokens"][: int(out.lengths[row])], row
+        assert int(out.nfe[row]) == w["nfe"], row
+
+
+def test_modes_are_presets(lm):
+    q, s = (lm.generate([[1, 2, 3]], method=m, gen_length=8).method for m in ("llada2.1-q", "llada2.1-s"))
+    assert (float(q.rule.threshold), float(q.rule.editing_threshold)) == (0.7, 0.5)
+    assert (float(s.rule.threshold), float(s.rule.editing_threshold)) == (0.5, 0.0)
+    assert q.blocks.max_post_steps == s.blocks.max_post_steps == 16 and q.block_length == 32
+
+
 def test_bad_knobs_are_one_line(lm, tmp_path):
     with pytest.raises(DlmjaxError, match="sub_block_length does not apply to method 'llada2'"):
         lm.generate([[1, 2, 3]], method="llada2", gen_length=8, sub_block_length=4)
@@ -104,6 +173,14 @@ def test_bad_knobs_are_one_line(lm, tmp_path):
         lm.generate([[1, 2, 3]], method="llada2", gen_length=8, threshold=1.5)
     with pytest.raises(DlmjaxError, match="takes cache='none' or 'block'"):
         lm.generate([[1, 2, 3]], method="llada2", gen_length=8, cache="dual")
+    with pytest.raises(DlmjaxError, match="editing_threshold does not apply to method 'llada2'"):
+        lm.generate([[1, 2, 3]], method="llada2", gen_length=8, editing_threshold=0.5)
+    with pytest.raises(DlmjaxError, match="steps does not apply to method 'llada2.1'"):
+        lm.generate([[1, 2, 3]], method="llada2.1", gen_length=8, steps=8)
+    with pytest.raises(DlmjaxError, match=r"editing_threshold 1.5 is outside \[0, 1\]"):
+        lm.generate([[1, 2, 3]], method="llada2.1", gen_length=8, editing_threshold=1.5)
+    with pytest.raises(DlmjaxError, match="num_to_transfer 0 must be at least 1"):
+        lm.generate([[1, 2, 3]], method="llada2.1", gen_length=8, num_to_transfer=0)
     with pytest.raises(DlmjaxError, match="minimal_topk 9 exceeds gen_length 8"):
         lm.generate([[1, 2, 3]], method="llada2", gen_length=8, minimal_topk=9)
     dream = dlmjax.load(testing.write_tiny_checkpoint(tmp_path / "dream", "dream", num_layers=1), progress=False)

@@ -49,7 +49,7 @@ def test_traced_knobs_keep_the_structure_and_static_ones_change_it():
 @pytest.mark.parametrize(
     "name,knobs,message",
     [
-        ("llada", dict(threshold=0.9), "threshold does not apply to method 'llada' .*rule 'threshold' and rule 'quota_threshold' and rule 'entropy'"),
+        ("llada", dict(threshold=0.9), "threshold does not apply to method 'llada' .*rule 'threshold' and rule 'quota_threshold' and rule 'editing' and rule 'entropy'"),
         ("fast-dllm", dict(tau_low=1.0), "tau_low does not apply .*schedule 'linear' and schedule 'cosine' and schedule 'exp'"),
         ("dream", dict(factor=1.0), "factor does not apply to method 'dream' .*rule 'factor'"),
         ("llada", dict(schedule="exp", exit_k=2.0, alg_temp=0.1), "alg_temp does not apply .*rule 'dream'"),

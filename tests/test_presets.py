@@ -38,6 +38,10 @@ PINS = {
     # step 4), minimal_topk 1, eos_early_stop False; blocks from position 0 (5); the exact cache is SGLang's/dInfer's (5)
     "llada2": dict(rule="quota_threshold", blocks="aligned", threshold=0.95, steps=32, minimal_topk=1, eos_early_stop=False,
                    block_length=32, attention="block_causal", cache="block"),
+    # llada2.md 7 (M21:1239-1257): editing_threshold 0.9 in the signature, 0.5 in its docstring; 7.3: mode Q is
+    # threshold 0.7 / editing 0.5 (the default here), S 0.5 / 0.0; max_post_steps 16, num_to_transfer 1, block 32
+    "llada2.1": dict(rule="editing", blocks="editing", threshold=0.7, editing_threshold=0.5, max_post_steps=16,
+                     num_to_transfer=1, eos_early_stop=False, block_length=32, attention="block_causal", cache="block"),
 }
 
 

@@ -35,6 +35,7 @@ class GenerateOutput:
     compile_seconds: float  # 0.0 when the program was already compiled
     method: Method | ARMethod | None = None
     lengths: np.ndarray | None = None  # [B] tokens each row produced, its stop token included (method "ar")
+    edits: np.ndarray | None = None  # [B, gen_length] times each position's token was rewritten (LLaDA2.1's editing)
 
 
 def _prepare_prompts(lm, prompts, attention_mask, chat: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +144,9 @@ def generate(
     strict: bool | None = None,
     minimal_topk: int | None = None,
     eos_early_stop: bool | None = None,
+    editing_threshold: float | None = None,
+    max_post_steps: int | None = None,
+    num_to_transfer: int | None = None,
     blocks: str | None = None,
     cache: str | None = None,
     attention: str | None = None,
@@ -154,7 +158,7 @@ def generate(
     _emit=None,
 ) -> GenerateOutput:
     """Decode with a method preset ("llada", "dream", "fast-dllm", "dparallel", "sched", "prophet",
-    "d2f", "fast-dllm-v2", "llada2"; default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
+    "d2f", "fast-dllm-v2", "llada2", "llada2.1"; default "llada"); any knob overrides the preset. See dlmjax/decode/SPEC.md for the exact rules.
     `method` may also be a composed `dlmjax.decode.Method` (e.g. `presets.fast_dllm(256, threshold=0.8)`
     or `compose(...)`), which carries its own knobs.
     Autoregressive models (family qwen2) decode with method "ar" (their default and only method),
@@ -186,6 +190,7 @@ def generate(
         top_k=top_k, eps=eps, cfg_scale=cfg_scale, gumbel_x64=gumbel_x64, cache=cache, attention=attention,
         temperature=temperature, tau_add=tau_add, tau_act=tau_act, tau_conf=tau_conf, blocks=blocks,
         sub_block_length=sub_block_length, strict=strict, minimal_topk=minimal_topk, eos_early_stop=eos_early_stop,
+        editing_threshold=editing_threshold, max_post_steps=max_post_steps, num_to_transfer=num_to_transfer,
     )
     if isinstance(method, Method):
         given = [name for name, value in knobs.items() if value is not None]
@@ -269,7 +274,7 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
     if (m.stop_at_eos or m.logits_eos_inf or m.confidence_eos_eot_inf) and cfg.eos_token_id is None:
         raise DlmjaxError("this model's config has no eos_token_id; set it in config.json or drop the EOS options")
     ids, mask, limit = _prompts_that_fit(lm, prompts_or_ids, attention_mask, chat, m.canvas_length)
-    if m.attention == "block_causal" and not isinstance(m.blocks, schedules.Aligned):  # blocks counted from position 0 must line up with the generation blocks
+    if m.attention == "block_causal" and not isinstance(m.blocks, schedules.RowBlocks):  # blocks counted from position 0 must line up with the generation blocks
         prompt_bucket = m.block_length * max(1, prompt_bucket // m.block_length)
         if -(-ids.shape[1] // m.block_length) * m.block_length > limit:
             raise DlmjaxError(
@@ -287,13 +292,13 @@ def _generate_diffusion(lm, prompts_or_ids, attention_mask, m: Method, chat: boo
 
     program = (m.structure(), tokens, ids.shape, kernel, streaming)
     result, seconds, compile_seconds = _compile_and_run(lm, program, lower, args)
-    out, nfe, trajectory = _gather(lm, result.tokens, result.nfe, result.trajectory)
+    out, nfe, trajectory, edits = _gather(lm, result.tokens, result.nfe, result.trajectory, result.edits)
     steps_run = result.steps
     lengths = answer_lengths(out, stops)
     texts = _texts(lm, out, lengths)
     return GenerateOutput(
         tokens=out, texts=texts, nfe=nfe, steps=int(steps_run), trajectory=trajectory, seconds=seconds,
-        compile_seconds=compile_seconds, method=m, lengths=lengths,
+        compile_seconds=compile_seconds, method=m, lengths=lengths, edits=edits,
     )
 
 

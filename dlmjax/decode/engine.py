@@ -38,6 +38,7 @@ class State:
     nfe: jax.Array  # [B] forward passes each row took part in
     done: jax.Array  # [B]
     trajectory: jax.Array  # [B, G] the row's step (1-based nfe) that committed each position
+    edits: jax.Array  # [B, G] times each position's decoded token was rewritten (token editing, LLaDA2.1)
     steps: jax.Array  # scalar: forward passes of the whole batch
     # Latest predictions for every generation position (a cached step refreshes only its window).
     x0: jax.Array  # [B, G] int32
@@ -55,7 +56,8 @@ class State:
         if layout is None:
             return self
         rows, canvas = ("batch",), ("batch", "length")
-        arrays = dict(x=canvas, nfe=rows, done=rows, trajectory=canvas, steps=(), **{name: canvas for name in STATISTICS})
+        arrays = dict(x=canvas, nfe=rows, done=rows, trajectory=canvas, edits=canvas, steps=(),
+                      **{name: canvas for name in STATISTICS})
         cache = None if self.cache is None else self.cache.constrain(layout)
         sched = jax.tree_util.tree_map(lambda a: constrain(a, ("batch", None)[: a.ndim], layout), self.sched)
         return dataclasses.replace(
@@ -142,7 +144,10 @@ def _decide(ctx: Context, s: State, v: View, sample_key, select_key):
     def per_window(a):  # [B, G] -> [B * W, G / W]: the rule handles each window as a row
         return None if a is None else a.reshape(b * w, g // w)
 
+    editing = "edits" in m.needs  # a rule that may rewrite decoded tokens sees which, and where x0 differs
     step = rules.Step(
+        editable=per_window(v.region & ~masked) if editing else None,
+        changed=per_window(s.x0 != s.x[:, ctx.prompt_length:]) if editing else None,
         candidates=per_window(candidates), confidence=per_window(s.confidence),
         entropy=per_window(s.entropy) if "entropy" in m.needs else None,
         quota=None if quota is None else jnp.repeat(quota, w), select_key=select_key,
@@ -172,6 +177,7 @@ def _write(ctx: Context, s: State, v: View, x0, commit) -> State:
         commit = jnp.where(exited[:, None], masked, commit)
 
     nfe = s.nfe + ctx.passes * v.active.astype(jnp.int32)
+    edits = s.edits + (commit & ~masked).astype(jnp.int32)
     x_gen = jnp.where(commit, x0, x_gen)
     trajectory = jnp.where(commit, nfe[:, None], s.trajectory)
     done = s.done | exited
@@ -181,16 +187,17 @@ def _write(ctx: Context, s: State, v: View, x0, commit) -> State:
         x_gen = jnp.where(fill, tokens.eos if tokens.eos is not None else tokens.stops[0], x_gen)
         trajectory = jnp.where(fill, nfe[:, None], trajectory)
         done = done | settled
-    sched, finished, keep = m.blocks.after(s.sched, masked, x_gen, tokens)
+    sched, finished, keep = m.blocks.after(s.sched, masked, x_gen, tokens, commit)
     if keep is not None:  # the schedule's own end (D2F, Fast-dLLM v2): the rest of the row reads as EOS
         finished = v.active & finished
         fill = finished[:, None] & ~keep
         trajectory = jnp.where(fill & (x_gen == tokens.mask), nfe[:, None], trajectory)
         x_gen = jnp.where(fill, tokens.eos if tokens.eos is not None else tokens.mask, x_gen)
         done = done | finished
-    done = done | ~jnp.any(x_gen == tokens.mask, axis=-1)
+    if not m.blocks.edits:  # (a schedule that edits ends its rows itself: a row free of masks may still edit)
+        done = done | ~jnp.any(x_gen == tokens.mask, axis=-1)
     x = jnp.concatenate([s.x[:, :p], x_gen], axis=1)
-    return dataclasses.replace(s, x=x, nfe=nfe, done=done, trajectory=trajectory, steps=s.steps + 1, sched=sched)
+    return dataclasses.replace(s, x=x, nfe=nfe, done=done, trajectory=trajectory, edits=edits, steps=s.steps + 1, sched=sched)
 
 
 # --- the loop ----------------------------------------------------------------------------------------
@@ -235,6 +242,7 @@ class Output:
     tokens: jax.Array  # [B, G] the generation region
     nfe: jax.Array  # [B] forward passes each row took part in
     trajectory: jax.Array  # [B, G] the row's step (1-based) that committed each position
+    edits: jax.Array  # [B, G] times each position's decoded token was rewritten
     steps: jax.Array  # forward passes of the batch
 
 
@@ -258,7 +266,7 @@ def _run(graphdef, state, batch: Batch, method: Method, key, stream_id=None, *, 
     zeros = jnp.zeros((b, g), jnp.float32)
     cache, nfe = method.cache.prefill(ctx, prompt, method.cache.init(ctx, b), jnp.zeros((b,), jnp.int32))
     init = State(
-        x=x, nfe=nfe, done=jnp.zeros((b,), bool), trajectory=jnp.zeros((b, g), jnp.int32),
+        x=x, nfe=nfe, done=jnp.zeros((b,), bool), trajectory=jnp.zeros((b, g), jnp.int32), edits=jnp.zeros((b, g), jnp.int32),
         steps=jnp.int32(0), x0=jnp.zeros((b, g), jnp.int32), confidence=zeros, entropy=zeros, margin=zeros, rank=zeros,
         cache=cache, sched=method.blocks.init(jnp.ones((b, g), bool), jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)),
     )
@@ -268,7 +276,8 @@ def _run(graphdef, state, batch: Batch, method: Method, key, stream_id=None, *, 
 
     final = jax.lax.while_loop(running, lambda s: _iteration(ctx, s), init.constrain(layout))
     answer = method.gen_length  # the canvas may run past it (LLaDA2's last block)
-    return Output(tokens=final.x[:, p:p + answer], nfe=final.nfe, trajectory=final.trajectory[:, :answer], steps=final.steps)
+    return Output(tokens=final.x[:, p:p + answer], nfe=final.nfe, trajectory=final.trajectory[:, :answer],
+                  edits=final.edits[:, :answer], steps=final.steps)
 
 
 run = jax.jit(_run, static_argnames=("graphdef", "layout", "kernel", "emit"))

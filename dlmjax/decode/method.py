@@ -113,6 +113,8 @@ class Method(Part):
                 raise DlmjaxError(f"{what} takes cache={' or '.join(repr(c) for c in allowed)}, not '{self.cache.name}'")
         if isinstance(self.rule, rules.QuotaThreshold) and not isinstance(self.blocks, schedules.Aligned):
             raise DlmjaxError("rule 'quota_threshold' takes its quotas from LLaDA2's blocks; use method='llada2' (blocks='aligned')")
+        if isinstance(self.rule, rules.Editing) != isinstance(self.blocks, schedules.Editing):
+            raise DlmjaxError("LLaDA2.1's token editing takes rule 'editing' with blocks 'editing' together; use method='llada2.1'")
         if isinstance(self.rule, rules.D2F) and not isinstance(self.blocks, Pipeline):
             raise DlmjaxError("rule 'd2f' needs D2F's pipeline of blocks; use method='d2f' (blocks='d2f')")
         if isinstance(self.rule, rules.Dream) and (self.guidance is not None or self.gumbel_x64):

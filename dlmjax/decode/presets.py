@@ -15,7 +15,7 @@ from dlmjax.decode.method import Method, compose
 def _preset(name: str, defaults: dict[str, Any], gen_length: int, knobs: dict[str, Any]) -> Method:
     given = {k for k, v in knobs.items() if v is not None}
     settings = {**defaults, **{k: v for k, v in knobs.items() if v is not None}, "gen_length": gen_length}
-    if "block_length" not in given and defaults.get("blocks") != "aligned":  # the paper's block, never longer than the canvas
+    if "block_length" not in given and defaults.get("blocks") not in ("aligned", "editing"):  # the paper's block, never longer than the canvas
         settings["block_length"] = min(defaults.get("block_length") or gen_length, gen_length)
     # (LLaDA2's blocks are the model's, counted from position 0: a short answer still fills a whole one)
     settings.setdefault("steps", gen_length)  # LLaDA's and the papers' steps = gen_length
@@ -80,7 +80,25 @@ def llada2(gen_length: int, **knobs) -> Method:
     return _preset("llada2", defaults, gen_length, knobs)
 
 
+def llada2_1(gen_length: int, **knobs) -> Method:
+    """LLaDA2.1's token editing (generate() with editing): blocks of 32 from position 0; each step commits every
+    mask with confidence > 0.7 (at least num_to_transfer = 1, the most confident) and rewrites every decoded token
+    of the block whose new prediction has confidence > 0.5; a block free of masks takes up to 16 more editing
+    forwards (llada2.md section 7; thresholds of the quality mode Q, section 7.3; the speed mode S is
+    threshold=0.5, editing_threshold=0.0), with the exact block cache."""
+    defaults = dict(rule="editing", threshold=0.7, editing_threshold=0.5, num_to_transfer=1, blocks="editing",
+                    attention="block_causal", block_length=32, max_post_steps=16, cache="block")
+    return _preset("llada2.1", defaults, gen_length, knobs)
+
+
+def llada2_1_speed(gen_length: int, **knobs) -> Method:
+    """LLaDA2.1's speed mode S: commit masks above 0.5, rewrite any token whose prediction changed (editing
+    threshold 0; llada2.md 7.3, SGLang JointThreshold's defaults)."""
+    return llada2_1(gen_length, **{"threshold": 0.5, "editing_threshold": 0.0, **{k: v for k, v in knobs.items() if v is not None}})
+
+
 PRESETS: dict[str, Callable[..., Method]] = {
     "llada": llada, "fast-dllm": fast_dllm, "dparallel": dparallel, "sched": sched, "prophet": prophet, "dream": dream, "d2f": d2f,
-    "fast-dllm-v2": fast_dllm_v2, "llada2": llada2,
+    "fast-dllm-v2": fast_dllm_v2, "llada2": llada2, "llada2.1": llada2_1,
+    "llada2.1-q": llada2_1, "llada2.1-s": llada2_1_speed,
 }

@@ -57,6 +57,8 @@ class Step:
     select_key: jax.Array  # randomness of the selection itself (random remasking)
     rank: jax.Array | None = None  # the rule's own score (`Rule.rank`), when it has one
     force: jax.Array | None = None  # [B] rows (windows) that must commit a candidate; None: the rule decides
+    editable: jax.Array | None = None  # decoded positions of the window a rule may rewrite (rules that need "edits")
+    changed: jax.Array | None = None  # where x0 differs from the decoded token (rules that need "edits")
 
 
 class Rule(Part):
@@ -131,6 +133,36 @@ class QuotaThreshold(Rule):
         enough = jnp.sum(sure, axis=-1) >= step.quota
         score = jnp.where(candidates, step.confidence, NEG_INF)
         return jnp.where(enough[:, None], sure, quota_commit(score, candidates, step.quota))
+
+
+@part
+class Editing(Rule):
+    """LLaDA2.1: masks with confidence > threshold (strict) when there are at least num_to_transfer
+    of them, else the num_to_transfer most confident (mask to token); and every decoded position of
+    the block whose prediction changed with confidence > editing_threshold (token to token)."""
+
+    name: ClassVar[str] = "editing"
+    needs: ClassVar[frozenset[str]] = frozenset({"confidence", "edits"})
+    threshold: float = traced(0.7, "commit every candidate whose confidence is > this when there are num_to_transfer "
+                                   "(else the most confident)")
+    editing_threshold: float = traced(0.5, "LLaDA2.1: rewrite a decoded token whose new prediction has confidence > this")
+    num_to_transfer: int = static(1, "LLaDA2.1: masks a step commits at least (the most confident)")
+
+    def check(self) -> None:
+        if not 0 <= self.threshold <= 1:
+            raise DlmjaxError(f"confidence threshold {self.threshold} is outside [0, 1]; pass a threshold such as 0.7")
+        if not 0 <= self.editing_threshold <= 1:
+            raise DlmjaxError(f"editing_threshold {self.editing_threshold} is outside [0, 1]; pass e.g. 0.5 (quality) or 0 (speed)")
+        if self.num_to_transfer < 1:
+            raise DlmjaxError(f"num_to_transfer {self.num_to_transfer} must be at least 1 (LLaDA2.1: 1)")
+
+    def commit(self, step: Step) -> jax.Array:
+        candidates = step.candidates
+        sure = candidates & (step.confidence > self.threshold)
+        enough = jnp.sum(sure, axis=-1) >= self.num_to_transfer
+        score = jnp.where(candidates, step.confidence, NEG_INF)
+        fill = jnp.where(enough[:, None], sure, quota_commit(score, candidates, jnp.full(candidates.shape[:1], self.num_to_transfer)))
+        return fill | (step.editable & step.changed & (step.confidence > self.editing_threshold))
 
 
 @part
@@ -289,4 +321,4 @@ class Dream(Rule):
         return x0, to_region(quota_commit(score, block_candidates, jnp.broadcast_to(n, (b,))))
 
 
-RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Quota, Threshold, QuotaThreshold, Factor, Entropy, D2F, Dream)}
+RULES: dict[str, type[Rule]] = {cls.name: cls for cls in (Quota, Threshold, QuotaThreshold, Editing, Factor, Entropy, D2F, Dream)}

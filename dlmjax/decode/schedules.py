@@ -22,6 +22,8 @@ loop (a pytree in `State.sched`) and updates it after the commit.
 * `Aligned`: LLaDA2.0's blocks. Blocks are aligned to each row's position 0 as in `Hierarchy`,
   without sub-blocks: each step commits, in the row's current block, at least the step's quota
   (block_length spread over `steps`), and a block ends when it has no mask left.
+* `Editing`: LLaDA2.1's blocks, the same geometry: a step may also rewrite the block's decoded
+  tokens, and a block free of masks takes up to `max_post_steps` more forwards while they edit.
 """
 
 from __future__ import annotations
@@ -78,9 +80,10 @@ class Schedule(Part):
 
     init(masked, prompt_lengths) -> state      its state before the first step
     begin(state, masked, done, rule, refresh_commits_one) -> (state, View)   the start of a step
-    after(state, before, x_gen, tokens) -> (state, finished [B], keep [B, G] | None)
-        after the commits: rows the schedule ends, and the positions they keep (the rest reads
-        as EOS; None: the schedule ends no row)
+    after(state, before, x_gen, tokens, commit) -> (state, finished [B], keep [B, G] | None)
+        after the commits (`before`: the positions masked before them; `commit`: the positions
+        the step wrote): rows the schedule ends, and the positions they keep (the rest reads as
+        EOS; None: the schedule ends no row)
     settle(state, masked, done, rule) -> state  once the step's rows are done or not (SemiAR: the
         batch moves to the next block)
     running(state) -> scalar bool, max_steps    the loop's bounds
@@ -99,6 +102,7 @@ class Schedule(Part):
     title: ClassVar[str] = ""  # what messages call it
     prefills_prompt: ClassVar[bool] = False  # the exact cache writes the prompt before the loop (else the first step does)
     has_sub_blocks: ClassVar[bool] = False  # cache='dual' is the sub-block DualCache (Fast-dLLM v2)
+    edits: ClassVar[bool] = False  # a row free of masks may still take steps that rewrite tokens (LLaDA2.1)
     block_refresh: ClassVar[bool] = False  # Fast-dLLM's approximate caches refresh at the first step of a block
     gen_length: int
     block_length: int
@@ -229,7 +233,7 @@ class SemiAR(Schedule):
         return Window(end=(st.block + 1) * k, widths=(k + int(shifted), 2 * k), which=(st.i == 0).astype(jnp.int32),
                       writes=writes)
 
-    def after(self, st: SemiARState, before, x_gen, tokens):
+    def after(self, st: SemiARState, before, x_gen, tokens, commit=None):
         """The state after a step; SemiAR finishes no row itself (the engine's EOS and mask rules do)."""
         return dataclasses.replace(st, i=st.i + 1), jnp.zeros(x_gen.shape[:1], bool), None
 
@@ -324,7 +328,7 @@ class Pipeline(Schedule):
         which = jnp.sum(jnp.asarray(widths) < need).astype(jnp.int32)
         return Window(end=jnp.int32(g), widths=widths, which=which)
 
-    def after(self, st: PipelineState, before, x_gen, tokens):
+    def after(self, st: PipelineState, before, x_gen, tokens, commit=None):
         """The state after a step (an EOS committed stops the adding of blocks), the rows with nothing
         left (every added block decoded and no block left to add), and the positions they keep (blocks
         never added read as EOS)."""
@@ -444,7 +448,7 @@ class Hierarchy(Schedule):
         return View(run=jnp.bool_(True), active=active, region=region & active[:, None], windows=1, force=None,
                     block=jnp.int32(0), i=jnp.int32(0), noise_start=0, noise_length=self.gen_length)
 
-    def after(self, st: HierarchyState, before, x_gen, tokens):
+    def after(self, st: HierarchyState, before, x_gen, tokens, commit=None):
         """The state after a step, the rows that are finished, and the positions they keep."""
         block_before, _, _ = self._geometry(st)
         was_decoding = jnp.any(before & (block_before == st.block[:, None]), axis=-1)
@@ -471,39 +475,27 @@ class AlignedState:
     prompt_length: jax.Array  # [B] real prompt tokens (blocks are aligned to the row's position 0)
     fresh: jax.Array  # [B] the row's next forward is the first of its block
     cold: jax.Array  # scalar: no forward yet (the exact cache's first forward writes the whole canvas)
+    post: jax.Array  # [B] LLaDA2.1: steps begun with the block free of masks
+    idle: jax.Array  # [B] LLaDA2.1: this step began with the block free of masks
 
 
-@part
-class Aligned(Schedule):
-    """LLaDA2.0's blocks (SPEC.md, LLaDA2): per row, blocks of block_length from position 0, the
-    first holding the prompt's tail; each block runs at most `steps` forwards (min(steps, gen_length
-    // minimal_topk)), each committing at least the step's quota (block_length spread evenly over
-    the steps) and ending once the block has no mask. The last block is decoded whole, past
-    gen_length (the canvas holds gen_length + block_length - 1 positions; the output keeps
-    gen_length). A row stops after a block that leaves a stop token with no mask before it, and,
-    with eos_early_stop, at the step that commits one."""
+class RowBlocks(Schedule):
+    """LLaDA2's geometry, shared by its two decoders: per row, blocks of block_length from position
+    0, the first holding the prompt's tail, the last decoded whole past gen_length (the canvas holds
+    gen_length + block_length - 1 positions; the output keeps gen_length); attention block-causal by
+    position, and the exact cache's window is the row's block."""
 
-    name: ClassVar[str] = "aligned"
     title: ClassVar[str] = "LLaDA2's blocks"
-    gen_length: int = gen_length_field()
-    block_length: int = block_length_field(32)
-    steps: int = static(32, "LLaDA2: forward passes per block at most (each commits at least block_length / steps tokens)")
-    minimal_topk: int = static(1, "LLaDA2: caps steps per block at gen_length // minimal_topk (upstream's rule)")
-    eos_early_stop: bool = static(False, "LLaDA2: stop a row at the step that commits a stop token with no mask before it")
-
-    def check(self) -> None:
-        gen, block = self.gen_length, self.block_length
-        if gen <= 0 or block <= 0:
-            raise DlmjaxError(f"gen_length and block_length must be positive, got {gen} and {block}")
-        if self.steps <= 0 or self.minimal_topk <= 0:
-            raise DlmjaxError(f"steps and minimal_topk must be positive, got {self.steps} and {self.minimal_topk}")
-        if gen // self.minimal_topk == 0:
-            raise DlmjaxError(f"minimal_topk {self.minimal_topk} exceeds gen_length {gen}, which leaves no step; lower it")
 
     def check_model(self, cfg) -> None:
         if cfg.shifted_logits:
-            raise DlmjaxError(f"method 'llada2' reads each position's own prediction, but {cfg.family} predicts the next "
-                              "token; use 'fast-dllm-v2', 'd2f' or 'fast-dllm'")
+            raise DlmjaxError(f"method '{self.method}' reads each position's own prediction, but {cfg.family} predicts the "
+                              "next token; use 'fast-dllm-v2', 'd2f' or 'fast-dllm'")
+
+    def _check_lengths(self) -> None:
+        gen, block = self.gen_length, self.block_length
+        if gen <= 0 or block <= 0:
+            raise DlmjaxError(f"gen_length and block_length must be positive, got {gen} and {block}")
 
     @property
     def canvas_length(self) -> int:
@@ -511,33 +503,29 @@ class Aligned(Schedule):
         return self.gen_length + self.block_length - 1
 
     @property
-    def steps_per_block(self) -> int:
-        return min(self.steps, self.gen_length // self.minimal_topk)
-
-    @property
     def num_blocks(self) -> int:  # a row's blocks at most
         return -(-self.canvas_length // self.block_length)
 
-    @property
-    def max_steps(self) -> int:  # every block: its steps, one commit a step at least
-        return self.num_blocks * min(self.steps_per_block, self.block_length)
-
     def init(self, masked, prompt_lengths) -> AlignedState:
-        ones = jnp.ones_like(prompt_lengths, bool)
-        return AlignedState(block=jnp.zeros_like(prompt_lengths), i=jnp.zeros_like(prompt_lengths),
-                            prompt_length=prompt_lengths, fresh=ones, cold=jnp.bool_(True))
+        ones, zeros = jnp.ones_like(prompt_lengths, bool), jnp.zeros_like(prompt_lengths)
+        return AlignedState(block=zeros, i=zeros, prompt_length=prompt_lengths, fresh=ones, cold=jnp.bool_(True), post=zeros,
+                            idle=~ones)
 
     def running(self, st: AlignedState) -> jax.Array:
         return jnp.bool_(True)
 
+    def settle(self, st: AlignedState, masked, done, rule) -> AlignedState:
+        return st
+
     def _geometry(self, st: AlignedState):
         """Every canvas position's block [B, G'] counted from the row's first denoised block, the
-        row's last block [B], and the end [B] of its current block (a generation index)."""
+        row's last block [B] (the one holding the answer's last position), and the end [B] of its
+        current block (a generation index)."""
         bs = self.block_length
         position = st.prompt_length[:, None] + jnp.arange(self.canvas_length)[None, :]
         first = st.prompt_length // bs
         block = position // bs - first[:, None]
-        last = (st.prompt_length + self.gen_length - 1) // bs - first  # the block holding the answer's last position
+        last = (st.prompt_length + self.gen_length - 1) // bs - first
         hi = (first + st.block + 1) * bs - st.prompt_length
         return block, last, hi
 
@@ -555,39 +543,124 @@ class Aligned(Schedule):
         which = jnp.where(st.cold, 2, jnp.where(jnp.any(st.fresh & ~done), 1, 0)).astype(jnp.int32)
         return Window(end=hi, widths=(k, 2 * k, prompt_length + self.canvas_length), which=which)
 
+    def _view(self, st, active, region, quota=None) -> View:
+        return View(run=jnp.bool_(True), active=active, region=region & active[:, None], windows=1, force=None,
+                    block=jnp.int32(0), i=jnp.int32(0), noise_start=0, noise_length=self.canvas_length, quota=quota)
+
+    def _keep(self, x_gen, tokens):
+        """The positions a finished row keeps: up to its first stop token, inside gen_length."""
+        stopped, stop_at = first_stop(x_gen, tokens)
+        g = jnp.arange(self.canvas_length)[None, :]
+        return ~(x_gen == tokens.mask) & ~(stopped[:, None] & (g > stop_at[:, None])) & (g < self.gen_length)
+
+
+@part
+class Aligned(RowBlocks):
+    """LLaDA2.0 (SPEC.md, LLaDA2): each block runs at most `steps` forwards (min(steps, gen_length //
+    minimal_topk)), each committing at least the step's quota (block_length spread evenly over the
+    steps), and ends once it has no mask. A row stops after a block that leaves a stop token with no
+    mask before it, and, with eos_early_stop, at the step that commits one."""
+
+    name: ClassVar[str] = "aligned"
+    method: ClassVar[str] = "llada2"
+    gen_length: int = gen_length_field()
+    block_length: int = block_length_field(32)
+    steps: int = static(32, "LLaDA2: forward passes per block at most (each commits at least block_length / steps tokens)")
+    minimal_topk: int = static(1, "LLaDA2: caps steps per block at gen_length // minimal_topk (upstream's rule)")
+    eos_early_stop: bool = static(False, "LLaDA2: stop a row at the step that commits a stop token with no mask before it "
+                                  "(2.1: at the end of a block that holds one)")
+
+    def check(self) -> None:
+        self._check_lengths()
+        if self.steps <= 0 or self.minimal_topk <= 0:
+            raise DlmjaxError(f"steps and minimal_topk must be positive, got {self.steps} and {self.minimal_topk}")
+        if self.gen_length // self.minimal_topk == 0:
+            raise DlmjaxError(f"minimal_topk {self.minimal_topk} exceeds gen_length {self.gen_length}, which leaves no step; "
+                              "lower it")
+
+    @property
+    def steps_per_block(self) -> int:
+        return min(self.steps, self.gen_length // self.minimal_topk)
+
+    @property
+    def max_steps(self) -> int:  # every block: its steps, one commit a step at least
+        return self.num_blocks * min(self.steps_per_block, self.block_length)
+
     def begin(self, st: AlignedState, masked, done, rule, refresh_commits_one: bool):
         block, _, _ = self._geometry(st)
         region = block == st.block[:, None]
         active = ~done & jnp.any(masked & region, axis=-1)
         spb = self.steps_per_block
         quota = self.block_length // spb + (st.i < self.block_length % spb).astype(jnp.int32)
-        view = View(run=jnp.bool_(True), active=active, region=region & active[:, None], windows=1, force=None,
-                    block=jnp.int32(0), i=jnp.int32(0), noise_start=0, noise_length=self.canvas_length, quota=quota)
-        return st, view
+        return st, self._view(st, active, region, quota)
 
-    def settle(self, st: AlignedState, masked, done, rule) -> AlignedState:
-        return st
-
-    def after(self, st: AlignedState, before, x_gen, tokens):
+    def after(self, st: AlignedState, before, x_gen, tokens, commit=None):
         """Move rows whose block has no mask left to their next block; the rows that are finished
         (past their last block, or stopped by a stop token) and the positions they keep."""
         block, last, _ = self._geometry(st)
         masked = x_gen == tokens.mask
-        in_block = block == st.block[:, None]
-        complete = ~jnp.any(masked & in_block, axis=-1)
-        stopped, stop_at = first_stop(x_gen, tokens)
-        g = jnp.arange(self.canvas_length)[None, :]
-        # a stop token up to the block's end with no mask before it: after the block always, at the step
-        # that commits one with eos_early_stop (upstream looks only at the generated part, SPEC.md)
-        ends = stopped & complete & (stop_at < jnp.max(jnp.where(in_block, g + 1, 0), axis=-1))
+        complete = ~jnp.any(masked & (block == st.block[:, None]), axis=-1)
+        stopped, _ = first_stop(x_gen, tokens)
+        # after a block, a stop token with no mask before it (all earlier blocks are complete); with
+        # eos_early_stop also at the step that commits one (upstream looks at the whole window, SPEC.md)
+        ends = stopped & complete
         if self.eos_early_stop and tokens.stops:
             committed = before & ~masked & jnp.isin(x_gen, jnp.asarray(tokens.stops, x_gen.dtype))
             ends = ends | (stopped & jnp.any(committed, axis=-1))
         finished = ends | (complete & (st.block >= last))
         st = dataclasses.replace(st, block=jnp.where(complete, st.block + 1, st.block), i=jnp.where(complete, 0, st.i + 1),
                                  fresh=complete, cold=jnp.bool_(False))
-        keep = ~masked & ~(stopped[:, None] & (g > stop_at[:, None])) & (g < self.gen_length)
-        return st, finished, keep
+        return st, finished, self._keep(x_gen, tokens)
 
 
-SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (SemiAR, Hierarchy, Pipeline, Aligned)}
+@part
+class Editing(RowBlocks):
+    """LLaDA2.1's token editing (SPEC.md, LLaDA2.1): a block's steps commit masks (the rule's
+    mask-to-token part) and rewrite its decoded tokens (token-to-token); once the block has no
+    mask, up to max_post_steps more forwards edit it, and the block ends at the first that edits
+    nothing. With eos_early_stop a row stops after a block that leaves a stop token."""
+
+    name: ClassVar[str] = "editing"
+    method: ClassVar[str] = "llada2.1"
+    edits: ClassVar[bool] = True
+    gen_length: int = gen_length_field()
+    block_length: int = block_length_field(32)
+    max_post_steps: int = static(16, "LLaDA2.1: forwards that may still edit a block once it has no mask")
+    eos_early_stop: bool = static(False, "LLaDA2: stop a row at the step that commits a stop token with no mask before it "
+                                  "(2.1: at the end of a block that holds one)")
+
+    def check(self) -> None:
+        self._check_lengths()
+        if self.max_post_steps < 0:
+            raise DlmjaxError(f"max_post_steps {self.max_post_steps} is negative; use 0 or more (LLaDA2.1: 16)")
+
+    @property
+    def max_steps(self) -> int:  # every block: a mask a step at least, then its post steps
+        return self.num_blocks * (self.block_length + self.max_post_steps)
+
+    def begin(self, st: AlignedState, masked, done, rule, refresh_commits_one: bool):
+        block, _, _ = self._geometry(st)
+        region = block == st.block[:, None]
+        idle = ~jnp.any(masked & region, axis=-1)
+        st = dataclasses.replace(st, post=st.post + idle.astype(jnp.int32), idle=idle)
+        return st, self._view(st, ~done, region)
+
+    def after(self, st: AlignedState, before, x_gen, tokens, commit=None):
+        """End the blocks that began the step free of masks and were not edited, and those whose
+        next step would begin past max_post_steps (upstream ends them at that check, without its
+        forward); the rows that are finished and the positions they keep."""
+        block, last, _ = self._geometry(st)
+        in_block = block == st.block[:, None]
+        edited = jnp.any(commit & ~before & in_block, axis=-1)
+        free = ~jnp.any((x_gen == tokens.mask) & in_block, axis=-1)
+        ends = (st.idle & ~edited) | (free & (st.post + 1 > self.max_post_steps))
+        stopped, _ = first_stop(x_gen, tokens)
+        finished = ends & (st.block >= last)
+        if self.eos_early_stop and tokens.stops:
+            finished = finished | (ends & stopped)  # the block and every one before it are free of masks
+        st = dataclasses.replace(st, block=jnp.where(ends, st.block + 1, st.block), post=jnp.where(ends, 0, st.post),
+                                 fresh=ends, cold=jnp.bool_(False))
+        return st, finished, self._keep(x_gen, tokens)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (SemiAR, Hierarchy, Pipeline, Aligned, Editing)}
