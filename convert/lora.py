@@ -12,7 +12,7 @@ import numpy as np
 from dlmjax.config import ModelConfig
 from dlmjax.errors import DlmjaxError
 from dlmjax.hub import looks_like_hub_id
-from dlmjax.model import PROJECTIONS, LoRAConfig
+from dlmjax.model import ROLES, LoRAConfig, layer_roles
 
 from . import layouts, safetensors_io
 
@@ -22,6 +22,7 @@ class Adapter:
     path: pathlib.Path
     config: LoRAConfig
     factors: dict[tuple[int, str], tuple[safetensors_io.TensorInfo, safetensors_io.TensorInfo]]  # (layer, role) -> (A, B)
+    roles: tuple[tuple[str, ...], ...] = ()  # per layer, the projections the base model has there
 
     def merge_into(self, layer: int | None, role: str | None, weight: np.ndarray) -> np.ndarray:
         """W + scale * B @ A, computed in float32 and cast back to W's dtype."""
@@ -35,6 +36,8 @@ class Adapter:
         adapter skips the layer, which leaves it unchanged)."""
         out = {}
         for role in self.config.targets:
+            if role not in self.roles[layer]:
+                continue  # (a mixture-of-experts layer has no dense MLP)
             if (layer, role) in self.factors:
                 out[role] = tuple(safetensors_io.load_tensor(i) for i in self.factors[layer, role])
             else:
@@ -76,13 +79,16 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, base_name: str) -> Adapte
     modules = {}  # Hugging Face module name -> (layer, role)
     for layer in range(cfg.num_layers):
         for ours, theirs in layouts.block_names(cfg).items():
-            if not ours.endswith("norm"):
+            if ours in layer_roles(cfg, layer):
                 modules[layouts.block_prefix(cfg, layer) + theirs] = (layer, ours)
     infos = safetensors_io.index_checkpoint(_adapter_file(path))
     pairs: dict[tuple[int, str], dict[str, safetensors_io.TensorInfo]] = {}
     problems = []
     for name, info in infos.items():
         module, _, kind = name.removeprefix("base_model.model.").replace(".default", "").rpartition(".lora_")
+        if kind in ("A.weight", "B.weight") and cfg.num_experts and ".mlp." in module and module not in modules:
+            raise DlmjaxError(f"the LoRA adapter in {path} adapts the mixture of experts ({module}), which dlmjax does not "
+                              "support; use adapters on attention (query_key_value, dense) and the dense layers' MLP")
         if kind not in ("A.weight", "B.weight") or module not in modules:
             problems.append(f"{name} matches no projection of the base model")
             continue
@@ -101,9 +107,10 @@ def read_adapter(path: pathlib.Path, cfg: ModelConfig, base_name: str) -> Adapte
             f"the LoRA adapter in {path} does not fit this {cfg.family} base model ({detail or 'it holds no LoRA tensors'}); "
             f"pass the base model it was trained on{f' ({named_base})' if named_base else ''}"
         )
-    targets = tuple(sorted({role for _, role in pairs}, key=PROJECTIONS.index))
+    targets = tuple(sorted({role for _, role in pairs}, key=ROLES.index))
     factors = {key: (p["A"], p["B"]) for key, p in pairs.items()}
-    return Adapter(path=path, config=LoRAConfig(rank=rank, alpha=alpha, targets=targets), factors=factors)
+    roles = tuple(layer_roles(cfg, layer) for layer in range(cfg.num_layers))
+    return Adapter(path=path, config=LoRAConfig(rank=rank, alpha=alpha, targets=targets), factors=factors, roles=roles)
 
 
 def _adapter_file(path: pathlib.Path) -> pathlib.Path:
@@ -136,6 +143,8 @@ def write_adapter(model, directory, *, base_name: str = "", overwrite: bool = Fa
     tensors = {}
     for layer in range(cfg.num_layers):
         for role in lora.targets:
+            if role not in layer_roles(cfg, layer):
+                continue  # (a mixture-of-experts layer has no dense MLP)
             module = layouts.block_prefix(cfg, layer) + names[role]
             linear = state["layers"][layer][role]
             tensors[f"base_model.model.{module}.lora_A.weight"] = np.asarray(jax.device_get(linear["lora_a"]))

@@ -74,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention implementation of cached steps (default: DLMJAX_ATTENTION, else auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the checkpoint's")
-    p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (axes data, fsdp, tensor)")
-    p.add_argument("--sharding", default="fsdp_tp", help="sharding preset: single, dp, fsdp, tp, fsdp_tp (default)")
+    p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (axes data, fsdp, tensor, expert)")
+    p.add_argument("--sharding", default="fsdp_tp", help="sharding preset: single, dp, fsdp, tp, fsdp_tp (default); ep, ep_fsdp "
+                   "(mixture-of-experts models: experts over the expert mesh axis)")
     p.add_argument(
         "--distributed", action="store_true",
         help="join a multi-host run first (TPU pod or SLURM detected by JAX); automatic when DLMJAX_COORDINATOR, "

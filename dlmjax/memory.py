@@ -81,7 +81,7 @@ class DecodeMemory:
 
 class _Sizes:
     """A mesh's axis sizes (what `fit_rules` and `axis_size` read) from a Mesh or a mapping;
-    the data, fsdp and tensor axes it does not name have size 1."""
+    the data, fsdp, tensor and expert axes it does not name have size 1."""
 
     def __init__(self, mesh):
         from dlmjax.sharding import MESH_AXES

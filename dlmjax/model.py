@@ -28,6 +28,20 @@ RESIDUAL = ("batch", "length", "embed")
 
 # Projection roles, in our naming. LoRA targets are named with these.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROLES = ("qkv_proj", *PROJECTIONS)  # with LLaDA2's fused query_key_value, in one order
+
+
+def layer_roles(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
+    """The projections (LoRA targets) one block has: q/k/v or the fused qkv, o, and the dense MLP's
+    gate/up/down (a mixture-of-experts layer has none: its experts take no adapters)."""
+    attention = ("qkv_proj",) if cfg.family_spec.fused_qkv else ("q_proj", "k_proj", "v_proj")
+    return (*attention, "o_proj", *(() if cfg.is_moe_layer(layer) else ("gate_proj", "up_proj", "down_proj")))
+
+
+def model_roles(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every projection role some block of the model has, in ROLES order."""
+    present = {role for layer in range(cfg.num_layers) for role in layer_roles(cfg, layer)}
+    return tuple(role for role in ROLES if role in present)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +50,7 @@ class LoRAConfig:
 
     rank: int
     alpha: float
-    targets: tuple[str, ...]  # a subset of PROJECTIONS
+    targets: tuple[str, ...]  # a subset of ROLES (the model's: `model_roles`)
     dropout: float = 0.0  # training only: dropout on the adapter's input (PEFT's lora_dropout)
 
     @property
@@ -97,9 +111,55 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.weight[...]
 
 
+def route(x, weight, bias, n_group: int, topk_group: int, top_k: int, scale):
+    """LLaDA2's routing of tokens x [N, D]: experts [N, k] (int32) and their weights [N, k]
+    (float32). Scores s = sigmoid(x W^T) in float32; groups ranked by the sum of their top two
+    biased scores s + bias, the best topk_group kept; the top k biased scores among their experts;
+    weights s normalised to sum 1 (k > 1), times `scale`. Ties go to the lower index."""
+    n = x.shape[0]
+    scores = jax.nn.sigmoid(jnp.einsum("nd,ed->ne", x.astype(jnp.float32), weight.astype(jnp.float32)))
+    biased = scores + jax.lax.stop_gradient(bias.astype(jnp.float32))
+    grouped = biased.reshape(n, n_group, -1)
+    group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [N, G]
+    _, best = jax.lax.top_k(group_score, topk_group)
+    keep = jnp.zeros((n, n_group), bool).at[jnp.arange(n)[:, None], best].set(True)
+    masked = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, -1)
+    _, experts = jax.lax.top_k(masked, top_k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if top_k > 1:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return experts.astype(jnp.int32), weights * scale
+
+
+def expert_mlp(x, experts, weights, gate, up, down):
+    """sum_k weights[n, k] expert_{experts[n, k]}(x[n]) for x [N, D] in float32 [N, D], with the E
+    SwiGLU experts stacked [E, out, in]: grouped matmuls over the (token, expert) pairs sorted by
+    expert (`jax.lax.ragged_dot_general`), not a loop. Ids outside [0, E) (experts held elsewhere)
+    contribute nothing."""
+    n, k = experts.shape
+    e = gate.shape[0]
+    flat = experts.reshape(-1)
+    mine = (flat >= 0) & (flat < e)
+    flat = jnp.where(mine, flat, e)
+    order = jnp.argsort(flat, stable=True)  # grouped by expert, the others last
+    token = order // k
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # (id e: dropped)
+    numbers = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+    def grouped(lhs, w):  # lhs [M, in] against each row's expert's w [out, in]
+        return jax.lax.ragged_dot_general(lhs, w, sizes, numbers, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    rows = x[token]
+    hidden = jax.nn.silu(grouped(rows, gate)) * grouped(rows, up)
+    weight = jnp.where(mine, weights.reshape(-1), 0.0)[order][:, None]
+    out = jnp.where(weight != 0, grouped(hidden, down).astype(jnp.float32) * weight, 0.0)
+    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out)
+
+
 class Router(nnx.Module):
-    """LLaDA2's router: sigmoid scores of a linear gate [E, D]; `expert_bias` [E] shifts only
-    which experts are picked, never their weights (a buffer upstream, kept out of gradients here)."""
+    """LLaDA2's router (`route`): sigmoid scores of a linear gate [E, D]; `expert_bias` [E] shifts
+    only which experts are picked, never their weights (a buffer upstream, kept out of gradients)."""
 
     def __init__(self, cfg: ModelConfig, dtype):
         self.weight = _zeros((cfg.num_experts, cfg.hidden_size), dtype, ("expert", "embed"))
@@ -108,28 +168,11 @@ class Router(nnx.Module):
         self.scale = cfg.routed_scaling_factor
 
     def __call__(self, x):
-        """Experts [N, k] (int32) and their weights [N, k] (float32) for tokens x [N, D]: scores
-        s = sigmoid(x W^T) in float32; groups ranked by the sum of their top two biased scores
-        s + bias, the best topk_group kept; the top k biased scores among their experts; weights
-        s normalised to sum 1 (k > 1), times routed_scaling_factor. Ties go to the lower index."""
-        n = x.shape[0]
-        scores = jax.nn.sigmoid(jnp.einsum("nd,ed->ne", x.astype(jnp.float32), self.weight[...].astype(jnp.float32)))
-        biased = scores + jax.lax.stop_gradient(self.expert_bias[...].astype(jnp.float32))
-        grouped = biased.reshape(n, self.n_group, -1)
-        group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [N, G]
-        _, best = jax.lax.top_k(group_score, self.topk_group)
-        keep = jnp.zeros((n, self.n_group), bool).at[jnp.arange(n)[:, None], best].set(True)
-        masked = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, -1)
-        _, experts = jax.lax.top_k(masked, self.top_k)
-        weights = jnp.take_along_axis(scores, experts, axis=-1)
-        if self.top_k > 1:
-            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-        return experts.astype(jnp.int32), weights * self.scale
+        return route(x, self.weight[...], self.expert_bias[...], self.n_group, self.topk_group, self.top_k, self.scale)
 
 
 class Experts(nnx.Module):
-    """E SwiGLU experts stacked [E, out, in] (PyTorch's layout, one slice per expert), computed as
-    grouped matmuls over the tokens sorted by expert (`jax.lax.ragged_dot_general`), not a loop."""
+    """E SwiGLU experts stacked [E, out, in] (PyTorch's layout, one slice per expert; `expert_mlp`)."""
 
     def __init__(self, cfg: ModelConfig, dtype):
         e, d, m = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -138,23 +181,7 @@ class Experts(nnx.Module):
         self.down_proj = _zeros((e, d, m), dtype, ("expert", "embed", "mlp"))
 
     def __call__(self, x, experts, weights):
-        """sum_k weights[n, k] expert_{experts[n, k]}(x[n]) for x [N, D], in float32 [N, D]."""
-        n, k = experts.shape
-        e = self.gate_proj.shape[0]
-        flat = experts.reshape(-1)
-        order = jnp.argsort(flat, stable=True)  # the N k (token, expert) pairs, grouped by expert
-        token = order // k
-        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-        numbers = jax.lax.RaggedDotDimensionNumbers(
-            dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-
-        def grouped(lhs, w):  # lhs [M, in] against each row's expert's w [out, in]
-            return jax.lax.ragged_dot_general(lhs, w[...], sizes, numbers, preferred_element_type=jnp.float32).astype(x.dtype)
-
-        rows = x[token]
-        hidden = jax.nn.silu(grouped(rows, self.gate_proj)) * grouped(rows, self.up_proj)
-        out = grouped(hidden, self.down_proj).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-        return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out)
+        return expert_mlp(x, experts, weights, self.gate_proj[...], self.up_proj[...], self.down_proj[...])
 
 
 class SwiGLU(nnx.Module):
@@ -170,7 +197,10 @@ class SwiGLU(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """LLaDA2's mixture of experts: routed experts weighted by the router, plus the always-on shared expert."""
+    """LLaDA2's mixture of experts: routed experts weighted by the router, plus the always-on
+    shared expert. Under a layout whose rules put the `expert` axis on a mesh axis of size > 1
+    (expert parallelism), each device holds E / n experts and the routed part runs per shard
+    (`_expert_parallel`)."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.router = Router(cfg, dtype)
@@ -178,13 +208,52 @@ class MoE(nnx.Module):
         width = cfg.moe_intermediate_size * cfg.num_shared_experts
         self.shared = SwiGLU(cfg.hidden_size, width, dtype, rngs) if cfg.num_shared_experts else None
 
-    def __call__(self, x):
+    def __call__(self, x, layout: Layout | None = None):
         b, t, d = x.shape
-        flat = x.reshape(b * t, d)
-        experts, weights = self.router(flat)
-        # the weighted sum in float32, cast back to the activations' dtype (as upstream's moe_infer)
-        y = self.experts(flat, experts, weights).astype(x.dtype).reshape(b, t, d)
+        axis = None if layout is None else layout.rules.axes_for("expert")
+        if axis is not None and layout.mesh.shape[axis] > 1:
+            y = self._expert_parallel(x, layout, axis)
+        else:
+            flat = x.reshape(b * t, d)
+            experts, weights = self.router(flat)
+            # the weighted sum in float32, cast back to the activations' dtype (as upstream's moe_infer)
+            y = self.experts(flat, experts, weights).astype(x.dtype).reshape(b, t, d)
         return y if self.shared is None else y + self.shared(x)
+
+    def _expert_parallel(self, x, layout: Layout, axis: str):
+        """The routed experts under `shard_map`, experts split over mesh axis `axis`: each shard
+        routes its own tokens, gathers the tokens (and routes) of the shards along `axis`, runs the
+        pairs that fall on its E / n experts, and a reduce-scatter over `axis` sums every token's
+        contributions back onto its shard (an all-gather dispatch: exact, no capacity limit).
+        Tokens not split over `axis` (a batch it does not divide) skip the gather, and a psum
+        sums them."""
+        from jax.sharding import PartitionSpec as P
+
+        from dlmjax.sharding import batch_axes
+
+        mesh, r = layout.mesh, self.router
+        rows = batch_axes(mesh, layout.rules, x.shape[0])
+        names = () if rows is None else ((rows,) if isinstance(rows, str) else tuple(rows))
+        split = axis in names
+        local_experts = self.experts.gate_proj.shape[0] // mesh.shape[axis]
+
+        def per_shard(x, weight, bias, gate, up, down):
+            b, t, d = x.shape
+            flat = x.reshape(b * t, d)
+            experts, weights = route(flat, weight, bias, r.n_group, r.topk_group, r.top_k, r.scale)
+            if split:
+                flat, experts, weights = (jax.lax.all_gather(a, axis, tiled=True) for a in (flat, experts, weights))
+            first = jax.lax.axis_index(axis) * local_experts
+            y = expert_mlp(flat, experts - first, weights, gate, up, down)
+            y = jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True) if split else jax.lax.psum(y, axis)
+            return y.astype(x.dtype).reshape(b, t, d)
+
+        token_spec = P(rows, None, None)
+        stacked = P(axis, None, None)
+        fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(token_spec, P(None, None), P(None), stacked, stacked, stacked),
+                           out_specs=token_spec, check_vma=False)
+        return fn(x, r.weight[...], r.expert_bias[...], self.experts.gate_proj[...], self.experts.up_proj[...],
+                  self.experts.down_proj[...])
 
 
 class Block(nnx.Module):
@@ -259,7 +328,7 @@ class Block(nnx.Module):
         x = constrain(x + self.o_proj(a, key(3)), RESIDUAL, layout)
         h = self.mlp_norm(x)
         if self.moe is not None:
-            return constrain(x + self.moe(h), RESIDUAL, layout), cache
+            return constrain(x + self.moe(h, layout), RESIDUAL, layout), cache
         hidden = constrain(jax.nn.silu(self.gate_proj(h, key(4))) * self.up_proj(h, key(5)), ("batch", "length", "mlp"), layout)
         x = constrain(x + self.down_proj(hidden, key(6)), RESIDUAL, layout)
         return x, cache
@@ -277,9 +346,6 @@ class Transformer(nnx.Module):
         self.config = cfg
         self.lora = lora
         self.embed = _zeros((cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))
-        if lora is not None and cfg.num_experts:
-            raise DlmjaxError(f"LoRA on the {cfg.family_spec.display_name} mixture of experts is not supported yet; "
-                              "merge the adapter into the weights (lora='merge')")
         self.layers = nnx.List([Block(cfg, dtype, lora, rngs, i) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _zeros((cfg.vocab_size, cfg.hidden_size), dtype, ("vocab", "embed"))

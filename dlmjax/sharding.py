@@ -1,8 +1,9 @@
 """Logical axes -> mesh axes: one rules table, presets, and the mesh parser.
 
 Every parameter carries logical axis names (`logical_axes` metadata: embed, heads,
-kv_heads, mlp, vocab, and lora_rank for LoRA adapters); activations use batch and length. A
-`ShardingRules` maps each logical name to mesh axes among data, fsdp and tensor. Presets:
+kv_heads, head_dim, mlp, vocab, expert (LLaDA2's stacked experts and router), and lora_rank for
+LoRA adapters); activations use batch and length. A `ShardingRules` maps each logical name to
+mesh axes among data, fsdp, tensor and expert. Presets:
 
     single    everything replicated
     dp        batch over data
@@ -11,9 +12,13 @@ kv_heads, mlp, vocab, and lora_rank for LoRA adapters); activations use batch an
               A of down), so adapters and their optimizer state shrink with the mesh too
     tp        heads, kv_heads, mlp and vocab over tensor
     fsdp_tp   both
+    ep        expert parallelism: experts over expert, the batch over (data, fsdp, expert);
+              the routed experts run per shard (dlmjax.model.MoE: all-gather the tokens along
+              expert, each shard its experts, reduce-scatter the sums back)
+    ep_fsdp   ep and fsdp's parameter sharding
 
 Any mesh a user builds is accepted: `resolve_mesh` turns it, once, into the same devices
-on (data, fsdp, tensor) axes that are all `AxisType.Auto` (`jax.make_mesh` builds Explicit
+on (data, fsdp, tensor, expert) axes that are all `AxisType.Auto` (`jax.make_mesh` builds Explicit
 axes by default; other axes of size 1 are dropped), and `on_model_mesh` runs dlmjax's
 entry points under that mesh whatever mesh the caller set with `jax.set_mesh`. A mesh that
 cannot work raises one line naming a mesh that does (`mesh_call`).
@@ -40,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dlmjax.errors import DlmjaxError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "lora_rank", "expert")
 logger = logging.getLogger("dlmjax.sharding")
 
@@ -51,6 +56,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fsdp": {"batch": ("data", "fsdp"), "embed": "fsdp", "lora_rank": "fsdp"},
     "tp": {"batch": "data", **_TP},
     "fsdp_tp": {"batch": ("data", "fsdp"), "embed": "fsdp", "lora_rank": "fsdp", **_TP},
+    # expert parallelism (mixture-of-experts models): experts over "expert", tokens over it too
+    "ep": {"batch": ("data", "fsdp", "expert"), "expert": "expert"},
+    "ep_fsdp": {"batch": ("data", "fsdp", "expert"), "embed": "fsdp", "lora_rank": "fsdp", "expert": "expert"},
 }
 
 
@@ -68,7 +76,7 @@ class ShardingRules:
             bad = [a for a in names if a not in MESH_AXES]
             if bad:
                 raise DlmjaxError(
-                    f"the sharding rule for '{logical}' names mesh axis '{bad[0]}', which does not exist; use data, fsdp or tensor"
+                    f"the sharding rule for '{logical}' names mesh axis '{bad[0]}', which does not exist; use data, fsdp, tensor or expert"
                 )
             if len(set(names)) != len(names):
                 raise DlmjaxError(f"the sharding rule for '{logical}' names a mesh axis twice: {names}")
@@ -155,7 +163,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
         if name not in MESH_AXES:
-            raise DlmjaxError(f"mesh axis '{name}' does not exist; use data, fsdp and tensor, e.g. --mesh data=2,tensor=4")
+            raise DlmjaxError(f"mesh axis '{name}' does not exist; use data, fsdp, tensor and expert, e.g. --mesh data=2,tensor=4")
         if name in sizes:
             raise DlmjaxError(f"mesh axis {name} is given twice in '{text}'; name each axis once")
         try:
@@ -168,12 +176,12 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def make_mesh(sizes: Mapping[str, int] | str, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh of Auto axes; axes not named have size 1."""
+    """A (data, fsdp, tensor, expert) mesh of Auto axes; axes not named have size 1."""
     if isinstance(sizes, str):
         sizes = parse_mesh(sizes)
     unknown = [name for name in sizes if name not in MESH_AXES]
     if unknown:
-        raise DlmjaxError(f"mesh axis '{unknown[0]}' does not exist; use data, fsdp and tensor")
+        raise DlmjaxError(f"mesh axis '{unknown[0]}' does not exist; use data, fsdp, tensor and expert")
     devices = list(devices if devices is not None else jax.devices())
     shape = tuple(int(sizes.get(name, 1)) for name in MESH_AXES)
     if math.prod(shape) != len(devices):
@@ -202,7 +210,7 @@ def resolve_mesh(mesh) -> jax.sharding.Mesh:
     only the typing differs: arrays dlmjax returns are host numpy, and `lm.mesh` is the
     converted mesh. A string or mapping ("data=2,tensor=4") goes through `make_mesh`.
 
-    Axes other than data, fsdp and tensor may be there with size 1 (an "expert" or "stage"
+    Axes other than data, fsdp, tensor and expert may be there with size 1 (a "stage"
     axis a larger program uses) and are dropped; missing dlmjax axes get size 1. An axis of
     size > 1 that dlmjax does not shard over cannot be honoured: one line says which mesh to
     build instead."""
@@ -220,7 +228,7 @@ def resolve_mesh(mesh) -> jax.sharding.Mesh:
         fits = {a: sizes.get(a, 1) for a in MESH_AXES}
         fits["data"] *= math.prod(foreign.values())  # data parallelism fits any model
         raise DlmjaxError(
-            f"mesh axis '{name}' has size {size}, but dlmjax shards only over data, fsdp and tensor (any other axis "
+            f"mesh axis '{name}' has size {size}, but dlmjax shards only over data, fsdp, tensor and expert (any other axis "
             f"must have size 1); build {mesh_call(fits)} instead"
         )
     names = [name for name in mesh.axis_names if name in MESH_AXES]
@@ -271,12 +279,14 @@ def fit_rules(rules: ShardingRules, mesh, cfg) -> ShardingRules:
         "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "mlp": cfg.intermediate_size,
         "vocab": cfg.vocab_size, "embed": cfg.hidden_size,
     }
+    if cfg.num_experts:
+        sizes["expert"] = cfg.num_experts
     table = dict(rules.rules)
     missing = [a for axes in table.values() for a in _names(axes) if a not in mesh.shape]
     if missing:
         raise DlmjaxError(
             f"the mesh has no axis '{missing[0]}' (its axes: {', '.join(mesh.shape)}); pass it through "
-            "dlmjax.sharding.resolve_mesh, or build it with dlmjax.sharding.make_mesh, whose axes are data, fsdp and tensor"
+            "dlmjax.sharding.resolve_mesh, or build it with dlmjax.sharding.make_mesh, whose axes are data, fsdp, tensor and expert"
         )
     for name, size in sizes.items():
         n = axis_size(mesh, table.get(name))

@@ -3,6 +3,11 @@ layout, each against tests/llada2_reference.py, an independent NumPy (float64) r
 llada2.md sections 1-3 and 5 that shares no code with dlmjax."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +20,7 @@ from dlmjax import testing
 from dlmjax.config import from_hf_config
 from dlmjax.errors import DlmjaxError
 from dlmjax.model import Router
+from dlmjax.sharding import ShardingRules, fit_rules
 
 import llada2_reference as ref
 
@@ -141,3 +147,112 @@ def test_inconsistent_configs_are_one_line(change, message):
     with pytest.raises(DlmjaxError, match=message) as e:
         from_hf_config(config)
     assert "\n" not in str(e.value)
+
+
+EP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, numpy as np, dlmjax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from dlmjax.sharding import ShardingRules
+    path = sys.argv[1]
+    one = dlmjax.load(path, dtype="float32", progress=False)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 95, (8, 20))
+    prompts = [[int(t) for t in rng.integers(0, 95, n)] for n in (3, 8, 11, 16, 5, 9, 2, 14)]
+    methods = {"llada2": dict(steps=4, threshold=0.3), "llada2.1-s": {}}
+    base = {m: one.generate(prompts, method=m, gen_length=12, block_length=8, **k).tokens for m, k in methods.items()}
+    out = {}
+    for mesh, preset in (("expert=8", "ep"), ("expert=4,fsdp=2", "ep_fsdp")):
+        lm = dlmjax.load(path, dtype="float32", progress=False, mesh=mesh, rules=ShardingRules.preset(preset))
+        gate = lm.model.layers[1].moe.experts.gate_proj[...]
+        out[mesh] = dict(
+            logits=float(np.abs(lm.logits(ids) - one.logits(ids)).max()),
+            odd=float(np.abs(lm.logits(ids[:3]) - one.logits(ids[:3])).max()),  # rows the expert axis does not divide
+            tokens={m: bool((lm.generate(prompts, method=m, gen_length=12, block_length=8, **k).tokens == base[m]).all())
+                    for m, k in methods.items()},
+            experts_per_device=int(gate.addressable_shards[0].data.shape[0]),
+        )
+    print(json.dumps(out))
+    """
+)
+
+
+def test_expert_parallel_equals_one_device(tiny):
+    """On 8 simulated devices, experts split over the expert axis (expert=8; expert=4 with fsdp=2):
+    each device holds E / n experts, and the logits (a batch the axis divides, and one it does not)
+    and both decoders' tokens equal one device's."""
+    directory, _ = tiny
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent), env.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", EP_SCRIPT, str(directory)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for mesh, r in out.items():
+        assert r["logits"] < 1e-4 and r["odd"] < 1e-4, (mesh, r)
+        assert all(r["tokens"].values()), (mesh, r)
+    assert out["expert=8"]["experts_per_device"] == 1 and out["expert=4,fsdp=2"]["experts_per_device"] == 2
+
+
+def test_expert_count_must_divide_the_expert_axis():
+    class Mesh:
+        shape = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 3}
+
+    cfg = from_hf_config(dict(ref.tiny_config(), mask_token_id=61, eos_token_id=60))
+    with pytest.raises(DlmjaxError, match=r"expert size 8 does not split over the 3 devices of mesh axes expert"):
+        fit_rules(ShardingRules.preset("ep"), Mesh(), cfg)
+
+
+def test_lora_adapters_leave_and_come_back(tiny, tmp_path):
+    """LoRA on LLaDA2's attention (the fused query_key_value, dense) and its dense layer's MLP,
+    trained a few steps: `save_adapter` writes PEFT's names for the HF modules, and the adapter
+    loads back merged and kept with the trained model's logits, which equal the reference's on
+    W + (alpha / r) B A. An adapter on the routed experts is refused in one line."""
+    from dlmjax.convert import safetensors_io
+    from dlmjax.model import LoRAConfig
+    from dlmjax.train import TrainConfig, sft_arrays, train
+
+    directory, config = tiny
+    lm = dlmjax.load(directory, dtype="float32", progress=False)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 90, 5)) for _ in range(8)]
+    answers = [list(rng.integers(0, 90, 4)) for _ in range(8)]
+    eos = lm.config.eos_token_id
+    arrays = sft_arrays(prompts, answers, prompt_length=8, gen_length=8, pad_id=eos, eos_id=eos, objective="mdm")
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    tc = TrainConfig(steps=6, batch_size=8, learning_rate=5e-2, warmup_steps=1, save_every=6, log_every=6)
+    trained = dlmjax.LM(train(lm.model, arrays, tmp_path / "run", tc, lora=lora, progress=False).model, source=str(directory))
+    adapter = trained.save_adapter(tmp_path / "adapter")
+    ids = np.random.default_rng(1).integers(0, 96, (2, 16))
+    ours = trained.logits(ids)
+    assert np.abs(ours - lm.logits(ids)).max() > 1e-3  # training moved the adapters
+
+    tensors = safetensors_io.read_header(adapter / "adapter_model.safetensors")
+    names = {n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n in tensors}
+    want = {f"model.layers.{i}.attention.{m}" for i in range(3) for m in ("query_key_value", "dense")}
+    want |= {f"model.layers.0.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")}  # the dense layer only
+    assert names == want
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(["query_key_value", "dense", "gate_proj", "up_proj", "down_proj"])
+    for mode in ("merge", "keep"):
+        back = dlmjax.load(directory, adapter=adapter, lora=mode, dtype="float32", progress=False)
+        assert np.abs(back.logits(ids) - ours).max() <= 1e-5, mode
+
+    weights = {k: w.astype(np.float64) for k, w in _weights(directory).items()}
+    for module in want:
+        a = safetensors_io.load_tensor(tensors[f"base_model.model.{module}.lora_A.weight"]).astype(np.float64)
+        b = safetensors_io.load_tensor(tensors[f"base_model.model.{module}.lora_B.weight"]).astype(np.float64)
+        weights[f"{module}.weight"] = weights[f"{module}.weight"] + 2.0 * b @ a
+    want_logits = ref.forward(config, weights, ids)
+    assert np.abs(ours - want_logits).max() <= 1e-4 * max(1.0, np.abs(want_logits).max())
+
+    experts = tmp_path / "experts"
+    experts.mkdir()
+    (experts / "adapter_config.json").write_text(json.dumps(dict(cfg, target_modules=["gate_proj"])))
+    safetensors_io.save_file({"base_model.model.model.layers.1.mlp.experts.0.gate_proj.lora_A.weight": np.zeros((4, 64), np.float32),
+                              "base_model.model.model.layers.1.mlp.experts.0.gate_proj.lora_B.weight": np.zeros((16, 4), np.float32)},
+                             experts / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DlmjaxError, match="adapts the mixture of experts .*mlp.experts.0.gate_proj"):
+        dlmjax.load(directory, adapter=experts, progress=False)

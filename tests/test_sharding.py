@@ -119,7 +119,7 @@ SCRIPT = textwrap.dedent(
 
         # meshes that cannot work: one line naming a mesh that does, before anything is read
         bad = {
-            "foreign": jax.make_mesh((2, 4), ("data", "expert")),
+            "foreign": jax.make_mesh((2, 4), ("data", "stage")),
             "divide": jax.make_mesh((1, 8), ("data", "tensor")),  # 4 heads over tensor=8
             "abstract": jax.make_mesh((8,), ("data",)).abstract_mesh,
             "devices": "data=16",
@@ -179,7 +179,7 @@ def test_any_mesh_matches_one_device(converted):
         assert r["logits"] <= 1e-4, r
         assert all(r["tokens"].values()) and r["cached"] and r["one_device"], r
         assert r["devices"] == 8 and r["same_devices"], r
-        assert r["axes"] == ["('data', 'fsdp', 'tensor')", "(Auto, Auto, Auto)"], r
+        assert r["axes"] == ["('data', 'fsdp', 'tensor', 'expert')", "(Auto, Auto, Auto, Auto)"], r
     tried = {m for r in results for m in r["tokens"]}
     assert tried == {"llada", "dream", "sched", "prefix", "block", "d2f", "fdv2"}, tried  # and fast-dllm (dual) on every mesh
     by = {(r["family"], r["preset"]): r for r in results}
@@ -203,7 +203,7 @@ def test_any_mesh_matches_one_device(converted):
     errors = out["errors"]
     for family in ("llada", "dream"):
         foreign, divide = errors[f"{family}/foreign"], errors[f"{family}/divide"]
-        assert "mesh axis 'expert' has size 4" in foreign["message"] and foreign["suggested"] == "data=8", foreign
+        assert "mesh axis 'stage' has size 4" in foreign["message"] and foreign["suggested"] == "data=8", foreign
         assert "heads size 4 does not split over the 8 devices" in divide["message"], divide
         assert divide["suggested"] == "data=2,tensor=4" and divide["fits"], divide
         assert "must be a jax.sharding.Mesh" in errors[f"{family}/abstract"]["message"]
@@ -240,22 +240,22 @@ def test_mesh_errors():
     foreign = jax.sharding.Mesh(np.asarray(one).reshape(1, 1), ("x", "y"))
     with pytest.raises(DlmjaxError, match="the mesh has no axis 'data'"):
         sharding.fit_rules(sharding.ShardingRules.preset("tp"), foreign, _cfg())
-    assert sharding.make_mesh("data=1", devices=one).shape == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert sharding.make_mesh("data=1", devices=one).shape == {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
     with pytest.raises(DlmjaxError, match="mesh must be a jax.sharding.Mesh"):
         sharding.resolve_mesh(foreign.abstract_mesh)
 
 
 def test_resolve_mesh_types_and_axes():
-    """Any mesh -> (data, fsdp, tensor), all Auto: size-1 axes of other names dropped, missing
+    """Any mesh -> (data, fsdp, tensor, expert), all Auto: size-1 axes of other names dropped, missing
     ones added, Explicit and Manual read as Auto (the 8-device test checks the devices' order)."""
     types = jax.sharding.AxisType
     one = np.asarray(jax.devices()[:1])
     for axis_types in [(types.Explicit,) * 3, (types.Auto, types.Explicit, types.Manual)]:
         user = jax.sharding.Mesh(one.reshape(1, 1, 1), ("stage", "tensor", "data"), axis_types=axis_types)
         mesh = sharding.resolve_mesh(user)
-        assert mesh.axis_names == sharding.MESH_AXES and mesh.axis_types == (types.Auto,) * 3
+        assert mesh.axis_names == sharding.MESH_AXES and mesh.axis_types == (types.Auto,) * len(sharding.MESH_AXES)
         assert mesh == sharding.make_mesh("data=1", devices=list(one))  # the same program as a string mesh
-    assert sharding.resolve_mesh("data=1").axis_types == (types.Auto,) * 3
+    assert sharding.resolve_mesh("data=1").axis_types == (types.Auto,) * len(sharding.MESH_AXES)
     assert sharding.resolve_mesh(jax.make_mesh((1,), ("data",))) == sharding.resolve_mesh({"data": 1})
 
 

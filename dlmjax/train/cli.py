@@ -265,24 +265,29 @@ def training_arrays(lm, rows, data: DataSection, objective: str, log=print):
                       objective=objective)
 
 
+def _shown_axes(mesh) -> dict:
+    """The mesh's axis sizes as printed: the expert axis only where it is used (> 1)."""
+    return {name: size for name, size in dict(mesh.shape).items() if name != "expert" or size > 1}
+
+
 def lora_config(section: LoRASection, cfg):
     """Our LoRAConfig from HF module names (attn_out, ff_proj, ...) or ours (o_proj, gate_proj, ...)."""
     from dlmjax.convert import layouts
-    from dlmjax.model import PROJECTIONS, LoRAConfig
+    from dlmjax.model import ROLES, LoRAConfig, model_roles
 
     if section.rank <= 0:
         return None
     names = layouts.hf_module_to_role(cfg)
     roles = []
     for target in section.targets:
-        role = names.get(target, target if target in PROJECTIONS else None)
+        role = names.get(target, target if target in model_roles(cfg) else None)
         if role is None:
             raise DlmjaxError(f"unknown LoRA target {target!r}; this {cfg.family} model's linear layers are "
                               f"{', '.join(sorted(names))}")
         roles.append(role)
     if not 0 <= section.dropout < 1:
         raise DlmjaxError(f"lora.dropout {section.dropout} is outside [0, 1)")
-    return LoRAConfig(rank=section.rank, alpha=float(section.alpha), targets=tuple(sorted(set(roles), key=PROJECTIONS.index)),
+    return LoRAConfig(rank=section.rank, alpha=float(section.alpha), targets=tuple(sorted(set(roles), key=ROLES.index)),
                       dropout=float(section.dropout))
 
 
@@ -392,7 +397,7 @@ def dry_run(config: RunConfig, cfg, device_memory: float | None = None, out=prin
     gib = 2**30
     what = f"LoRA r={lora.rank} on {', '.join(lora.targets)}" if lora else "full fine-tuning"
     out(f"dry run: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {dtype.name} weights, {what}; "
-        f"mesh {dict(mesh.shape)} ({mesh.size} devices), rules {config.rules}; batch {tc.batch_size} x {width} tokens, "
+        f"mesh {_shown_axes(mesh)} ({mesh.size} devices), rules {config.rules}; batch {tc.batch_size} x {width} tokens, "
         f"grad_accum {tc.grad_accum}, remat {tc.remat}, precision {tc.precision}")
     where = f"{devices[0].device_kind} chips of a {target} slice (compile-only)" if target else "simulated CPU devices"
     out(f"GiB per device (XLA memory_analysis of the compiled step on {where}):")

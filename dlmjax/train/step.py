@@ -26,7 +26,7 @@ from flax import nnx
 
 from dlmjax import sharding
 from dlmjax.errors import DlmjaxError
-from dlmjax.model import PROJECTIONS, LoRAConfig, Transformer
+from dlmjax.model import LoRAConfig, Transformer, model_roles
 
 PRECISIONS = ("fp32", "bf16_compute", "bf16")
 
@@ -145,9 +145,10 @@ def initial_state(model: Transformer, tx, tc, *, mesh=None, rules=None, lora: Lo
     mesh, with the optimizer state. Checks the mesh and the batch before anything compiles."""
     layout = train_layout(model.config, tc, mesh, rules)
     if lora is not None:
-        bad = [t for t in lora.targets if t not in PROJECTIONS]
+        roles = model_roles(model.config)
+        bad = [t for t in lora.targets if t not in roles]
         if bad:
-            raise DlmjaxError(f"unknown LoRA target {bad[0]!r}; this model's linear layers are {', '.join(PROJECTIONS)}")
+            raise DlmjaxError(f"unknown LoRA target {bad[0]!r}; this model's linear layers are {', '.join(roles)}")
         model = with_lora(model, lora, tc.seed)
     return split_state(placed(model, layout), tx, tc, layout), layout
 
