@@ -27,6 +27,9 @@ Sections (in this order; each one independent of the others):
             against an eager PyTorch loop of the same method (experiments/torch_decoders.py) on the
             same GPU and the same weights (shared through DLPack), batch 1 and 8, and the overhead
             wall time / (forwards x one bare forward).
+- moe:      LLaDA2.0-mini's mixture-of-experts layer (bf16, random weights): its output against a dense
+            float32 gather of the same experts, and ms per layer call at 160 and 1280 tokens against the HBM
+            roofline (the experts the tokens use, read once) and the compute roofline.
 
 Fixed NFE with random weights: a random model's confidences decide how many tokens a threshold
 rule commits and when an early exit fires, so the methods are pinned to a known NFE that both
@@ -56,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -71,14 +75,19 @@ import traceback
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 
-SECTIONS = ("machine", "parity", "kernels", "forward", "decode")
+SECTIONS = ("machine", "parity", "kernels", "forward", "decode", "moe")
 # Seconds per section at the default --budget (400 s); a dry run gets DRY_BUDGET in the same proportions.
-BUDGETS = {"machine": 20, "parity": 40, "kernels": 65, "forward": 65, "decode": 210}
+BUDGETS = {"machine": 20, "parity": 40, "kernels": 60, "forward": 60, "decode": 190, "moe": 30}
 DEFAULT_BUDGET = 400.0
 DRY_BUDGET = 400.0  # an upper bound: on an idle 2-core machine the dry run takes well under a minute
 KILL_GRACE = 5.0  # seconds past a section's deadline before its worker is killed
 KERNEL_TOL = 1e-2  # max |a - ref| / max |ref| for bf16 attention outputs (tests/test_kernels.py)
 
+# LLaDA2.0-mini's mixture-of-experts layer (llada2.md section 1), and the dry run's stand-in.
+MOE_MINI = dict(hidden_size=2048, num_experts=256, moe_intermediate_size=512, num_experts_per_tok=8, n_group=8, topk_group=4,
+                num_shared_experts=1, dtype="bfloat16", tokens=(160, 1280))
+MOE_TINY = dict(hidden_size=64, num_experts=8, moe_intermediate_size=16, num_experts_per_tok=2, n_group=4, topk_group=2,
+                num_shared_experts=1, dtype="float32", tokens=(16,))
 # LLaDA-8B (GSAI-ML/LLaDA-8B-Instruct config.json), and the dry run's stand-in of the same family.
 LLADA_8B = dict(vocab_size=126464, hidden_size=4096, num_heads=32, num_kv_heads=32, intermediate_size=12288,
                 max_positions=4096, dtype="bfloat16")
@@ -605,6 +614,122 @@ def section_forward(ctx, rec: Record) -> None:
                 bound=None if len(floors) < 2 else ("memory" if hbm_floor >= compute_floor else "compute"))
 
 
+def moe_layer(spec: dict, seed: int = 0):
+    """A dlmjax.model.MoE of LLaDA2's layout at `spec`'s shapes, random weights (std 0.02), and its config."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dlmjax.config import from_hf_config
+    from dlmjax.model import MoE
+
+    hf = dict(model_type="llada2_moe", vocab_size=1024, hidden_size=spec["hidden_size"], num_hidden_layers=1,
+              num_attention_heads=16, num_key_value_heads=4, head_dim=128, intermediate_size=4 * spec["hidden_size"],
+              first_k_dense_replace=0, routed_scaling_factor=2.5, partial_rotary_factor=0.5, mask_token_id=1000,
+              eos_token_id=999, torch_dtype=spec["dtype"], **{k: spec[k] for k in ("num_experts", "moe_intermediate_size",
+              "num_experts_per_tok", "n_group", "topk_group", "num_shared_experts")})
+    cfg = from_hf_config(hf)
+    dtype = jnp.dtype(spec["dtype"])
+    layer = MoE(cfg, dtype, nnx.Rngs(0))
+    key = jax.random.key(seed)
+    for i, (path, variable) in enumerate(nnx.state(layer, nnx.Param).flat_state()):
+        scale = 0.1 if path[-1] == "expert_bias" else 0.02
+        shape, kind = variable[...].shape, variable[...].dtype
+        variable[...] = (scale * jax.random.normal(jax.random.fold_in(key, i), shape)).astype(kind)
+    return layer, cfg
+
+
+def moe_bytes_and_flops(cfg, experts, tokens: int) -> tuple[int, int, float]:
+    """(distinct experts the tokens use, bytes of weights a layer call must read: those experts,
+    the shared expert and the router; matmul FLOPs: 3 projections per routed pair and per token
+    for the shared expert, plus the router)."""
+    import numpy as np
+
+    touched = len(np.unique(np.asarray(experts)))
+    d, m = cfg.hidden_size, cfg.moe_intermediate_size
+    itemsize = 2 if cfg.dtype == "bfloat16" else 4
+    per_expert = 3 * m * d
+    shared = per_expert * cfg.num_shared_experts
+    nbytes = (touched * per_expert + shared + cfg.num_experts * d) * itemsize
+    flops = 2.0 * tokens * (cfg.num_experts_per_tok * per_expert + shared + cfg.num_experts * d)
+    return touched, nbytes, flops
+
+
+def section_moe(ctx, rec: Record) -> None:
+    """LLaDA2.0-mini's MoE layer (bf16, random weights): its output against a dense float32
+    gather of the same experts, and its time per call against the HBM and compute rooflines."""
+    import time as _time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    spec = MOE_TINY if ctx.args.dry_run else MOE_MINI
+    device = jax.devices()[0]
+    peaks = device_peaks(ctx.args, device)
+    layer, cfg = moe_layer(spec)
+    rec.set(layer="LLaDA2.0-mini MoE" if spec is MOE_MINI else "tiny MoE (dry run)", hidden=cfg.hidden_size,
+            experts=cfg.num_experts, expert_width=cfg.moe_intermediate_size, top_k=cfg.num_experts_per_tok,
+            groups=f"{cfg.topk_group} of {cfg.n_group}", dtype=spec["dtype"], **peaks)
+    graphdef, state = nnx_split(layer)
+
+    @jax.jit
+    def call(state, x):
+        from flax import nnx
+
+        return nnx.merge(graphdef, state)(x)
+
+    @functools.partial(jax.jit, static_argnames=("n",))
+    def loop(state, x, n):
+        from flax import nnx
+
+        layer = nnx.merge(graphdef, state)
+        return jax.lax.fori_loop(0, n, lambda _, h: layer(h).astype(h.dtype), x)
+
+    # the check: 64 tokens, the grouped matmuls against a dense gather in float32
+    x = (jax.random.normal(jax.random.key(1), (1, 64, cfg.hidden_size)) * 1.0).astype(jnp.dtype(spec["dtype"]))
+    ours = np.asarray(call(state, x), np.float32)
+    flat = np.asarray(x, np.float32)[0]
+    experts, weights = (np.asarray(a) for a in layer.router(jnp.asarray(x[0])))
+    w = {name: np.asarray(getattr(layer.experts, name)[...], np.float32) for name in ("gate_proj", "up_proj", "down_proj")}
+    dense = np.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for e, g in zip(experts[t], weights[t]):
+            h = flat[t] @ w["gate_proj"][e].T
+            h = h / (1 + np.exp(-h)) * (flat[t] @ w["up_proj"][e].T)
+            dense[t] += g * (h @ w["down_proj"][e].T)
+    dense += np.asarray(layer.shared(jnp.asarray(flat, x.dtype)), np.float32)
+    err = float(np.abs(ours[0] - dense).max() / max(np.abs(dense).max(), 1e-9))
+    rec.row(kind="check", tokens=64, rel_err=err, ok=err < (3e-2 if spec["dtype"] == "bfloat16" else 1e-4))
+
+    for tokens in spec["tokens"]:
+        if not rec.fits(2.0, f"{tokens} tokens"):
+            continue
+        x = jax.random.normal(jax.random.key(2), (1, tokens, cfg.hidden_size)).astype(jnp.dtype(spec["dtype"]))
+        jax.block_until_ready(call(state, x))
+        n = 4
+        jax.block_until_ready(loop(state, x, n))
+        times = []
+        for _ in range(3):
+            start = _time.perf_counter()
+            jax.block_until_ready(loop(state, x, n))
+            times.append((_time.perf_counter() - start) / n)
+        seconds = min(times)
+        touched, nbytes, flops = moe_bytes_and_flops(cfg, layer.router(x[0])[0], tokens)
+        hbm = nbytes / (peaks["hbm_gbps"] * 1e9) if peaks["hbm_gbps"] else None
+        compute = flops / (peaks["peak_tflops"] * 1e12) if peaks["peak_tflops"] else None
+        floors = [f for f in (hbm, compute) if f is not None]
+        rec.row(kind="timing", tokens=tokens, seconds=seconds, experts_touched=touched, weight_bytes=nbytes, flops=flops,
+                hbm_floor_s=hbm, compute_floor_s=compute, roofline_fraction=max(floors) / seconds if floors else None,
+                tokens_per_s=tokens / seconds)
+
+
+def nnx_split(module):
+    from flax import nnx
+
+    return nnx.split(module)
+
+
 def _torch_llada(lm, hf_config: dict, device, dtype):
     """transformers' Llama on the same weights as `lm` (shared through DLPack, not copied)."""
     import torch
@@ -702,6 +827,7 @@ SECTION_FUNCTIONS = {
     "kernels": section_kernels,
     "forward": section_forward,
     "decode": section_decode,
+    "moe": section_moe,
 }
 
 
@@ -1074,8 +1200,29 @@ def _md_decode(doc) -> list[str]:
                            "token agreement"], rows)
 
 
+def _md_moe(doc) -> list[str]:
+    d = doc.get("data", {})
+    lines = [f"{d.get('layer')}: hidden {d.get('hidden')}, {d.get('experts')} experts of width {d.get('expert_width')}, top "
+             f"{d.get('top_k')} within {d.get('groups')} groups, a shared expert, {d.get('dtype')}; grouped matmuls over the "
+             "tokens sorted by expert (jax.lax.ragged_dot_general). The HBM floor reads the experts the tokens use, the "
+             "shared expert and the router once.", ""]
+    rows = []
+    for r in doc.get("rows", []):
+        if r.get("kind") == "check":
+            lines.append(f"Output vs a dense float32 gather of the same experts ({r['tokens']} tokens): relative error "
+                         f"{_fmt(r['rel_err'], '.2e')} ({'ok' if r['ok'] else 'NOT ok'}).")
+            lines.append("")
+            continue
+        rows.append((r["tokens"], _fmt(r["seconds"] * 1e3, ".3f"), _fmt(r["tokens_per_s"], ".0f"), r["experts_touched"],
+                     _fmt(r["weight_bytes"] / 1e6, ".1f"), _fmt(r["hbm_floor_s"] * 1e3 if r["hbm_floor_s"] else None, ".3f"),
+                     _fmt(r["flops"] / 1e12, ".3f"), _fmt(r["compute_floor_s"] * 1e3 if r["compute_floor_s"] else None, ".3f"),
+                     _pct(r.get("roofline_fraction"))))
+    return lines + _table(["tokens", "ms/layer", "tokens/s", "experts used", "weight MB read", "HBM floor ms", "TFLOP",
+                           "compute floor ms", "of roofline"], rows)
+
+
 RENDERERS = {"machine": _md_machine, "parity": _md_parity, "kernels": _md_kernels, "forward": _md_forward,
-             "decode": _md_decode}
+             "decode": _md_decode, "moe": _md_moe}
 
 
 def render_markdown(report: dict) -> str:

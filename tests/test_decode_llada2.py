@@ -39,30 +39,31 @@ def _prompts(seed, lengths):
     return [[int(t) for t in rng.integers(0, 95, n)] for n in lengths]
 
 
-@pytest.mark.parametrize("cache", ["none", "block"])
 @pytest.mark.parametrize("threshold, steps, minimal_topk, gen_length", [
     (0.05, 4, 1, 13),  # mostly the threshold's commits; the last block runs past gen_length
     (0.3, 3, 1, 16),  # uneven quotas (3, 3, 2)
     (1.0, 8, 1, 11),  # never above the threshold: the quota path alone, one token a step
     (0.5, 8, 4, 12),  # minimal_topk caps steps at gen_length // 4 = 3
 ])
-def test_tokens_and_nfe_equal_the_reference(lm, cache, threshold, steps, minimal_topk, gen_length):
+def test_tokens_and_nfe_equal_the_reference(lm, threshold, steps, minimal_topk, gen_length):
     """Rows of a left-padded batch (prompts of 3, 8, 11 and 16 tokens: shorter than a block, on a
-    block boundary, ending mid-block) each decode as the reference decodes them alone."""
+    block boundary, ending mid-block) each decode as the reference decodes them alone, without a
+    cache and with the exact block cache."""
     prompts = _prompts(0, (3, 8, 11, 16))
     cfg = lm.config
-    out = lm.generate(prompts, method="llada2", gen_length=gen_length, block_length=B, steps=steps, threshold=threshold,
-                      minimal_topk=minimal_topk, cache=cache, stop_token_ids=[])
-    for row, prompt in enumerate(prompts):
-        want = reference.llada2_generate(_logits_fn(lm), prompt, gen_length=gen_length, block_length=B, steps=steps,
-                                         threshold=threshold, minimal_topk=minimal_topk, mask_id=cfg.mask_token_id,
-                                         eos_id=cfg.eos_token_id)
-        assert list(out.tokens[row]) == want["tokens"], (row, len(prompt))
-        assert int(out.nfe[row]) == want["nfe"], (row, len(prompt))
+    wants = [reference.llada2_generate(_logits_fn(lm), prompt, gen_length=gen_length, block_length=B, steps=steps,
+                                       threshold=threshold, minimal_topk=minimal_topk, mask_id=cfg.mask_token_id,
+                                       eos_id=cfg.eos_token_id) for prompt in prompts]
+    for cache in ("none", "block"):
+        out = lm.generate(prompts, method="llada2", gen_length=gen_length, block_length=B, steps=steps, threshold=threshold,
+                          minimal_topk=minimal_topk, cache=cache, stop_token_ids=[])
+        for row, (prompt, want) in enumerate(zip(prompts, wants)):
+            assert list(out.tokens[row]) == want["tokens"], (cache, row, len(prompt))
+            assert int(out.nfe[row]) == want["nfe"], (cache, row, len(prompt))
     # a low threshold commits beyond the quotas (fewer forwards than the quota path alone)
     if threshold <= 0.05:
         quota_only = lm.generate(prompts, method="llada2", gen_length=gen_length, block_length=B, steps=steps,
-                                 threshold=1.0, minimal_topk=minimal_topk, cache=cache, stop_token_ids=[])
+                                 threshold=1.0, minimal_topk=minimal_topk, stop_token_ids=[])
         assert np.sum(quota_only.nfe) > np.sum(out.nfe)
 
 
@@ -108,7 +109,6 @@ def _edits(want, prompt, gen_length):
     return edits
 
 
-@pytest.mark.parametrize("cache", ["none", "block"])
 @pytest.mark.parametrize("threshold, editing_threshold, max_post_steps, num_to_transfer, gen_length", [
     (0.7, 0.5, 16, 1, 13),  # mode Q
     (0.5, 0.0, 16, 1, 16),  # mode S: every changed prediction is rewritten (blocks run to max_post_steps)
@@ -116,26 +116,28 @@ def _edits(want, prompt, gen_length):
     (0.9, 1.0, 0, 1, 12),  # no edit can pass 1.0; no post step
     (0.2, 0.1, 1, 3, 16),
 ])
-def test_editing_equals_the_reference(lm, cache, threshold, editing_threshold, max_post_steps, num_to_transfer, gen_length):
-    """LLaDA2.1: rows of a left-padded batch decode as the reference decodes them alone: the tokens
-    (cut after the first EOS, as upstream returns them), the NFE and how often each position was
-    rewritten (so also the edits of every block)."""
+def test_editing_equals_the_reference(lm, threshold, editing_threshold, max_post_steps, num_to_transfer, gen_length):
+    """LLaDA2.1: rows of a left-padded batch decode as the reference decodes them alone, without a
+    cache and with the exact block cache: the tokens (cut after the first EOS, as upstream returns
+    them), the NFE and how often each position was rewritten (so also the edits of every block)."""
     prompts = _prompts(0, (3, 8, 11, 16))
     cfg = lm.config
     knobs = dict(gen_length=gen_length, block_length=B, threshold=threshold, editing_threshold=editing_threshold,
                  max_post_steps=max_post_steps, num_to_transfer=num_to_transfer)
-    out = lm.generate(prompts, method="llada2.1", cache=cache, **knobs)
-    edited = 0
-    for row, prompt in enumerate(prompts):
-        want = reference.llada21_generate(_logits_fn(lm), prompt, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id, **knobs)
-        assert list(out.tokens[row]) == want["tokens"], (row, len(prompt))
-        assert int(out.nfe[row]) == want["nfe"], (row, len(prompt))
-        assert np.array_equal(out.edits[row], _edits(want, prompt, gen_length)), (row, len(prompt))
-        edited += int(out.edits[row].sum())
-    if editing_threshold >= 1:
-        assert edited == 0
-    elif editing_threshold <= 0.2:  # low editing thresholds do rewrite tokens of this random model
-        assert edited > 0
+    wants = [reference.llada21_generate(_logits_fn(lm), prompt, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id, **knobs)
+             for prompt in prompts]
+    for cache in ("none", "block"):
+        out = lm.generate(prompts, method="llada2.1", cache=cache, **knobs)
+        edited = 0
+        for row, (prompt, want) in enumerate(zip(prompts, wants)):
+            assert list(out.tokens[row]) == want["tokens"], (cache, row, len(prompt))
+            assert int(out.nfe[row]) == want["nfe"], (cache, row, len(prompt))
+            assert np.array_equal(out.edits[row], _edits(want, prompt, gen_length)), (cache, row, len(prompt))
+            edited += int(out.edits[row].sum())
+        if editing_threshold >= 1:
+            assert edited == 0
+        elif editing_threshold <= 0.2:  # low editing thresholds do rewrite tokens of this random model
+            assert edited > 0
 
 
 def test_editing_stop_equals_the_reference(lm):

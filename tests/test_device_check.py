@@ -32,7 +32,7 @@ def test_dry_run_reports_every_section_with_numbers(tmp_path):
     report = json.loads((tmp_path / "device_report.json").read_text())
     markdown = (tmp_path / "device_report.md").read_text()
     sections = report["sections"]
-    assert list(sections) == ["machine", "parity", "kernels", "forward", "decode"]
+    assert list(sections) == ["machine", "parity", "kernels", "forward", "decode", "moe"]
     for name, doc in sections.items():
         assert doc["status"] == "ok", (name, doc.get("error"), doc.get("worker_log_tail"))
         assert number(doc["seconds"]), name
@@ -75,9 +75,16 @@ def test_dry_run_reports_every_section_with_numbers(tmp_path):
         assert r["agreement"] >= 0.9, r
     assert rows[("fast-dllm", 1)]["cache"] == "dual"
 
+    moe = sections["moe"]["rows"]
+    check = [r for r in moe if r["kind"] == "check"]
+    assert len(check) == 1 and check[0]["ok"] and check[0]["rel_err"] < 1e-4, check
+    timing = [r for r in moe if r["kind"] == "timing"]
+    assert timing and all(number(r["seconds"]) and r["seconds"] > 0 and 1 <= r["experts_touched"] <= 8 for r in timing)
+
     for heading in ("| section | status | seconds | error |", "## machine: ok", "| model | comparison |",
                     "| B | Tq | S | impl | us/call |", "| mask | B | Tq | S | rel err | ok |",
-                    "| batch | length | ms/forward |", "| method | cache | batch | dlmjax tok/s |"):
+                    "| batch | length | ms/forward |", "| method | cache | batch | dlmjax tok/s |",
+                    "| tokens | ms/layer | tokens/s | experts used |"):
         assert heading in markdown, heading
     assert "**FAIL**" not in markdown  # no failed check anywhere
 
