@@ -21,6 +21,10 @@ gen_length 128, blocks of 32 except where a preset says otherwise, temperature 0
   Near 1.0: the decode loop adds nothing to the forwards.
 - agreement = fraction of generated positions where the two token arrays are equal.
 - tokens/forward = gen_length / the rows' mean NFE.
+- llada2 and llada2.1-s run on a tiny random LLaDA2 mixture of experts (4 layers, hidden 256, 16
+  experts of width 128, top 4 of 2 of 4 groups, a shared expert), dlmjax with its exact block cache
+  against experiments/torch_llada2.py's eager loops (upstream's: the window recomputed every step,
+  batch 1, so a batch's rows run one after another).
 - d2f runs on the LLaDA weights under the D2F block mask, fast-dllm-v2 on a block-diffusion Qwen2
   (family fast_dllm_v2) of the same size; their PyTorch loops are `generate_d2f` and
   `generate_fdv2` in experiments/torch_decoders.py (one full forward per step, the official
@@ -60,7 +64,8 @@ import torch_decoders  # noqa: E402
 from dlmjax.attention import attention_mask  # noqa: E402
 from dlmjax.convert import convert  # noqa: E402
 from dlmjax.model import position_ids  # noqa: E402
-from dlmjax.testing import write_tiny_checkpoint  # noqa: E402
+from dlmjax.convert import safetensors_io  # noqa: E402
+from dlmjax.testing import random_weights, tiny_hf_config, write_tiny_checkpoint, write_tokenizer  # noqa: E402
 from torch_reference import load_reference, reference_logits  # noqa: E402
 
 PROMPT_LENGTH = 32
@@ -86,6 +91,13 @@ METHODS["d2f/block"] = {**METHODS["d2f"], "cache": "block"}
 METHODS["fast-dllm-v2/block"] = {**METHODS["fast-dllm-v2"], "cache": "block"}
 METHODS["fast-dllm-v2/dual"] = {**METHODS["fast-dllm-v2"], "cache": "dual"}
 FAMILY = {"fast-dllm-v2": "fast_dllm_v2"}  # the model each method runs on (default: llada)
+# LLaDA2 (a tiny random mixture of experts, experiments/torch_llada2.py as the eager loop, batch 1 as
+# upstream; a batch runs its rows one after another there): llada2 with threshold 1.0 commits exactly
+# each step's quota (steps 8 a block of 32: 4 tokens a forward); llada2.1-s is the speed mode as is.
+LLADA2_METHODS = {
+    "llada2": dict(block_length=32, steps=8, threshold=1.0),
+    "llada2.1-s": dict(block_length=32, threshold=0.5, editing_threshold=0.0, max_post_steps=16),
+}
 UNSTEPPED = ("d2f", "fast-dllm-v2")
 
 
@@ -274,7 +286,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller model (2 layers, hidden 128), gen 64, batches 1 and 2")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: CPU count)")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per cell after the warm-up; the fastest is kept")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS) + list(LLADA2_METHODS),
+                        choices=list(METHODS) + list(LLADA2_METHODS))
     parser.add_argument("--batches", nargs="+", type=int, default=None)
     parser.add_argument("--forward-reps", type=int, default=None, help="timed bare forward calls per cell (fastest kept)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
@@ -292,6 +305,88 @@ def main(argv=None) -> None:
 
 
 def _run(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> None:
+    llada2 = [name for name in args.methods if name in LLADA2_METHODS]
+    args.methods = [name for name in args.methods if name in METHODS]
+    if args.methods:
+        _run_methods(args, workdir, started, whole)
+    if llada2:
+        _run_llada2(args, workdir, llada2)
+
+
+def _run_llada2(args, workdir: pathlib.Path, methods: list[str]) -> None:
+    """LLaDA2's decoders on a tiny random MoE: dlmjax (exact block cache) against the eager
+    PyTorch loop that recomputes the window every step, as upstream's generate() does."""
+    import torch_llada2
+
+    size = (dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=256) if args.quick else
+            dict(num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512))
+    moe = (dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, n_group=4, topk_group=2) if args.quick else
+           dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128, n_group=4, topk_group=2))
+    hf_config = {**tiny_hf_config("llada2", vocab_size=512, max_positions=1024, **size), **moe}
+    hf = workdir / "hf-llada2"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config))
+    weights = random_weights(hf_config, seed=0, std=0.05)
+    safetensors_io.save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    write_tokenizer(hf, hf_config)
+    lm = dlmjax.load(hf, dtype="float32", progress=False)
+    model = torch_llada2.LLaDA2Torch.from_pretrained(hf, dtype=torch.float32)
+    cfg = lm.config
+    g = 64 if args.quick else FULL["gen_length"]
+    batches = args.batches or ([1, 2] if args.quick else [1, 4])
+    prompts = np.random.default_rng(0).integers(0, 96, (max(batches), PROMPT_LENGTH))
+    canvas = np.concatenate([prompts[:1], np.full((1, g), cfg.mask_token_id)], axis=1)
+    lj = lm.logits(canvas, mode="block_causal", block_size=32)
+    length = canvas.shape[1]
+    allowed = torch.as_tensor((np.arange(length)[None] // 32) <= (np.arange(length)[:, None] // 32))[None]
+    lt = model(torch.as_tensor(canvas), allowed=allowed).numpy()
+    print(f"\nLLaDA2 model: {size}, {moe}, vocab 512; block-causal forward max |dlmjax - torch| = "
+          f"{np.abs(lj - lt).max():.2e} (max |logit| {np.abs(lj).max():.1f})", flush=True)
+    rows = []
+    for name in methods:
+        knobs = LLADA2_METHODS[name]
+        loop = torch_llada2.generate_llada2 if name == "llada2" else torch_llada2.generate_llada21
+        torch_knobs = {k: v for k, v in knobs.items()}
+        for b in batches:
+            prompt = prompts[:b]
+            kwargs = dict(method=name, gen_length=g, prompt_bucket=PROMPT_LENGTH, **knobs)
+            warm = lm.generate(prompt, **kwargs)
+            runs = [lm.generate(prompt, **kwargs) for _ in range(args.repeats)]
+            best = min(runs, key=lambda r: r.seconds)
+            torch_runs = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                outs = [loop(model, torch.as_tensor(prompt[i:i + 1]), gen_length=g, mask_id=cfg.mask_token_id,
+                             eos_id=cfg.eos_token_id, **torch_knobs) for i in range(b)]
+                torch_llada2.synchronize(model.device)
+                torch_runs.append((time.perf_counter() - start, outs))
+            seconds, outs = min(torch_runs, key=lambda r: r[0])
+            torch_tokens = np.concatenate([o[0].numpy() for o in outs])
+            torch_nfe = [int(o[1]) for o in outs]
+            tok = b * g
+            row = dict(method=name, batch=b, block_length=32, jax_tok_s=tok / best.seconds, torch_tok_s=tok / seconds,
+                       speedup=seconds / best.seconds, jax_nfe=best.nfe.tolist(), torch_nfe=torch_nfe,
+                       compile_seconds=warm.compile_seconds, tokens_per_forward=g / float(np.mean(best.nfe)),
+                       agreement=float(np.mean(best.tokens == torch_tokens)), edits=int(np.sum(best.edits)))
+            rows.append(row)
+            print(f"  {name} B={b}: dlmjax {best.seconds:.3f}s (compile {warm.compile_seconds:.1f}s), torch {seconds:.3f}s; "
+                  f"NFE {row['jax_nfe']} / {torch_nfe}; agreement {row['agreement']:.3f}", flush=True)
+    print()
+    print(f"LLaDA2: prompt {PROMPT_LENGTH}, gen_length {g}, blocks of 32, temperature 0, float32; dlmjax with the exact block "
+          "cache, torch eager recomputing the window every step (batch rows one after another)")
+    print("| method | batch | dlmjax tok/s | torch tok/s | speedup | NFE/row (dlmjax / torch) | tokens/forward | edits | "
+          "compile s | token agreement |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        nfe = f"{np.mean(r['jax_nfe']):.1f}" + ("" if r["jax_nfe"] == r["torch_nfe"] else f" / {np.mean(r['torch_nfe']):.1f}")
+        print(f"| {r['method']} | {r['batch']} | {r['jax_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['speedup']:.2f}x | {nfe} | "
+              f"{r['tokens_per_forward']:.2f} | {r['edits']} | {r['compile_seconds']:.1f} | {r['agreement']:.3f} |")
+    if args.json:
+        path = args.json.with_name(args.json.stem + "-llada2.json")
+        path.write_text(json.dumps(dict(size=size, moe=moe, gen_length=g, rows=rows), indent=2) + "\n")
+
+
+def _run_methods(args, workdir: pathlib.Path, started: float, whole: "OtherLoad") -> None:
     lm, model, family, size = build_model(workdir, args.quick)
     models = {"llada": (lm, torch_decoders.TorchForward(model))}
     for name in args.methods:
