@@ -226,7 +226,8 @@ class MoE(nnx.Module):
         pairs that fall on its E / n experts, and a reduce-scatter over `axis` sums every token's
         contributions back onto its shard (an all-gather dispatch: exact, no capacity limit).
         Tokens not split over `axis` (a batch it does not divide) skip the gather, and a psum
-        sums them."""
+        sums them. Where the rules put `mlp` on another mesh axis (ep_tp), each expert's width is
+        split over it too, and a psum over it completes the down projection."""
         from jax.sharding import PartitionSpec as P
 
         from dlmjax.sharding import batch_axes
@@ -236,6 +237,11 @@ class MoE(nnx.Module):
         names = () if rows is None else ((rows,) if isinstance(rows, str) else tuple(rows))
         split = axis in names
         local_experts = self.experts.gate_proj.shape[0] // mesh.shape[axis]
+        # each expert's width over the mlp axis (tensor parallelism inside the shard), where it divides
+        width = layout.rules.axes_for("mlp")
+        if not (isinstance(width, str) and width != axis and width not in names and mesh.shape[width] > 1
+                and self.experts.gate_proj.shape[1] % mesh.shape[width] == 0):
+            width = None
 
         def per_shard(x, weight, bias, gate, up, down):
             b, t, d = x.shape
@@ -245,12 +251,14 @@ class MoE(nnx.Module):
                 flat, experts, weights = (jax.lax.all_gather(a, axis, tiled=True) for a in (flat, experts, weights))
             first = jax.lax.axis_index(axis) * local_experts
             y = expert_mlp(flat, experts - first, weights, gate, up, down)
+            if width is not None:  # each width shard holds part of every expert's down projection's sum
+                y = jax.lax.psum(y, width)
             y = jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True) if split else jax.lax.psum(y, axis)
             return y.astype(x.dtype).reshape(b, t, d)
 
         token_spec = P(rows, None, None)
-        stacked = P(axis, None, None)
-        fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(token_spec, P(None, None), P(None), stacked, stacked, stacked),
+        gate_spec, down_spec = P(axis, width, None), P(axis, None, width)
+        fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(token_spec, P(None, None), P(None), gate_spec, gate_spec, down_spec),
                            out_specs=token_spec, check_vma=False)
         return fn(x, r.weight[...], r.expert_bias[...], self.experts.gate_proj[...], self.experts.up_proj[...],
                   self.experts.down_proj[...])

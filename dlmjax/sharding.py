@@ -16,6 +16,7 @@ mesh axes among data, fsdp, tensor and expert. Presets:
               the routed experts run per shard (dlmjax.model.MoE: all-gather the tokens along
               expert, each shard its experts, reduce-scatter the sums back)
     ep_fsdp   ep and fsdp's parameter sharding
+    ep_tp     ep and tp: heads, mlp (each expert's width too) and vocab over tensor
 
 Any mesh a user builds is accepted: `resolve_mesh` turns it, once, into the same devices
 on (data, fsdp, tensor, expert) axes that are all `AxisType.Auto` (`jax.make_mesh` builds Explicit
@@ -59,6 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # expert parallelism (mixture-of-experts models): experts over "expert", tokens over it too
     "ep": {"batch": ("data", "fsdp", "expert"), "expert": "expert"},
     "ep_fsdp": {"batch": ("data", "fsdp", "expert"), "embed": "fsdp", "lora_rank": "fsdp", "expert": "expert"},
+    "ep_tp": {"batch": ("data", "expert"), **_TP, "expert": "expert"},
 }
 
 

@@ -165,7 +165,7 @@ EP_SCRIPT = textwrap.dedent(
     methods = {"llada2": dict(steps=4, threshold=0.3), "llada2.1-s": {}}
     base = {m: one.generate(prompts, method=m, gen_length=12, block_length=8, **k).tokens for m, k in methods.items()}
     out = {}
-    for mesh, preset in (("expert=8", "ep"), ("expert=4,fsdp=2", "ep_fsdp")):
+    for mesh, preset in (("expert=8", "ep"), ("expert=4,fsdp=2", "ep_fsdp"), ("expert=4,tensor=2", "ep_tp")):
         lm = dlmjax.load(path, dtype="float32", progress=False, mesh=mesh, rules=ShardingRules.preset(preset))
         gate = lm.model.layers[1].moe.experts.gate_proj[...]
         out[mesh] = dict(
@@ -173,7 +173,7 @@ EP_SCRIPT = textwrap.dedent(
             odd=float(np.abs(lm.logits(ids[:3]) - one.logits(ids[:3])).max()),  # rows the expert axis does not divide
             tokens={m: bool((lm.generate(prompts, method=m, gen_length=12, block_length=8, **k).tokens == base[m]).all())
                     for m, k in methods.items()},
-            experts_per_device=int(gate.addressable_shards[0].data.shape[0]),
+            shard=list(gate.addressable_shards[0].data.shape),  # [experts, width, hidden] on one device
         )
     print(json.dumps(out))
     """
@@ -181,9 +181,10 @@ EP_SCRIPT = textwrap.dedent(
 
 
 def test_expert_parallel_equals_one_device(tiny):
-    """On 8 simulated devices, experts split over the expert axis (expert=8; expert=4 with fsdp=2):
-    each device holds E / n experts, and the logits (a batch the axis divides, and one it does not)
-    and both decoders' tokens equal one device's."""
+    """On 8 simulated devices, experts split over the expert axis (expert=8; expert=4 with fsdp=2;
+    expert=4 with each expert's width over tensor=2): each device holds E / n experts, and the
+    logits (a batch the axis divides, and one it does not) and both decoders' tokens equal one
+    device's."""
     directory, _ = tiny
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parent), env.get("PYTHONPATH", "")]))
@@ -193,7 +194,8 @@ def test_expert_parallel_equals_one_device(tiny):
     for mesh, r in out.items():
         assert r["logits"] < 1e-4 and r["odd"] < 1e-4, (mesh, r)
         assert all(r["tokens"].values()), (mesh, r)
-    assert out["expert=8"]["experts_per_device"] == 1 and out["expert=4,fsdp=2"]["experts_per_device"] == 2
+    assert out["expert=8"]["shard"][:2] == [1, 16] and out["expert=4,fsdp=2"]["shard"][:2] == [2, 16]
+    assert out["expert=4,tensor=2"]["shard"][:2] == [2, 8]  # each expert's width split over tensor
 
 
 def test_expert_count_must_divide_the_expert_axis():
