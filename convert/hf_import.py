@@ -214,18 +214,22 @@ def _relative(path: tuple) -> tuple:
     return path[2:] if path[0] == "layers" else path
 
 
-def _stacked(tree: dict, path: tuple, shape: tuple, dtype) -> np.ndarray:
-    """The stacked array at `path`, created on its first slice."""
+def _parent(tree: dict, path: tuple) -> dict:
+    """The dict that holds `path`'s last key (created as needed)."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
-    if path[-1] not in tree:
-        tree[path[-1]] = np.zeros(shape, dtype)
-    return tree[path[-1]]
+    return tree
+
+
+def _stacked(tree: dict, path: tuple, shape: tuple, dtype) -> np.ndarray:
+    """The stacked array at `path`, created on its first slice."""
+    parent = _parent(tree, path)
+    if path[-1] not in parent:
+        parent[path[-1]] = np.zeros(shape, dtype)
+    return parent[path[-1]]
 
 
 def _set(tree: dict, path: tuple, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+    _parent(tree, path)[path[-1]] = value
 
 

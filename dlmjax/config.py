@@ -109,7 +109,6 @@ class ModelConfig:
             )
         return self
 
-
     def _validate_moe(self) -> None:
         e, g, k = self.num_experts, self.n_group, self.num_experts_per_tok
         problem = None
@@ -221,7 +220,7 @@ MOE_KEYS = {
 
 def _moe_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in MOE_KEYS}
-    defaults.update(partial_rotary_factor=1.0, qk_norm=True)  # LLaDA2's configuration defaults
+    defaults["qk_norm"] = True  # LLaDA2's configuration default (C20:19)
     out = {}
     for field, key in MOE_KEYS.items():
         value = _get(hf_config, key, default=defaults[field])

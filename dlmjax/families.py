@@ -376,18 +376,7 @@ LLADA2 = Family(
     ),
     # <|role_end|> ends a turn, but its id is not pinned and generate() never checks it
     special_ids=SpecialIds(mask_token_id=156895, eos_token_id=156892, pad_token_id=156892, eot_token_id=None),
-    config_keys=ConfigKeys(
-        vocab_size=("vocab_size",),
-        hidden_size="hidden_size",
-        num_layers="num_hidden_layers",
-        num_heads="num_attention_heads",
-        num_kv_heads="num_key_value_heads",
-        intermediate_size="intermediate_size",
-        max_position_embeddings="max_position_embeddings",
-        tie_word_embeddings="tie_word_embeddings",
-        head_dim="head_dim",
-        moe=True,
-    ),
+    config_keys=dataclasses.replace(_QWEN_KEYS, moe=True),  # Qwen's key names, and the MoE keys
     tie_word_embeddings=False,
     rope_theta=600000.0,
     rms_norm_eps=1e-6,

@@ -346,7 +346,6 @@ def _run_llada2(args, workdir: pathlib.Path, methods: list[str]) -> None:
     for name in methods:
         knobs = LLADA2_METHODS[name]
         loop = torch_llada2.generate_llada2 if name == "llada2" else torch_llada2.generate_llada21
-        torch_knobs = {k: v for k, v in knobs.items()}
         for b in batches:
             prompt = prompts[:b]
             kwargs = dict(method=name, gen_length=g, prompt_bucket=PROMPT_LENGTH, **knobs)
@@ -357,7 +356,7 @@ def _run_llada2(args, workdir: pathlib.Path, methods: list[str]) -> None:
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 outs = [loop(model, torch.as_tensor(prompt[i:i + 1]), gen_length=g, mask_id=cfg.mask_token_id,
-                             eos_id=cfg.eos_token_id, **torch_knobs) for i in range(b)]
+                             eos_id=cfg.eos_token_id, **knobs) for i in range(b)]
                 torch_llada2.synchronize(model.device)
                 torch_runs.append((time.perf_counter() - start, outs))
             seconds, outs = min(torch_runs, key=lambda r: r[0])

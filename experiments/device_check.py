@@ -663,6 +663,7 @@ def section_moe(ctx, rec: Record) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
     spec = MOE_TINY if ctx.args.dry_run else MOE_MINI
     device = jax.devices()[0]
@@ -671,18 +672,14 @@ def section_moe(ctx, rec: Record) -> None:
     rec.set(layer="LLaDA2.0-mini MoE" if spec is MOE_MINI else "tiny MoE (dry run)", hidden=cfg.hidden_size,
             experts=cfg.num_experts, expert_width=cfg.moe_intermediate_size, top_k=cfg.num_experts_per_tok,
             groups=f"{cfg.topk_group} of {cfg.n_group}", dtype=spec["dtype"], **peaks)
-    graphdef, state = nnx_split(layer)
+    graphdef, state = nnx.split(layer)
 
     @jax.jit
     def call(state, x):
-        from flax import nnx
-
         return nnx.merge(graphdef, state)(x)
 
     @functools.partial(jax.jit, static_argnames=("n",))
     def loop(state, x, n):
-        from flax import nnx
-
         layer = nnx.merge(graphdef, state)
         return jax.lax.fori_loop(0, n, lambda _, h: layer(h).astype(h.dtype), x)
 
@@ -722,12 +719,6 @@ def section_moe(ctx, rec: Record) -> None:
         rec.row(kind="timing", tokens=tokens, seconds=seconds, experts_touched=touched, weight_bytes=nbytes, flops=flops,
                 hbm_floor_s=hbm, compute_floor_s=compute, roofline_fraction=max(floors) / seconds if floors else None,
                 tokens_per_s=tokens / seconds)
-
-
-def nnx_split(module):
-    from flax import nnx
-
-    return nnx.split(module)
 
 
 def _torch_llada(lm, hf_config: dict, device, dtype):

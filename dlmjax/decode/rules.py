@@ -46,6 +46,14 @@ def quota_commit(score, candidates, quota):
     return candidates & (ranks(score) < quota[:, None])
 
 
+def confident_or_best(confidence, candidates, threshold, count):
+    """LLaDA2's commit: every candidate with confidence > threshold (strict) when there are at
+    least `count` [B] of them, else the `count` most confident."""
+    sure = candidates & (confidence > threshold)
+    enough = jnp.sum(sure, axis=-1) >= count
+    return jnp.where(enough[:, None], sure, quota_commit(jnp.where(candidates, confidence, NEG_INF), candidates, count))
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """What a rule sees in one denoising step (built by the engine; [B, G] over the generation region)."""
@@ -128,11 +136,7 @@ class QuotaThreshold(Rule):
             raise DlmjaxError(f"confidence threshold {self.threshold} is outside [0, 1]; pass a threshold such as 0.95")
 
     def commit(self, step: Step) -> jax.Array:
-        candidates = step.candidates
-        sure = candidates & (step.confidence > self.threshold)
-        enough = jnp.sum(sure, axis=-1) >= step.quota
-        score = jnp.where(candidates, step.confidence, NEG_INF)
-        return jnp.where(enough[:, None], sure, quota_commit(score, candidates, step.quota))
+        return confident_or_best(step.confidence, step.candidates, self.threshold, step.quota)
 
 
 @part
@@ -157,11 +161,8 @@ class Editing(Rule):
             raise DlmjaxError(f"num_to_transfer {self.num_to_transfer} must be at least 1 (LLaDA2.1: 1)")
 
     def commit(self, step: Step) -> jax.Array:
-        candidates = step.candidates
-        sure = candidates & (step.confidence > self.threshold)
-        enough = jnp.sum(sure, axis=-1) >= self.num_to_transfer
-        score = jnp.where(candidates, step.confidence, NEG_INF)
-        fill = jnp.where(enough[:, None], sure, quota_commit(score, candidates, jnp.full(candidates.shape[:1], self.num_to_transfer)))
+        count = jnp.full(step.candidates.shape[:1], self.num_to_transfer)
+        fill = confident_or_best(step.confidence, step.candidates, self.threshold, count)
         return fill | (step.editable & step.changed & (step.confidence > self.editing_threshold))
 
 
